@@ -1,0 +1,1 @@
+"""Ahead-of-time side: partitioner, preprocess (packing + routing) and the blob schema."""

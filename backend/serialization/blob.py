@@ -1,0 +1,209 @@
+"""Write and read the delegate blob described by schema.fbs.
+
+The writer runs in preprocess; the reader in the runtime's loader. The reader
+trusts nothing: it checks the magic, the schema version, every length against
+the layer's shape, and a CRC-32 of the payload, and turns any failure into a
+BlobFormatError that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import flatbuffers
+import numpy as np
+
+from executorch_wgpu.errors import BlobFormatError, BlobVersionError
+from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_linear
+from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
+
+SCHEMA_VERSION = 1
+FILE_IDENTIFIER = b"WGQ4"
+
+# Kernel names as the rest of the package spells them, in schema enum order.
+KERNELS = ("gemv", "regtiled", "shmem")
+ROUTE_SOURCES = ("default-rule", "forced")
+
+# Shape rules the packed layout relies on; kept here because both the packer
+# and this reader must agree on them.
+N_ALIGN = 4           # n_stride = N rounded up to a multiple of this (vec4 loads)
+GROUP_ALIGN = 32      # group sizes must be multiples of this (8 nibbles per word, 32-wide K tiles)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which kernel runs a layer for M == 1 and for M > 1, and why."""
+
+    decode_kernel: str
+    prefill_kernel: str
+    source: str
+    k_threshold: int
+    n_threshold: int
+    reason: str
+
+    def kernel_for(self, m: int) -> str:
+        return self.decode_kernel if m == 1 else self.prefill_kernel
+
+
+@dataclass(frozen=True, eq=False)
+class Q4LinearRecord:
+    """One q4gsw linear layer, packed (see schema.fbs for the layout)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    group_size: int
+    n_stride: int
+    m_min: int
+    m_max: int
+    qweight: np.ndarray          # uint32, (K / 8) * n_stride
+    scales: np.ndarray           # float32, (K / gs) * n_stride
+    bias: Optional[np.ndarray]   # float32, N, or None
+    route: Route
+
+
+def payload_checksum(qweight: np.ndarray, scales: np.ndarray, bias: Optional[np.ndarray]) -> int:
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(qweight)).cast("B"))
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(scales)).cast("B"), crc)
+    if bias is not None:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(bias)).cast("B"), crc)
+    return crc
+
+
+def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
+    """Bytes of the blob for rec. The same record always gives the same bytes."""
+    check_record(rec)
+    qweight = np.ascontiguousarray(rec.qweight, dtype="<u4")
+    scales = np.ascontiguousarray(rec.scales, dtype="<f4")
+    bias = None if rec.bias is None else np.ascontiguousarray(rec.bias, dtype="<f4")
+    b = flatbuffers.Builder(qweight.nbytes + scales.nbytes + 4096)
+
+    name = b.CreateString(rec.name)
+    reason = b.CreateString(rec.route.reason)
+    fb_route.Start(b)
+    fb_route.AddDecodeKernel(b, KERNELS.index(rec.route.decode_kernel))
+    fb_route.AddPrefillKernel(b, KERNELS.index(rec.route.prefill_kernel))
+    fb_route.AddSource(b, ROUTE_SOURCES.index(rec.route.source))
+    fb_route.AddKThreshold(b, rec.route.k_threshold)
+    fb_route.AddNThreshold(b, rec.route.n_threshold)
+    fb_route.AddReason(b, reason)
+    route = fb_route.End(b)
+    qweight_vec = b.CreateNumpyVector(qweight)
+    scales_vec = b.CreateNumpyVector(scales)
+    bias_vec = None if bias is None else b.CreateNumpyVector(bias)
+
+    fb_linear.Start(b)
+    fb_linear.AddSchemaVersion(b, SCHEMA_VERSION)
+    fb_linear.AddName(b, name)
+    fb_linear.AddInFeatures(b, rec.in_features)
+    fb_linear.AddOutFeatures(b, rec.out_features)
+    fb_linear.AddGroupSize(b, rec.group_size)
+    fb_linear.AddNStride(b, rec.n_stride)
+    fb_linear.AddMMin(b, rec.m_min)
+    fb_linear.AddMMax(b, rec.m_max)
+    fb_linear.AddQweight(b, qweight_vec)
+    fb_linear.AddScales(b, scales_vec)
+    if bias_vec is not None:
+        fb_linear.AddBias(b, bias_vec)
+    fb_linear.AddRoute(b, route)
+    fb_linear.AddChecksum(b, payload_checksum(qweight, scales, bias))
+    b.Finish(fb_linear.End(b), file_identifier=FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
+    """Parse and validate a blob; raises BlobFormatError (or BlobVersionError)."""
+    data = bytes(data)
+    if len(data) < 8:
+        raise BlobFormatError(f"delegate blob is truncated: {len(data)} bytes, a blob has at least 8")
+    if data[4:8] != FILE_IDENTIFIER:
+        raise BlobFormatError(
+            f"not an executorch_wgpu blob: magic {data[4:8]!r} at offset 4, expected {FILE_IDENTIFIER!r}"
+        )
+    try:
+        root = fb_linear.Q4Linear.GetRootAs(data, 0)
+        version = root.SchemaVersion()
+    except (IndexError, struct.error, ValueError) as e:
+        raise BlobFormatError(f"delegate blob is truncated or corrupted: cannot read its header ({e})") from e
+    if version != SCHEMA_VERSION:
+        raise BlobVersionError(
+            f"delegate blob has schema version {version}; this executorch_wgpu reads version "
+            f"{SCHEMA_VERSION} only: re-export the model with this version of executorch_wgpu"
+        )
+    try:
+        rec = _read_record(root)
+    except (IndexError, struct.error, ValueError, UnicodeDecodeError, TypeError, OverflowError) as e:
+        raise BlobFormatError(f"delegate blob is truncated or corrupted: {e}") from e
+    check_record(rec)
+    if payload_checksum(rec.qweight, rec.scales, rec.bias) != root.Checksum():
+        raise BlobFormatError(f"delegate blob of layer {rec.name!r} is corrupted: payload checksum mismatch")
+    return rec
+
+
+def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
+    r = root.Route()
+    if r is None:
+        raise BlobFormatError("delegate blob is corrupted: it has no route record")
+    decode, prefill, source = r.DecodeKernel(), r.PrefillKernel(), r.Source()
+    for what, value, names in (("decode kernel", decode, KERNELS), ("prefill kernel", prefill, KERNELS),
+                               ("route source", source, ROUTE_SOURCES)):
+        if not 0 <= value < len(names):
+            raise BlobFormatError(f"delegate blob is corrupted: unknown {what} enum value {value}")
+    route = Route(
+        decode_kernel=KERNELS[decode],
+        prefill_kernel=KERNELS[prefill],
+        source=ROUTE_SOURCES[source],
+        k_threshold=r.KThreshold(),
+        n_threshold=r.NThreshold(),
+        reason=(r.Reason() or b"").decode("utf-8"),
+    )
+    qweight = root.QweightAsNumpy()
+    scales = root.ScalesAsNumpy()
+    bias = root.BiasAsNumpy() if root.BiasLength() > 0 else None
+    if not isinstance(qweight, np.ndarray) or not isinstance(scales, np.ndarray):
+        raise BlobFormatError("delegate blob is corrupted: weight or scale vector is missing")
+    return Q4LinearRecord(
+        name=(root.Name() or b"").decode("utf-8"),
+        in_features=root.InFeatures(),
+        out_features=root.OutFeatures(),
+        group_size=root.GroupSize(),
+        n_stride=root.NStride(),
+        m_min=root.MMin(),
+        m_max=root.MMax(),
+        qweight=qweight,
+        scales=scales,
+        bias=bias if isinstance(bias, np.ndarray) else None,
+        route=route,
+    )
+
+
+def check_record(rec: Q4LinearRecord) -> None:
+    """Every length and shape rule of schema.fbs, checked before any use."""
+    k, n, gs = rec.in_features, rec.out_features, rec.group_size
+
+    def fail(what: str) -> None:
+        raise BlobFormatError(f"delegate blob of layer {rec.name!r} is invalid: {what}")
+
+    if k <= 0 or n <= 0:
+        fail(f"in_features={k}, out_features={n} must be positive")
+    if gs <= 0 or gs % GROUP_ALIGN or k % gs:
+        fail(f"group_size={gs} must be a positive multiple of {GROUP_ALIGN} dividing in_features={k}")
+    if rec.n_stride != round_up(n, N_ALIGN):
+        fail(f"n_stride={rec.n_stride}, expected {round_up(n, N_ALIGN)} for out_features={n}")
+    if not 1 <= rec.m_min <= rec.m_max:
+        fail(f"M range [{rec.m_min}, {rec.m_max}] is empty or starts below 1")
+    if rec.qweight.size != k // 8 * rec.n_stride:
+        fail(f"qweight has {rec.qweight.size} words, expected {k // 8 * rec.n_stride}")
+    if rec.scales.size != k // gs * rec.n_stride:
+        fail(f"scales has {rec.scales.size} values, expected {k // gs * rec.n_stride}")
+    if rec.bias is not None and rec.bias.size != n:
+        fail(f"bias has {rec.bias.size} values, expected {n}")
+    if rec.route.decode_kernel not in KERNELS or rec.route.prefill_kernel not in KERNELS[1:]:
+        fail(f"route {rec.route.decode_kernel}/{rec.route.prefill_kernel} is not a known kernel pair")

@@ -1,0 +1,115 @@
+"""The process-wide wgpu device and the compiled q4gsw kernels.
+
+One adapter and one device per process, shared by every loaded program:
+created on first use, with timestamp queries when the adapter offers them.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import wgpu
+
+from executorch_wgpu.errors import NoAdapterError
+
+log = logging.getLogger(__name__)
+
+# Kernel name (as recorded in the blob) -> WGSL file in shaders/.
+KERNEL_FILES = {
+    "gemv": "q4gsw_gemv.wgsl",
+    "regtiled": "q4gsw_gemm_regtiled.wgsl",
+    "shmem": "q4gsw_gemm_shmem.wgsl",
+}
+
+# Every q4gsw kernel binds the same six resources (see the shader headers),
+# so one explicit layout serves all three pipelines and one bind group per
+# layer works with whichever kernel a call routes to.
+_READ = wgpu.BufferBindingType.read_only_storage
+_BINDINGS = (
+    (0, wgpu.BufferBindingType.uniform),   # Params
+    (1, _READ),                            # x
+    (2, _READ),                            # qweight
+    (3, _READ),                            # scales
+    (4, _READ),                            # bias
+    (5, wgpu.BufferBindingType.storage),   # y
+)
+
+NO_ADAPTER_HELP = (
+    "wgpu found no GPU adapter. On a machine without a GPU install Mesa's software Vulkan "
+    "driver (lavapipe): `apt-get install mesa-vulkan-drivers`; on a GPU machine check the "
+    "Vulkan driver (`vulkaninfo --summary`)."
+)
+
+
+def read_shader(kernel: str) -> str:
+    return importlib.resources.files("executorch_wgpu.shaders").joinpath(KERNEL_FILES[kernel]).read_text()
+
+
+@dataclass
+class GPUContext:
+    adapter: wgpu.GPUAdapter
+    device: wgpu.GPUDevice
+    has_timestamps: bool
+    bind_group_layout: wgpu.GPUBindGroupLayout
+    pipeline_layout: wgpu.GPUPipelineLayout
+    _pipelines: Dict[str, wgpu.GPUComputePipeline] = field(default_factory=dict)
+
+    @property
+    def adapter_name(self) -> str:
+        info = self.adapter.info
+        return f"{info.get('device', '?')} ({info.get('backend_type', '?')}, {info.get('description', '')})"
+
+    def pipeline(self, kernel: str) -> wgpu.GPUComputePipeline:
+        """The compute pipeline of a kernel, compiled once per process."""
+        if kernel not in self._pipelines:
+            module = self.device.create_shader_module(label=KERNEL_FILES[kernel], code=read_shader(kernel))
+            self._pipelines[kernel] = self.device.create_compute_pipeline(
+                label=kernel, layout=self.pipeline_layout, compute={"module": module, "entry_point": "main"}
+            )
+        return self._pipelines[kernel]
+
+
+_context: Optional[GPUContext] = None
+_lock = threading.Lock()
+
+
+def gpu_context() -> GPUContext:
+    """The shared GPU context; raises NoAdapterError when wgpu finds no adapter."""
+    global _context
+    with _lock:
+        if _context is None:
+            _context = _create_context()
+        return _context
+
+
+def _create_context() -> GPUContext:
+    try:
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    except Exception as e:  # wgpu raises plain RuntimeError/GPUError when no backend loads
+        raise NoAdapterError(f"{NO_ADAPTER_HELP} ({type(e).__name__}: {e})") from e
+    if adapter is None:
+        raise NoAdapterError(NO_ADAPTER_HELP)
+    has_timestamps = "timestamp-query" in adapter.features
+    limits = adapter.limits
+    device = adapter.request_device_sync(
+        label="executorch_wgpu",
+        required_features=["timestamp-query"] if has_timestamps else [],
+        required_limits={
+            "max-storage-buffer-binding-size": limits["max-storage-buffer-binding-size"],
+            "max-buffer-size": limits["max-buffer-size"],
+        },
+    )
+    bind_group_layout = device.create_bind_group_layout(
+        label="q4gsw",
+        entries=[
+            {"binding": b, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": t}} for b, t in _BINDINGS
+        ],
+    )
+    pipeline_layout = device.create_pipeline_layout(label="q4gsw", bind_group_layouts=[bind_group_layout])
+    ctx = GPUContext(adapter, device, has_timestamps, bind_group_layout, pipeline_layout)
+    log.info("executorch_wgpu: using adapter %s (timestamps: %s)", ctx.adapter_name, has_timestamps)
+    return ctx

@@ -1,0 +1,1 @@
+"""WGSL kernels, one per file, shipped as package data (read with importlib.resources)."""
