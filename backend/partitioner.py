@@ -1,0 +1,96 @@
+"""WebGPUPartitioner: tags the q4gsw linear layers our kernels run.
+
+Each accepted layer (see q4gsw_pattern.py) becomes its own delegate: its
+torchao dequantize node, the linear (whole, or permute_copy + addmm/mm), and
+the constant weights, scales and bias. Declined layers are logged once with
+name and reason and lowered to plain ATen ops, so the model still exports and
+runs them on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from executorch.exir.backend.partitioner import DelegationSpec, Partitioner, PartitionResult
+from executorch.exir.backend.utils import tag_constant_data
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from executorch_wgpu.backend.decompose import inline_dequantize_affine
+from executorch_wgpu.backend.preprocess import WebGPUBackend
+from executorch_wgpu.backend.q4gsw_pattern import (
+    LINEAR,
+    Decline,
+    Q4LinearMatch,
+    find_q4gsw_linears,
+    op_name,
+)
+from executorch_wgpu.backend.routing import DEFAULT_K_THRESHOLD, DEFAULT_N_THRESHOLD, RouteOptions
+
+log = logging.getLogger(__name__)
+
+
+class WebGPUPartitioner(Partitioner):
+    """Delegates int4 group-symmetric weight-only linears to executorch_wgpu.
+
+    Args:
+        prefill_route: force the M > 1 kernel of every layer ("regtiled" or "shmem");
+            None applies the default rule (shmem when K >= shmem_k_threshold or
+            N >= shmem_n_threshold, else regtiled).
+        decode_route: force the M == 1 kernel ("gemv", "regtiled" or "shmem"); None means "gemv".
+        shmem_k_threshold, shmem_n_threshold: thresholds of the default rule.
+    """
+
+    def __init__(
+        self,
+        prefill_route: Optional[str] = None,
+        decode_route: Optional[str] = None,
+        shmem_k_threshold: int = DEFAULT_K_THRESHOLD,
+        shmem_n_threshold: int = DEFAULT_N_THRESHOLD,
+    ):
+        super().__init__()
+        self.route_options = RouteOptions(prefill_route, decode_route, shmem_k_threshold, shmem_n_threshold)
+        self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
+
+    # -- to_edge_transform_and_lower hooks, in the order ExecuTorch calls them --
+
+    def transform_for_pre_decomposition(self, exported_program: ExportedProgram) -> ExportedProgram:
+        """Lower every declined dequantize_affine to ATen ops before decomposition."""
+        # Functionalize and flatten torchao's tensor subclasses first, so weights are plain
+        # constant placeholders we can inspect (ExecuTorch runs this same step next anyway).
+        ep = exported_program.run_decompositions({})
+        declined = [r for r in find_q4gsw_linears(ep) if isinstance(r, Decline)]
+        for d in declined:
+            log.warning("WebGPUPartitioner: layer %s stays on the CPU: %s", d.name, d.reason)
+            inline_dequantize_affine(ep.graph_module, d.dequant)
+        if declined:
+            ep.graph.eliminate_dead_code()
+            ep.graph_module.recompile()
+        return ep
+
+    def ops_to_not_decompose(
+        self, ep: ExportedProgram
+    ) -> Tuple[List[torch._ops.OpOverload], Optional[Callable[[Node], bool]]]:
+        """Keep aten.linear whole where it consumes an accepted q4gsw weight."""
+        accepted = {m.output for m in find_q4gsw_linears(ep) if isinstance(m, Q4LinearMatch)}
+        return [torch.ops.aten.linear.default], lambda node: op_name(node) == LINEAR and node in accepted
+
+    def partition(self, exported_program: ExportedProgram) -> PartitionResult:
+        partition_tags: Dict[str, DelegationSpec] = {}
+        for i, result in enumerate(find_q4gsw_linears(exported_program)):
+            if isinstance(result, Decline):
+                # Only reachable through to_edge() + to_backend(), which skip our
+                # pre-decomposition transform: the dequantize node stays in the graph.
+                log.warning(
+                    "WebGPUPartitioner: layer %s stays on the CPU: %s (lower with "
+                    "to_edge_transform_and_lower so its dequantize op is decomposed)", result.name, result.reason
+                )
+                continue
+            tag = f"webgpu_q4gsw_{i}"
+            for node in result.compute_nodes:
+                node.meta["delegation_tag"] = tag
+            partition_tags[tag] = self.delegation_spec
+        tag_constant_data(exported_program)
+        return PartitionResult(tagged_exported_program=exported_program, partition_tags=partition_tags)

@@ -1,0 +1,68 @@
+"""WebGPUBackend.preprocess: one partition (one q4gsw linear) -> one delegate blob."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import sympy
+import torch
+from executorch.exir.backend.backend_details import BackendDetails, PreprocessResult
+from executorch.exir.backend.compile_spec_schema import CompileSpec
+from torch.export import ExportedProgram
+from torch.utils._sympy.value_ranges import bound_sympy
+
+from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
+from executorch_wgpu.backend.q4gsw_pattern import Decline, Q4LinearMatch, find_q4gsw_linears
+from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up, serialize_q4linear
+
+# Upper bound recorded for M when the export leaves a leading dim unbounded.
+M_UNBOUNDED = 2**62
+
+
+def m_range(ep: ExportedProgram, activation: torch.fx.Node) -> Tuple[int, int]:
+    """[min, max] of M = product of the activation's leading dims, from the export's shape ranges."""
+    shape = activation.meta["val"].shape
+    expr = sympy.Integer(1)
+    for d in shape[:-1]:
+        expr = expr * (d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d)))
+    if expr.is_number:
+        return int(expr), int(expr)
+    ranges = {sym: vr for sym, vr in ep.range_constraints.items() if isinstance(sym, sympy.Symbol)}
+    bounds = bound_sympy(expr, ranges)
+    lower = max(1, int(bounds.lower)) if bounds.lower.is_finite else 1
+    upper = int(bounds.upper) if bounds.upper.is_finite else M_UNBOUNDED
+    return lower, min(upper, M_UNBOUNDED)
+
+
+def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOptions) -> Q4LinearRecord:
+    n, k = match.codes.shape
+    m_min, m_max = m_range(ep, match.activation)
+    return Q4LinearRecord(
+        name=match.name,
+        in_features=k,
+        out_features=n,
+        group_size=match.group_size,
+        n_stride=round_up(n, N_ALIGN),
+        m_min=m_min,
+        m_max=m_max,
+        qweight=pack_q4gsw_weights(match.codes),
+        scales=pack_q4gsw_scales(match.scales),
+        bias=None if match.bias is None else match.bias.detach().to(torch.float32).numpy().copy(),
+        route=decide_route(k, n, options),
+    )
+
+
+class WebGPUBackend(BackendDetails):
+    @staticmethod
+    def preprocess(edge_program: ExportedProgram, compile_specs: List[CompileSpec]) -> PreprocessResult:
+        options = RouteOptions.from_compile_specs(compile_specs)
+        results = find_q4gsw_linears(edge_program)
+        if len(results) != 1:
+            raise RuntimeError(f"WebGPUBackend: a partition holds exactly one q4gsw linear, found {len(results)}")
+        if isinstance(results[0], Decline):
+            # Reachable only through to_edge() + to_backend(), where the partitioner saw fake weights.
+            raise RuntimeError(f"WebGPUBackend: layer {results[0].name} cannot run as q4gsw: {results[0].reason}")
+        record = build_record(edge_program, results[0], options)
+        return PreprocessResult(processed_bytes=serialize_q4linear(record))
