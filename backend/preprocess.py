@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import List, Tuple
 
 import sympy
@@ -22,7 +21,13 @@ M_UNBOUNDED = 2**62
 
 
 def m_range(ep: ExportedProgram, activation: torch.fx.Node) -> Tuple[int, int]:
-    """[min, max] of M = product of the activation's leading dims, from the export's shape ranges."""
+    """[min, max] of M = product of the activation's leading dims.
+
+    The upper bound comes from the export's shape ranges. A dynamic M gets
+    lower bound 1: to_edge re-traces with 0/1 specialization and raises a
+    user's `Dim(min=1)` to 2 in the Edge program, yet M = 1 (decode) is
+    exactly what dynamic shapes are for, and every kernel runs any M >= 1.
+    """
     shape = activation.meta["val"].shape
     expr = sympy.Integer(1)
     for d in shape[:-1]:
@@ -30,10 +35,8 @@ def m_range(ep: ExportedProgram, activation: torch.fx.Node) -> Tuple[int, int]:
     if expr.is_number:
         return int(expr), int(expr)
     ranges = {sym: vr for sym, vr in ep.range_constraints.items() if isinstance(sym, sympy.Symbol)}
-    bounds = bound_sympy(expr, ranges)
-    lower = max(1, int(bounds.lower)) if bounds.lower.is_finite else 1
-    upper = int(bounds.upper) if bounds.upper.is_finite else M_UNBOUNDED
-    return lower, min(upper, M_UNBOUNDED)
+    upper = bound_sympy(expr, ranges).upper
+    return 1, int(upper) if upper.is_finite and int(upper) < M_UNBOUNDED else M_UNBOUNDED
 
 
 def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOptions) -> Q4LinearRecord:

@@ -36,7 +36,8 @@ class LinearCall:
     N: int
     kernel: str
     reason: str
-    gpu_us: Optional[float]
+    gpu_us: Optional[float]          # GPU timestamp delta of the compute pass, when the adapter has timestamps
+    wall_us: Optional[float] = None  # host time of the whole delegate call: upload, dispatch, readback
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -22,6 +22,9 @@ from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_rou
 
 SCHEMA_VERSION = 1
 FILE_IDENTIFIER = b"WGQ4"
+# The delegate id preprocess writes into the .pte and the runtime dispatches on
+# (the name of the BackendDetails subclass, as ExecuTorch requires).
+BACKEND_ID = "WebGPUBackend"
 
 # Kernel names as the rest of the package spells them, in schema enum order.
 KERNELS = ("gemv", "regtiled", "shmem")

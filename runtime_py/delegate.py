@@ -1,0 +1,40 @@
+"""Delegate handles: what a DelegateCall instruction of the .pte runs.
+
+The runtime knows one backend, ours; a program delegating to any other
+backend is refused at load with a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List, Sequence
+
+from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear
+from executorch_wgpu.errors import ProgramFormatError
+from executorch_wgpu.runtime.gpu import gpu_context
+from executorch_wgpu.runtime.q4_linear import LinearCall, Q4LinearGPU
+
+
+class WebGPUDelegate:
+    """One q4gsw linear blob, loaded onto the shared GPU device: 1 input tensor -> 1 output tensor."""
+
+    def __init__(self, blob: bytes):
+        self.record = deserialize_q4linear(blob)
+        self.layer = Q4LinearGPU(gpu_context(), self.record)
+
+    def execute(self, values: list, arg_ids: Sequence[int], calls: List[LinearCall]) -> None:
+        if len(arg_ids) != 2:
+            raise ProgramFormatError(f"delegate {self.record.name!r} expects 1 input and 1 output, got {len(arg_ids)} args")
+        start = time.perf_counter()
+        y, call = self.layer(values[arg_ids[0]])
+        call.wall_us = (time.perf_counter() - start) * 1e6
+        values[arg_ids[1]] = y
+        calls.append(call)
+
+
+def load_delegate(backend_id: str, blob: bytes) -> WebGPUDelegate:
+    if backend_id != BACKEND_ID:
+        raise ProgramFormatError(
+            f"the program delegates to backend {backend_id!r}; this runtime runs only {BACKEND_ID!r} delegates"
+        )
+    return WebGPUDelegate(blob)

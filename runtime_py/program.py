@@ -1,0 +1,291 @@
+"""Runtime / Program / Method: load a .pte and interpret its execution plan.
+
+The API mirrors executorch.runtime so ExecuTorch users feel at home:
+
+    program = Runtime.get().load_program("model.pte")   # a path or the bytes
+    method = program.load_method("forward")
+    outputs = method.execute([x])                         # list of torch.Tensor
+    method.route_report()                                 # per delegated linear of the last call
+
+DelegateCall instructions run our blobs on wgpu (delegate.py); KernelCall
+instructions run the named op on the CPU through torch (operators.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from executorch.exir import schema as et
+from executorch.exir._serialize._program import deserialize_pte_binary
+
+from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
+from executorch_wgpu.runtime.delegate import load_delegate
+from executorch_wgpu.runtime.operators import (
+    compile_kernel_call,
+    convert_int,
+    dtype_of,
+    resolve_operator,
+    run_kernel_call,
+)
+from executorch_wgpu.runtime.q4_linear import LinearCall
+
+_PTE_IDENTIFIER_PREFIX = b"ET"   # flatbuffer file identifier "ET12" etc. at offset 4
+
+
+def parse_pte(data: bytes):
+    """deserialize_pte_binary with every failure turned into a ProgramFormatError."""
+    if len(data) < 8 or data[4:6] != _PTE_IDENTIFIER_PREFIX:
+        raise ProgramFormatError(
+            f"not an ExecuTorch .pte file: {len(data)} bytes, identifier {bytes(data[4:8])!r} at offset 4"
+        )
+    try:
+        return deserialize_pte_binary(data)
+    except Exception as e:   # flatbuffers raises IndexError/struct.error/..., ExecuTorch ValueError
+        raise ProgramFormatError(f".pte file is truncated or corrupted: {type(e).__name__}: {e}") from e
+
+
+@dataclass
+class _List:
+    """IntList / TensorList / OptionalTensorList: items are value ids resolved at call time."""
+
+    kind: str
+    items: List[int]
+
+
+def _constant_tensor(t: et.Tensor, buffers: List[et.Buffer]) -> torch.Tensor:
+    if t.data_buffer_idx >= len(buffers):
+        raise ProgramFormatError(f"tensor refers to constant buffer {t.data_buffer_idx} of {len(buffers)}")
+    if list(t.dim_order) != list(range(len(t.sizes))):
+        raise ProgramFormatError(f"constant with dim order {t.dim_order} is not supported (contiguous only)")
+    dtype = dtype_of(t.scalar_type)
+    numel = 1
+    for s in t.sizes:
+        numel *= s
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    storage = buffers[t.data_buffer_idx].storage
+    if len(storage) < nbytes:
+        raise ProgramFormatError(f"constant buffer {t.data_buffer_idx} holds {len(storage)} bytes, needs {nbytes}")
+    if nbytes == 0:
+        return torch.empty(list(t.sizes), dtype=dtype)
+    return torch.frombuffer(bytearray(storage[:nbytes]), dtype=dtype).reshape(list(t.sizes))
+
+
+class Method:
+    """One execution plan: values, compiled instructions and loaded delegates."""
+
+    def __init__(self, pte, plan: et.ExecutionPlan):
+        self.name = plan.name
+        self._plan = plan
+        program = pte.program
+        try:
+            self._initial = [self._initial_value(v, program, pte) for v in plan.values]
+            self._delegates = [
+                load_delegate(d.id, self._delegate_bytes(program, d)) for d in plan.delegates
+            ]
+            operators = [resolve_operator(o.name, o.overload) for o in plan.operators]
+            self._instructions = [self._compile(i.instr_args, operators) for c in plan.chains for i in c.instructions]
+        except (IndexError, KeyError, TypeError, AttributeError) as e:
+            raise ProgramFormatError(f"method {plan.name!r} is malformed: {type(e).__name__}: {e}") from e
+        self._mutable_ids = [
+            i for i, v in enumerate(plan.values)
+            if isinstance(v.val, et.Tensor) and v.val.extra_tensor_info is not None
+            and v.val.extra_tensor_info.mutable_data_segments_idx > 0
+        ]
+        self._last_calls: List[LinearCall] = []
+
+    # -- load --
+
+    @staticmethod
+    def _arena_key(ev: et.EValue):
+        """Where memory planning put a tensor; values sharing a key alias the same bytes."""
+        v = ev.val
+        if isinstance(v, et.Tensor) and v.allocation_info is not None:
+            a = v.allocation_info
+            return (a.memory_id, a.memory_offset_low, a.memory_offset_high)
+        return None
+
+    def _initial_value(self, ev: et.EValue, program: et.Program, pte) -> Any:
+        v = ev.val
+        if isinstance(v, et.Tensor):
+            info = v.extra_tensor_info
+            if info is not None and info.mutable_data_segments_idx > 0:
+                return _constant_tensor(
+                    et.Tensor(**{**v.__dict__, "data_buffer_idx": v.data_buffer_idx}), pte.mutable_data or []
+                ).clone()
+            if v.data_buffer_idx > 0 and v.allocation_info is None:
+                return _constant_tensor(v, program.constant_buffer)
+            return None   # produced at run time
+        if isinstance(v, et.Null):
+            return None
+        if isinstance(v, (et.Int, et.Bool)):
+            return v.int_val if isinstance(v, et.Int) else v.bool_val
+        if isinstance(v, et.Double):
+            return float(v.double_val)
+        if isinstance(v, et.String):
+            return v.string_val
+        if isinstance(v, (et.DoubleList, et.BoolList)):
+            return list(v.items)
+        if isinstance(v, et.IntList):
+            return _List("int", list(v.items))
+        if isinstance(v, et.TensorList):
+            return _List("tensor", list(v.items))
+        if isinstance(v, et.OptionalTensorList):
+            return _List("optional_tensor", list(v.items))
+        raise ProgramFormatError(f"value kind {type(v).__name__} is not supported")
+
+    @staticmethod
+    def _delegate_bytes(program: et.Program, d: et.BackendDelegate) -> bytes:
+        if d.processed.location != et.DataLocation.INLINE:
+            raise ProgramFormatError(f"delegate {d.id!r} data location {d.processed.location} not restored")
+        return program.backend_delegate_data[d.processed.index].data
+
+    def _compile(self, instr, operators):
+        if isinstance(instr, et.KernelCall):
+            return compile_kernel_call(operators[instr.op_index], instr.args)
+        if isinstance(instr, et.DelegateCall) and not 0 <= instr.delegate_index < len(self._delegates):
+            raise ProgramFormatError(f"delegate call refers to delegate {instr.delegate_index}")
+        return instr
+
+    # -- run --
+
+    def _check_inputs(self, inputs: Sequence[Any]) -> None:
+        plan = self._plan
+        if len(inputs) != len(plan.inputs):
+            raise InputError(f"method {self.name!r} takes {len(plan.inputs)} inputs, got {len(inputs)}")
+        for i, (vid, x) in enumerate(zip(plan.inputs, inputs)):
+            spec = plan.values[vid].val
+            if not isinstance(spec, et.Tensor):
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise InputError(f"input {i} must be a torch.Tensor, got {type(x).__name__}")
+            want = dtype_of(spec.scalar_type)
+            if x.dtype != want:
+                raise InputError(f"input {i} has dtype {x.dtype}, expected {want}")
+            if x.dim() != len(spec.sizes):
+                raise InputError(f"input {i} has rank {x.dim()} (shape {tuple(x.shape)}), expected rank {len(spec.sizes)}")
+            for d, (got, bound) in enumerate(zip(x.shape, spec.sizes)):
+                if spec.shape_dynamism == et.TensorShapeDynamism.STATIC and got != bound:
+                    raise InputError(f"input {i} dim {d} is {got}, the program was exported for exactly {bound}")
+                if got > bound:
+                    raise InputError(f"input {i} dim {d} is {got}, above the exported upper bound {bound}")
+
+    def execute(self, inputs: Sequence[Any]) -> List[Any]:
+        """Run the method; returns its outputs (torch.Tensors for tensor outputs)."""
+        self._check_inputs(inputs)
+        values = list(self._initial)
+        plan = self._plan
+        for vid, x in zip(plan.inputs, inputs):
+            values[vid] = x.contiguous() if isinstance(x, torch.Tensor) else x
+
+        # The emitter elides static views: the view's value shares its source's
+        # planned memory and no instruction writes it. We track which value last
+        # wrote each planned location and read such a value as a view of that one.
+        last_writer: Dict[tuple, int] = {}
+
+        def aliased(vid: int) -> Any:
+            key = self._arena_key(plan.values[vid])
+            src = last_writer.get(key) if key is not None else None
+            if src is None or src == vid or not isinstance(values[src], torch.Tensor):
+                return None
+            spec = plan.values[vid].val
+            return values[src].view(dtype_of(spec.scalar_type)).reshape(list(spec.sizes))
+
+        def read(vid: int, type_name: str) -> Any:
+            v = values[vid]
+            if v is None:
+                v = aliased(vid)
+            if isinstance(v, _List):
+                if v.kind == "int":
+                    return [values[j] for j in v.items]
+                if v.kind == "tensor":
+                    return [values[j] for j in v.items]
+                return [values[j] if j >= 0 else None for j in v.items]
+            if isinstance(v, int) and not isinstance(v, bool):
+                return convert_int(v, type_name)
+            return v
+
+        def write(vid: int, value: Any) -> None:
+            if not isinstance(values[vid], _List):   # a TensorList return aliases outs already written
+                values[vid] = value
+                key = self._arena_key(plan.values[vid])
+                if key is not None:
+                    last_writer[key] = vid
+
+        def new_out(vid: int) -> torch.Tensor:
+            spec = plan.values[vid].val
+            return torch.empty(0, dtype=dtype_of(spec.scalar_type))
+
+        calls: List[LinearCall] = []
+        instructions = self._instructions
+        pc = 0
+        try:
+            while pc < len(instructions):
+                instr = instructions[pc]
+                pc += 1
+                if isinstance(instr, et.DelegateCall):
+                    for vid in instr.args:
+                        if values[vid] is None:
+                            values[vid] = aliased(vid)
+                    self._delegates[instr.delegate_index].execute(values, instr.args, calls)
+                    write(instr.args[-1], values[instr.args[-1]])
+                elif isinstance(instr, et.MoveCall):
+                    values[instr.move_to] = values[instr.move_from]
+                elif isinstance(instr, et.JumpFalseCall):
+                    if not values[instr.cond_value_index]:
+                        pc = instr.destination_instruction
+                elif isinstance(instr, et.FreeCall):
+                    values[instr.value_index] = None
+                else:
+                    run_kernel_call(instr, read, write, new_out)
+        except WebGPUDelegateError:
+            raise
+        except RuntimeError as e:
+            raise InputError(f"method {self.name!r} failed at instruction {pc - 1}: {e}") from e
+        for vid in self._mutable_ids:
+            self._initial[vid] = values[vid]
+        self._last_calls = calls
+        return [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
+
+    def route_report(self) -> List[Dict[str, Any]]:
+        """One entry per delegated linear call of the last execute:
+        {"name", "M", "K", "N", "kernel", "reason", "gpu_us", "wall_us"}."""
+        return [c.as_dict() for c in self._last_calls]
+
+
+class Program:
+    def __init__(self, data: bytes):
+        self._pte = parse_pte(data)
+        self._plans = {p.name: p for p in self._pte.program.execution_plan}
+        self._methods: Dict[str, Method] = {}
+
+    @property
+    def method_names(self) -> List[str]:
+        return list(self._plans)
+
+    def load_method(self, name: str = "forward") -> Method:
+        if name not in self._plans:
+            raise KeyError(f"no method {name!r} in this program (it has {self.method_names})")
+        if name not in self._methods:
+            self._methods[name] = Method(self._pte, self._plans[name])
+        return self._methods[name]
+
+
+class Runtime:
+    """Process-wide entry point, as executorch.runtime.Runtime."""
+
+    _instance: Optional["Runtime"] = None
+
+    @classmethod
+    def get(cls) -> "Runtime":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def load_program(self, data: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> Program:
+        if isinstance(data, (str, os.PathLike)):
+            with open(data, "rb") as f:
+                data = f.read()
+        return Program(bytes(data))
