@@ -226,7 +226,7 @@ class Method:
                 instr = instructions[pc]
                 pc += 1
                 if isinstance(instr, et.DelegateCall):
-                    for vid in instr.args:
+                    for vid in instr.args[:-1]:   # inputs; the last arg is the output
                         if values[vid] is None:
                             values[vid] = aliased(vid)
                     self._delegates[instr.delegate_index].execute(values, instr.args, calls)

@@ -1,0 +1,57 @@
+"""Shared test helpers: quantize with torchao, lower with our partitioner, fp64 goldens."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from executorch.exir import to_edge_transform_and_lower
+from torchao.quantization import IntxWeightOnlyConfig, quantize_
+from torchao.quantization.granularity import PerGroup
+
+from executorch_wgpu import WebGPUPartitioner
+
+
+def quantize_q4(model: torch.nn.Module, group_size: int = 32, **config) -> torch.nn.Module:
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size), **config))
+    return model
+
+
+def dequantized_weight(linear: torch.nn.Linear) -> torch.Tensor:
+    """fp64 W = codes * scale (zero point 0), straight from torchao's tensor, not from our packing."""
+    w = linear.weight
+    codes = w.qdata.double()
+    scale = w.scale.double()
+    assert bool((w.zero_point == 0).all()), "golden assumes symmetric quantization"
+    gs = codes.shape[1] // scale.shape[1]
+    return codes * scale.repeat_interleave(gs, dim=1)
+
+
+def golden_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """x.double() @ dequant(W).double().T + b in fp64."""
+    y = x.double() @ dequantized_weight(linear).T
+    if linear.bias is not None:
+        y = y + linear.bias.double()
+    return y
+
+
+def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
+    """max |err| / max |golden|."""
+    return float((got.double() - golden.double()).abs().max() / golden.double().abs().max())
+
+
+def lower(model: torch.nn.Module, example: torch.Tensor, dynamic_dims: Optional[dict] = None,
+          **partitioner_options) -> bytes:
+    """torch.export -> to_edge_transform_and_lower(WebGPUPartitioner) -> .pte bytes."""
+    dynamic_shapes = None
+    if dynamic_dims:
+        dynamic_shapes = ({d: torch.export.Dim(f"d{d}", min=lo, max=hi) for d, (lo, hi) in dynamic_dims.items()},)
+    ep = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+    edge = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner(**partitioner_options)])
+    return edge.to_executorch().buffer
+
+
+def single_linear(k: int, n: int, bias: bool = True, group_size: int = 32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return quantize_q4(torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias)).eval(), group_size)

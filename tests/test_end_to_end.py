@@ -1,0 +1,170 @@
+"""The public path: torchao quantize_ -> torch.export -> to_edge_transform_and_lower -> .pte -> our runtime."""
+
+import logging
+
+import pytest
+import torch
+
+from executorch_wgpu.backend.serialization.blob import FILE_IDENTIFIER, deserialize_q4linear
+from executorch_wgpu.runtime import Runtime
+
+from helpers import golden_linear, lower, quantize_q4, rel_err, single_linear
+
+
+def run(pte: bytes, *inputs):
+    method = Runtime.get().load_program(pte).load_method("forward")
+    return method.execute(list(inputs)), method
+
+
+def blobs_in(pte: bytes):
+    """Every delegate blob of a .pte, found through ExecuTorch's own deserializer."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte).program
+    return [program.backend_delegate_data[d.processed.index].data for d in program.execution_plan[0].delegates]
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("bias", [True, False])
+def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias):
+    model = single_linear(256, 72, bias=bias, group_size=gs)
+    x = torch.randn(5, 256)
+    (y,), method = run(lower(model, x), x)
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    (entry,) = method.route_report()
+    assert (entry["M"], entry["K"], entry["N"], entry["kernel"]) == (5, 256, 72, "regtiled")
+
+
+@pytest.mark.parametrize("prefill_route", ["regtiled", "shmem"])
+@pytest.mark.parametrize("decode_route", ["gemv", "regtiled", "shmem"])
+def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route):
+    model = single_linear(1024, 136)
+    x = torch.randn(70, 1024)   # partial tiles for every GEMM
+    pte = lower(model, x, {0: (1, 128)}, prefill_route=prefill_route, decode_route=decode_route)
+    method = Runtime.get().load_program(pte).load_method("forward")
+    for m in (70, 1):
+        xm = x[:m]
+        (y,) = method.execute([xm])
+        assert rel_err(y, golden_linear(xm, model[0])) < 1e-4
+        (entry,) = method.route_report()
+        assert entry["kernel"] == (decode_route if m == 1 else prefill_route)
+        assert "forced" in entry["reason"]
+
+
+@pytest.mark.parametrize("k,n,expected", [(256, 64, "regtiled"), (4096, 32, "shmem"), (64, 4096, "shmem")])
+def test_default_rule_routes_wide_layers_to_shmem(k, n, expected):
+    model = single_linear(k, n)
+    x = torch.randn(3, k)
+    (y,), method = run(lower(model, x), x)
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    (entry,) = method.route_report()
+    assert entry["kernel"] == expected
+    assert "default rule" in entry["reason"]
+
+
+def test_thresholds_are_options_of_the_partitioner():
+    model = single_linear(256, 64)
+    x = torch.randn(4, 256)
+    (y,), method = run(lower(model, x, shmem_k_threshold=256), x)
+    assert method.route_report()[0]["kernel"] == "shmem"
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+
+
+def test_blob_records_routes_and_their_inputs():
+    model = single_linear(256, 64)
+    x = torch.randn(4, 256)
+    (blob,) = blobs_in(lower(model, x, {0: (1, 64)}))
+    assert blob[4:8] == FILE_IDENTIFIER
+    rec = deserialize_q4linear(blob)
+    assert (rec.in_features, rec.out_features, rec.group_size, rec.m_min, rec.m_max) == (256, 64, 32, 1, 64)
+    assert (rec.route.decode_kernel, rec.route.prefill_kernel, rec.route.source) == ("gemv", "regtiled", "default-rule")
+    assert (rec.route.k_threshold, rec.route.n_threshold) == (4096, 4096)
+    assert "K=256, N=64" in rec.route.reason
+
+
+def test_3d_input_batch_by_sequence():
+    model = single_linear(128, 48)
+    x = torch.randn(2, 9, 128)
+    (y,), method = run(lower(model, x), x)
+    assert y.shape == (2, 9, 48)
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    assert method.route_report()[0]["M"] == 18
+
+
+def test_one_program_serves_decode_and_prefill_alternately():
+    model = single_linear(256, 96)
+    x = torch.randn(1, 40, 256)
+    method = Runtime.get().load_program(lower(model, x, {1: (1, 64)})).load_method("forward")
+    for s in (1, 40, 1, 7, 64, 1):
+        xs = torch.randn(1, s, 256)
+        (y,) = method.execute([xs])
+        assert y.shape == (1, s, 96)
+        assert rel_err(y, golden_linear(xs, model[0])) < 1e-4
+        assert method.route_report()[0]["kernel"] == ("gemv" if s == 1 else "regtiled")
+
+
+class Mixed(torch.nn.Module):
+    """q4 linear -> relu -> q4 linear, plus ops that are not quantized linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 128)
+        self.down = torch.nn.Linear(128, 32, bias=False)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(self.down(torch.relu(self.up(x)))) * 2 + 1
+
+
+def test_mixed_model_matches_eager_torch_after_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_q4(Mixed().eval())
+    x = torch.randn(2, 11, 64)
+    path = tmp_path / "mixed.pte"
+    path.write_bytes(lower(model, x, {1: (1, 32)}))
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    for s in (11, 1, 32):
+        xs = torch.randn(2, s, 64)
+        (y,) = method.execute([xs])
+        with torch.no_grad():
+            expected = model(xs)
+        assert torch.allclose(y, expected, rtol=1e-4, atol=1e-4)
+        assert [e["name"] for e in method.route_report()] == ["up", "down"]
+
+
+def test_declined_asymmetric_layer_runs_on_the_cpu_and_is_logged_once(caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    quantize_q4(model)
+    # Make the second layer asymmetric: torchao keeps its zero points, we must not run it.
+    model[2].weight.zero_point.fill_(1)
+    x = torch.randn(3, 64)
+    with caplog.at_level(logging.WARNING, logger="executorch_wgpu"):
+        pte = lower(model, x)
+    declines = [r for r in caplog.records if "stays on the CPU" in r.getMessage()]
+    assert len(declines) == 1 and "2" in declines[0].getMessage() and "zero point" in declines[0].getMessage()
+    (y,), method = run(pte, x)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(y, expected, rtol=1e-4, atol=1e-4)
+    assert [e["name"] for e in method.route_report()] == ["0"]
+
+
+def test_unsupported_group_size_is_declined_and_still_runs(caplog):
+    model = single_linear(64, 16, group_size=16)
+    x = torch.randn(2, 64)
+    with caplog.at_level(logging.WARNING, logger="executorch_wgpu"):
+        pte = lower(model, x)
+    assert any("group size 16" in r.getMessage() for r in caplog.records)
+    (y,), method = run(pte, x)
+    with torch.no_grad():
+        assert torch.allclose(y, model(x), rtol=1e-5, atol=1e-5)
+    assert method.route_report() == []
+
+
+def test_same_model_lowers_to_identical_bytes():
+    model = single_linear(128, 40)
+    x = torch.randn(3, 128)
+    first, second = blobs_in(lower(model, x))[0], blobs_in(lower(model, x))[0]
+    assert first == second
+    assert lower(model, x) == lower(model, x)

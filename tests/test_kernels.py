@@ -1,0 +1,81 @@
+"""Every kernel against the fp64 golden, on the default adapter, without going through a .pte."""
+
+import pytest
+import torch
+
+from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights, unpack_q4gsw_weights
+from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, round_up
+from executorch_wgpu.runtime.gpu import gpu_context
+from executorch_wgpu.runtime.q4_linear import Q4LinearGPU
+
+from helpers import rel_err
+
+
+def make_layer(k, n, gs, bias, decode, prefill, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // gs, generator=g) * 0.05 + 0.005
+    b = torch.randn(n, generator=g) if bias else None
+    rec = Q4LinearRecord(
+        name="probe", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, 4), m_min=1, m_max=4096,
+        qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
+        bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 4096, 4096, "test"),
+    )
+    w = codes.double() * scales.double().repeat_interleave(gs, dim=1)
+    return Q4LinearGPU(gpu_context(), rec), w, b
+
+
+def golden(x, w, b):
+    y = x.double() @ w.T
+    return y if b is None else y + b.double()
+
+
+def test_packing_round_trips_codes_including_padded_columns():
+    codes = torch.randint(-8, 8, (13, 64), dtype=torch.int8)
+    words = pack_q4gsw_weights(codes)
+    assert words.size == 64 // 8 * 16
+    assert torch.equal(unpack_q4gsw_weights(words, 64, 13), codes)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "regtiled", "shmem"])
+@pytest.mark.parametrize("k,n,gs,bias", [(1024, 136, 32, True), (256, 30, 64, False), (512, 8, 128, True)])
+def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
+    layer, w, b = make_layer(k, n, gs, bias, decode=kernel, prefill="regtiled")
+    x = torch.randn(1, k)
+    y, call = layer(x)
+    assert call.kernel == kernel
+    assert y.shape == (1, n)
+    assert rel_err(y, golden(x, w, b)) < 1e-4
+
+
+@pytest.mark.parametrize("kernel", ["regtiled", "shmem"])
+@pytest.mark.parametrize("m,k,n,gs,bias", [
+    (70, 1024, 136, 32, True),    # partial tiles in M and N for both kernels
+    (2, 256, 30, 64, False),      # N not a multiple of 4: padded columns
+    (65, 512, 64, 128, True),     # one row past a 64-row shmem tile
+    (128, 128, 200, 32, False),   # exact M tiles, partial N tile
+])
+def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
+    layer, w, b = make_layer(k, n, gs, bias, decode="gemv", prefill=kernel)
+    x = torch.randn(m, k)
+    y, call = layer(x)
+    assert call.kernel == kernel and call.M == m
+    assert rel_err(y, golden(x, w, b)) < 1e-4
+
+
+def test_layer_serves_decode_and_prefill_alternately():
+    layer, w, b = make_layer(256, 40, 32, True, decode="gemv", prefill="shmem")
+    for m in (1, 17, 1, 100, 3, 1):
+        x = torch.randn(m, 256)
+        y, call = layer(x)
+        assert call.kernel == ("gemv" if m == 1 else "shmem")
+        assert rel_err(y, golden(x, w, b)) < 1e-4
+
+
+def test_timestamps_are_reported_when_the_adapter_has_them():
+    layer, _, _ = make_layer(128, 16, 32, False, decode="gemv", prefill="regtiled")
+    _, call = layer(torch.randn(1, 128))
+    if gpu_context().has_timestamps:
+        assert call.gpu_us is not None and call.gpu_us > 0
+    else:
+        assert call.gpu_us is None
