@@ -38,7 +38,8 @@ def golden_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
 
 def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
     """max |err| / max |golden|."""
-    return float((got.double() - golden.double()).abs().max() / golden.double().abs().max())
+    got, golden = got.detach().double(), golden.detach().double()
+    return float((got - golden).abs().max() / golden.abs().max())
 
 
 def lower(model: torch.nn.Module, example: torch.Tensor, dynamic_dims: Optional[dict] = None,

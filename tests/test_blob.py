@@ -1,0 +1,58 @@
+"""The blob schema: one .fbs, its generated mirror kept current, exact round trips."""
+
+import filecmp
+import pathlib
+
+import numpy as np
+import torch
+
+from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
+from executorch_wgpu.backend.preprocess import WebGPUBackend
+from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.serialization import regenerate
+from executorch_wgpu.backend.serialization.blob import (
+    BACKEND_ID,
+    Q4LinearRecord,
+    deserialize_q4linear,
+    serialize_q4linear,
+)
+
+
+def record(bias=True):
+    codes = torch.randint(-8, 8, (20, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    return Q4LinearRecord(
+        name="layers.0.fc", in_features=64, out_features=20, group_size=32, n_stride=20, m_min=1, m_max=512,
+        qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(torch.rand(20, 2, generator=torch.Generator().manual_seed(2))),
+        bias=np.arange(20, dtype=np.float32) if bias else None,
+        route=decide_route(64, 20, RouteOptions(prefill_route="shmem")),
+    )
+
+
+def test_generated_python_matches_schema(tmp_path):
+    regenerate.generate(tmp_path)
+    here = pathlib.Path(regenerate.__file__).parent / "generated" / "wgq4"
+    fresh = tmp_path / "wgq4"
+    names = sorted(p.name for p in fresh.glob("*.py"))
+    assert names == sorted(p.name for p in here.glob("*.py"))
+    assert filecmp.cmpfiles(fresh, here, names, shallow=False)[0] == names
+
+
+def test_round_trip_keeps_every_field():
+    for bias in (True, False):
+        rec = record(bias)
+        got = deserialize_q4linear(serialize_q4linear(rec))
+        for field in ("name", "in_features", "out_features", "group_size", "n_stride", "m_min", "m_max", "route"):
+            assert getattr(got, field) == getattr(rec, field)
+        assert np.array_equal(got.qweight, rec.qweight) and np.array_equal(got.scales, rec.scales)
+        assert (got.bias is None) == (rec.bias is None)
+        if bias:
+            assert np.array_equal(got.bias, rec.bias)
+        assert got.route.source == "forced" and got.route.prefill_kernel == "shmem"
+
+
+def test_serialization_is_deterministic():
+    assert serialize_q4linear(record()) == serialize_q4linear(record())
+
+
+def test_backend_id_in_blob_module_names_the_backend_class():
+    assert WebGPUBackend.__name__ == BACKEND_ID
