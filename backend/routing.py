@@ -78,7 +78,7 @@ def decide_route(k: int, n: int, options: RouteOptions) -> Route:
     if forced:
         reason = ", ".join(forced) + f" by the partitioner; default rule otherwise ({rule}; K={k}, N={n})"
     else:
-        reason = f"M == 1 -> gemv; M > 1 -> {prefill} by default rule ({rule}; K={k}, N={n})"
+        reason = f"decode -> gemv; prefill -> {prefill} by default rule ({rule}; K={k}, N={n})"
     return Route(
         decode_kernel=decode,
         prefill_kernel=prefill,

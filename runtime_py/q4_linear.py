@@ -167,5 +167,6 @@ class Q4LinearGPU:
         finally:
             self.staging.unmap()
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
-        reason = f"M={m} {'== 1' if m == 1 else '> 1'} -> {kernel}; {rec.route.source}: {rec.route.reason}"
+        phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
+        reason = f"{phase} ({rec.route.source}); {rec.route.reason}"
         return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us)

@@ -1,0 +1,28 @@
+# The two commands of the README. Each sets up what it needs on a fresh machine:
+# a venv with the pinned dependencies (torch 2.13.0 CPU build) and, where no
+# Vulkan driver exists, Mesa's lavapipe.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+# lavapipe complains on stderr when XDG_RUNTIME_DIR is unset; give it one.
+export XDG_RUNTIME_DIR ?= /tmp/executorch_wgpu-xdg
+
+.PHONY: demo test setup
+
+demo: setup
+	$(PY) -m executorch_wgpu demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+setup: $(VENV)/.installed
+	@bash .ci/ensure_vulkan.sh
+	@mkdir -p -m 700 $(XDG_RUNTIME_DIR)
+
+# torch first and pinned: a looser request lets pip pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
