@@ -112,9 +112,7 @@ class Method:
         if isinstance(v, et.Tensor):
             info = v.extra_tensor_info
             if info is not None and info.mutable_data_segments_idx > 0:
-                return _constant_tensor(
-                    et.Tensor(**{**v.__dict__, "data_buffer_idx": v.data_buffer_idx}), pte.mutable_data or []
-                ).clone()
+                return _constant_tensor(v, pte.mutable_data or []).clone()
             if v.data_buffer_idx > 0 and v.allocation_info is None:
                 return _constant_tensor(v, program.constant_buffer)
             return None   # produced at run time
@@ -197,11 +195,7 @@ class Method:
             v = values[vid]
             if v is None:
                 v = aliased(vid)
-            if isinstance(v, _List):
-                if v.kind == "int":
-                    return [values[j] for j in v.items]
-                if v.kind == "tensor":
-                    return [values[j] for j in v.items]
+            if isinstance(v, _List):   # items are value ids; -1 is None in an optional tensor list
                 return [values[j] if j >= 0 else None for j in v.items]
             if isinstance(v, int) and not isinstance(v, bool):
                 return convert_int(v, type_name)
