@@ -22,14 +22,15 @@ class WebGPUDelegate:
         self.record = deserialize_q4linear(blob)
         self.layer = Q4LinearGPU(gpu_context(), self.record)
 
-    def execute(self, values: list, arg_ids: Sequence[int], calls: List[LinearCall]) -> None:
-        if len(arg_ids) != 2:
-            raise ProgramFormatError(f"delegate {self.record.name!r} expects 1 input and 1 output, got {len(arg_ids)} args")
+    def execute(self, inputs: Sequence, calls: List[LinearCall]) -> list:
+        """The delegate's outputs for its inputs; appends what the call did to calls."""
+        if len(inputs) != 1:
+            raise ProgramFormatError(f"delegate {self.record.name!r} takes 1 input, the program passes {len(inputs)}")
         start = time.perf_counter()
-        y, call = self.layer(values[arg_ids[0]])
+        y, call = self.layer(inputs[0])
         call.wall_us = (time.perf_counter() - start) * 1e6
-        values[arg_ids[1]] = y
         calls.append(call)
+        return [y]
 
 
 def load_delegate(backend_id: str, blob: bytes) -> WebGPUDelegate:

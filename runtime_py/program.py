@@ -219,12 +219,10 @@ class Method:
             while pc < len(instructions):
                 instr = instructions[pc]
                 pc += 1
-                if isinstance(instr, et.DelegateCall):
-                    for vid in instr.args[:-1]:   # inputs; the last arg is the output
-                        if values[vid] is None:
-                            values[vid] = aliased(vid)
-                    self._delegates[instr.delegate_index].execute(values, instr.args, calls)
-                    write(instr.args[-1], values[instr.args[-1]])
+                if isinstance(instr, et.DelegateCall):   # args: the inputs, then the output
+                    inputs = [read(vid, "Tensor") for vid in instr.args[:-1]]
+                    (y,) = self._delegates[instr.delegate_index].execute(inputs, calls)
+                    write(instr.args[-1], y)
                 elif isinstance(instr, et.MoveCall):
                     values[instr.move_to] = values[instr.move_from]
                 elif isinstance(instr, et.JumpFalseCall):
