@@ -18,16 +18,18 @@ from executorch_wgpu.errors import NoAdapterError
 
 log = logging.getLogger(__name__)
 
-# Kernel name (as recorded in the blob) -> WGSL file in shaders/.
-KERNEL_FILES = {
+# Shader name -> WGSL file in shaders/. The first three are the kernels a
+# blob routes to (blob.KERNELS); splitk_reduce is the shmem GEMM's epilogue.
+SHADER_FILES = {
     "gemv": "q4gsw_gemv.wgsl",
     "regtiled": "q4gsw_gemm_regtiled.wgsl",
     "shmem": "q4gsw_gemm_shmem.wgsl",
+    "splitk_reduce": "q4gsw_splitk_reduce.wgsl",
 }
 
-# Every q4gsw kernel binds the same six resources (see the shader headers),
-# so one explicit layout serves all three pipelines and one bind group per
-# layer works with whichever kernel a call routes to.
+# Every q4gsw shader binds a subset of the same seven resources (see the
+# shader headers), so one explicit layout serves all pipelines and one bind
+# group per layer works with whichever kernel a call routes to.
 _READ = wgpu.BufferBindingType.read_only_storage
 _BINDINGS = (
     (0, wgpu.BufferBindingType.uniform),   # Params
@@ -36,6 +38,7 @@ _BINDINGS = (
     (3, _READ),                            # scales
     (4, _READ),                            # bias
     (5, wgpu.BufferBindingType.storage),   # y
+    (6, wgpu.BufferBindingType.storage),   # partial sums of a split-K GEMM
 )
 
 NO_ADAPTER_HELP = (
@@ -45,8 +48,8 @@ NO_ADAPTER_HELP = (
 )
 
 
-def read_shader(kernel: str) -> str:
-    return importlib.resources.files("executorch_wgpu.shaders").joinpath(KERNEL_FILES[kernel]).read_text()
+def read_shader(name: str) -> str:
+    return importlib.resources.files("executorch_wgpu.shaders").joinpath(SHADER_FILES[name]).read_text()
 
 
 @dataclass
@@ -63,14 +66,14 @@ class GPUContext:
         info = self.adapter.info
         return f"{info.get('device', '?')} ({info.get('backend_type', '?')}, {info.get('description', '')})"
 
-    def pipeline(self, kernel: str) -> wgpu.GPUComputePipeline:
-        """The compute pipeline of a kernel, compiled once per process."""
-        if kernel not in self._pipelines:
-            module = self.device.create_shader_module(label=KERNEL_FILES[kernel], code=read_shader(kernel))
-            self._pipelines[kernel] = self.device.create_compute_pipeline(
-                label=kernel, layout=self.pipeline_layout, compute={"module": module, "entry_point": "main"}
+    def pipeline(self, name: str) -> wgpu.GPUComputePipeline:
+        """The compute pipeline of a shader, compiled once per process."""
+        if name not in self._pipelines:
+            module = self.device.create_shader_module(label=SHADER_FILES[name], code=read_shader(name))
+            self._pipelines[name] = self.device.create_compute_pipeline(
+                label=name, layout=self.pipeline_layout, compute={"module": module, "entry_point": "main"}
             )
-        return self._pipelines[kernel]
+        return self._pipelines[name]
 
 
 _context: Optional[GPUContext] = None

@@ -43,18 +43,76 @@ class LinearCall:
         return dict(self.__dict__)
 
 
-def workgroup_grid(kernel: str, m: int, n_stride: int) -> tuple:
-    """Workgroups to dispatch; tile sizes match the shader headers."""
+# The shmem GEMM splits K over extra workgroups when its 128 x 128 tiles alone
+# would leave most of a large GPU idle (see q4gsw_gemm_shmem.wgsl).
+SPLITK_TARGET_WORKGROUPS = 256
+SPLITK_MIN_CHUNK = 256        # never split K finer than this many k per workgroup
+SPLITK_MAX_SPLITS = 8
+MAX_GROUPS_PER_DIM = 65535    # WebGPU's maxComputeWorkgroupsPerDimension default
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One compute dispatch of a call: which shader, on which grid."""
+
+    shader: str
+    grid: tuple
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call of a layer runs: its dispatches and the kernel parameters they share."""
+
+    kernel: str
+    m: int
+    n: int
+    k_splits: int
+    k_chunk: int
+    dispatches: tuple
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of split-K partial sums the plan writes (0 without split K)."""
+        return 0 if self.k_splits == 1 else self.k_splits * self.m * self.n * 4
+
+
+def k_split_for(m: int, k: int, n_stride: int) -> tuple:
+    """(k_splits, k_chunk) for the shmem GEMM: enough workgroups to fill the GPU, chunks a multiple of 16."""
+    tiles = math.ceil(n_stride / 128) * math.ceil(m / 128)
+    splits = min(SPLITK_MAX_SPLITS, max(1, k // SPLITK_MIN_CHUNK), math.ceil(SPLITK_TARGET_WORKGROUPS / tiles))
+    if splits <= 1:
+        return 1, k
+    chunk = math.ceil(math.ceil(k / splits) / 16) * 16
+    return math.ceil(k / chunk), chunk
+
+
+def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int) -> Plan:
+    """The dispatches that compute y for M = m with a kernel; grids match the shader headers."""
+    k_splits, k_chunk = 1, k
     if kernel == "gemv":
-        return (math.ceil(n_stride / 64), 1, 1)
-    if kernel == "regtiled":
-        return (math.ceil(n_stride / 32), math.ceil(m / 32), 1)
-    if kernel == "shmem":
-        return (math.ceil(n_stride / 64), math.ceil(m / 64), 1)
-    raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
+        if m != 1:
+            raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
+        dispatches = (Dispatch("gemv", (math.ceil(n_stride / 16), 1, 1)),)
+    elif kernel == "regtiled":
+        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 32), math.ceil(m / 32), 1)),)
+    elif kernel == "shmem":
+        k_splits, k_chunk = k_split_for(m, k, n_stride)
+        dispatches = (Dispatch("shmem", (math.ceil(n_stride / 128), math.ceil(m / 128), k_splits)),)
+        if k_splits > 1:
+            dispatches += (Dispatch("splitk_reduce", (math.ceil(m * n / 256), 1, 1)),)
+    else:
+        raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
+    for d in dispatches:
+        if max(d.grid) > MAX_GROUPS_PER_DIM:
+            raise WebGPUDelegateError(
+                f"{kernel} at M={m}, N={n}: grid {d.grid} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension"
+            )
+    return Plan(kernel, m, n, k_splits, k_chunk, dispatches)
 
 
 class Q4LinearGPU:
+    """A loaded layer: its weights on the GPU and the buffers its calls reuse."""
+
     def __init__(self, ctx: GPUContext, rec: Q4LinearRecord):
         self.ctx = ctx
         self.rec = rec
@@ -74,6 +132,7 @@ class Q4LinearGPU:
         self.params = dev.create_buffer(
             label=f"{rec.name}.params", size=_PARAMS.size, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
         )
+        self.params_for = None   # the (M, k_splits, k_chunk) the params buffer holds
         self.query_set = None
         self.query_resolve = None
         if ctx.has_timestamps:
@@ -81,33 +140,51 @@ class Q4LinearGPU:
             self.query_resolve = dev.create_buffer(
                 size=_TIMESTAMP_BYTES, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
             )
-        self.capacity = 0   # rows of M the activation buffers hold
+        self.capacity = 0        # rows of M the activation buffers hold
+        self.partial = None
+        self.plans = {}          # (kernel, M) -> Plan
 
-    def _ensure_capacity(self, m: int) -> None:
-        """Grow x/y/staging buffers (and the bind group) to hold m rows; they are reused across calls."""
-        if m <= self.capacity:
-            return
-        rows = min(max(1 << (m - 1).bit_length(), 1), self.rec.m_max)
-        rows = max(rows, m)
+    def plan(self, kernel: str, m: int) -> Plan:
+        key = (kernel, m)
+        if key not in self.plans:
+            rec = self.rec
+            self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride)
+        return self.plans[key]
+
+    def _ensure_buffers(self, m: int, partial_bytes: int) -> None:
+        """Grow x/y/staging (to m rows) and the split-K scratch buffer; rebuild the bind group when any grows."""
         dev, rec = self.ctx.device, self.rec
-        self.x = dev.create_buffer(label=f"{rec.name}.x", size=rows * rec.in_features * 4, usage=_STORAGE)
-        y_bytes = rows * rec.out_features * 4
-        self.y = dev.create_buffer(
-            label=f"{rec.name}.y", size=y_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
-        )
-        self.ts_offset = (y_bytes + 7) // 8 * 8
-        self.staging = dev.create_buffer(
-            label=f"{rec.name}.staging",
-            size=self.ts_offset + _TIMESTAMP_BYTES,
-            usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST,
-        )
-        buffers = (self.params, self.x, self.qweight, self.scales, self.bias, self.y)
-        self.bind_group = dev.create_bind_group(
-            label=rec.name,
-            layout=self.ctx.bind_group_layout,
-            entries=[{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)],
-        )
-        self.capacity = rows
+        grown = False
+        if m > self.capacity:
+            rows = max(min(1 << (m - 1).bit_length(), rec.m_max), m)
+            self.x = dev.create_buffer(label=f"{rec.name}.x", size=rows * rec.in_features * 4, usage=_STORAGE)
+            y_bytes = rows * rec.out_features * 4
+            self.y = dev.create_buffer(
+                label=f"{rec.name}.y", size=y_bytes, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+            )
+            self.ts_offset = (y_bytes + 7) // 8 * 8
+            self.staging = dev.create_buffer(
+                label=f"{rec.name}.staging",
+                size=self.ts_offset + _TIMESTAMP_BYTES,
+                usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST,
+            )
+            self.capacity = rows
+            grown = True
+        if self.partial is None or partial_bytes > self.partial.size:
+            self.partial = dev.create_buffer(
+                label=f"{rec.name}.partial", size=max(partial_bytes, 16), usage=wgpu.BufferUsage.STORAGE
+            )
+            grown = True
+        if grown:
+            buffers = (self.params, self.x, self.qweight, self.scales, self.bias, self.y, self.partial)
+            self.bind_group = dev.create_bind_group(
+                label=rec.name,
+                layout=self.ctx.bind_group_layout,
+                entries=[
+                    {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
+                    for i, b in enumerate(buffers)
+                ],
+            )
 
     def check_input(self, x: torch.Tensor) -> int:
         """M of this call; raises InputError for anything the layer was not exported for."""
@@ -126,30 +203,44 @@ class Q4LinearGPU:
             )
         return m
 
+    def prepare(self, kernel: str, m: int) -> Plan:
+        """Buffers, bind group and parameters for a call of `kernel` at M = m; returns its plan."""
+        plan = self.plan(kernel, m)
+        self._ensure_buffers(m, plan.partial_bytes)
+        key = (m, plan.k_splits, plan.k_chunk)
+        if self.params_for != key:
+            rec = self.rec
+            self.ctx.device.queue.write_buffer(
+                self.params, 0,
+                _PARAMS.pack(m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size,
+                             plan.k_splits, plan.k_chunk, 0),
+            )
+            self.params_for = key
+        return plan
+
+    def encode(self, encoder, plan: Plan, timestamp_writes: Optional[dict] = None) -> None:
+        """Record the plan's dispatches as one compute pass (prepare() first)."""
+        cpass = encoder.begin_compute_pass(**({"timestamp_writes": timestamp_writes} if timestamp_writes else {}))
+        cpass.set_bind_group(0, self.bind_group)
+        for d in plan.dispatches:
+            cpass.set_pipeline(self.ctx.pipeline(d.shader))
+            cpass.dispatch_workgroups(*d.grid)
+        cpass.end()
+
     def __call__(self, x: torch.Tensor) -> tuple:
         """y = x @ dequant(W)^T + b on the GPU; returns (y, LinearCall)."""
         rec = self.rec
         m = self.check_input(x)
         kernel = rec.route.kernel_for(m)
-        self._ensure_capacity(m)
+        plan = self.prepare(kernel, m)
         dev = self.ctx.device
-        dev.queue.write_buffer(self.params, 0, _PARAMS.pack(m, rec.in_features, rec.out_features, rec.n_stride,
-                                                            rec.group_size, 0, 0, 0))
         dev.queue.write_buffer(self.x, 0, x.detach().contiguous().numpy())
 
         encoder = dev.create_command_encoder()
-        pass_args = {}
+        timestamps = None
         if self.query_set is not None:
-            pass_args["timestamp_writes"] = {
-                "query_set": self.query_set,
-                "beginning_of_pass_write_index": 0,
-                "end_of_pass_write_index": 1,
-            }
-        cpass = encoder.begin_compute_pass(**pass_args)
-        cpass.set_pipeline(self.ctx.pipeline(kernel))
-        cpass.set_bind_group(0, self.bind_group)
-        cpass.dispatch_workgroups(*workgroup_grid(kernel, m, rec.n_stride))
-        cpass.end()
+            timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
+        self.encode(encoder, plan, timestamps)
         y_bytes = m * rec.out_features * 4
         encoder.copy_buffer_to_buffer(self.y, 0, self.staging, 0, y_bytes)
         if self.query_set is not None:

@@ -22,9 +22,9 @@ struct Params {
     N: u32,
     n_stride: u32,
     group_size: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    k_splits: u32,   // unused here (always 1)
+    k_chunk: u32,    // unused here
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;

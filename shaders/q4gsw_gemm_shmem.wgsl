@@ -1,13 +1,24 @@
-// q4gsw shared-memory tiled GEMM: y[M, N] = x[M, K] @ dequant(W)^T + bias.
+// q4gsw shared-memory tiled GEMM: y[M, N] = x[M, K] @ dequant(W)^T + bias (prefill, large tiles).
 //
-// Tiling: a 16 x 16 workgroup computes a 64 x 64 output tile; thread (tx, ty)
-// keeps rows 4*ty..4*ty+3 of column quad tx in four vec4 accumulators. Per
-// 32-deep K tile the workgroup
-//   1. stages the x block [64 rows x 32 k] into xs, transposed to [k][row],
-//   2. dequantizes the weight block [32 k x 64 columns] once into ws (each
+// Tiling: a 16 x 16 workgroup computes a 128 x 128 output tile; thread (tx, ty)
+// keeps an 8 x 8 block in sixteen named vec4 accumulators (named, not an
+// array: a dynamically indexed private array spills on NVIDIA via naga) --
+// rows 4*ty..4*ty+3 and 64+4*ty..64+4*ty+3, column quads tx and 16+tx.
+// Per 16-deep K tile the workgroup
+//   1. stages the x block [128 rows x 16 k] into xs, transposed to [k][row],
+//   2. dequantizes the weight block [16 k x 128 columns] once into ws (each
 //      thread unpacks one u32 = 8 k of one column),
-// then every thread accumulates its 4 x 4 block from workgroup memory, so
-// each weight is dequantized once per workgroup instead of once per row.
+// then every thread does 16 x 64 FMAs reading 4 vec4 per k from workgroup
+// memory, so each weight is dequantized once per 128 rows. The next tile's
+// global loads are issued before the current tile's math (register
+// double-buffering) to hide their latency.
+//
+// Split K: workgroup z handles k in [z * k_chunk, min(K, (z + 1) * k_chunk)).
+// With k_splits == 1 the tile is finished here (bias added, y written); with
+// k_splits > 1 it writes its partial sums to partial[z][M][N] and
+// q4gsw_splitk_reduce.wgsl adds them up in a fixed order (deterministic).
+// Split K exists for occupancy: at M = 512 a 2048-wide layer has only 64
+// tiles of 128 x 128, fewer than the GPU has multiprocessors.
 //
 // Layout (see backend/serialization/schema.fbs):
 //   x       [M][K] fp32, read as vec4
@@ -15,9 +26,11 @@
 //   scales  [K/gs][n_stride] fp32
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
-// Preconditions: gs % 32 == 0 (so K % 32 == 0), K % gs == 0, n_stride = N rounded up to 4.
+//   partial [k_splits][M][N] fp32 (only read/written when k_splits > 1)
+// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 4,
+// k_chunk % 16 == 0, k_splits = ceil(K / k_chunk).
 // Partial tiles: rows >= M stage zeros, columns >= n_stride stage zero weights; neither is stored.
-// Dispatch: (ceil(n_stride / 64), ceil(M / 64), 1). Workgroup memory: 16 KiB.
+// Dispatch: (ceil(n_stride / 128), ceil(M / 128), k_splits). Workgroup memory: 16 KiB.
 
 struct Params {
     M: u32,
@@ -25,9 +38,9 @@ struct Params {
     N: u32,
     n_stride: u32,
     group_size: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    k_splits: u32,
+    k_chunk: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -36,22 +49,79 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scales: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read_write> partial: array<f32>;
 
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 32u;
+const TM: u32 = 128u;
+const TN: u32 = 128u;
+const TK: u32 = 16u;
 
-var<workgroup> xs: array<vec4<f32>, 512>;   // [TK][TM / 4]: xs[k * 16 + r4][i] = x[row 4*r4 + i, k]
-var<workgroup> ws: array<vec4<f32>, 512>;   // [TK][TN / 4]: ws[k * 16 + c4][i] = W[k, column 4*c4 + i]
+var<workgroup> xs: array<vec4<f32>, 512>;   // [TK][TM / 4]: xs[k * 32 + r4][i] = x[row 4*r4 + i, k]
+var<workgroup> ws: array<vec4<f32>, 512>;   // [TK][TN / 4]: ws[k * 32 + c4][i] = W[k, column 4*c4 + i]
 
-fn store_row(m: u32, n4: u32, v: vec4<f32>) {
-    if (m >= params.M) {
+// One thread's share of a K tile's global data, held in registers between
+// the load and the store to workgroup memory.
+struct Staged {
+    x0: vec4<f32>,   // x[row t / 4, k quad t % 4]
+    x1: vec4<f32>,   // x[row 64 + t / 4, k quad t % 4]
+    w: u32,          // weight word (k8 t / 128, column t % 128)
+    s: f32,          // its scale
+}
+
+fn load_tile(k0: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
+    var st: Staged;
+    let k4_count = params.K / 4u;
+    let kq = k0 / 4u + t % 4u;
+    let m0 = tile_m + t / 4u;
+    let m1 = m0 + 64u;
+    let last = params.M - 1u;
+    st.x0 = select(vec4<f32>(0.0), x[min(m0, last) * k4_count + kq], m0 < params.M);
+    st.x1 = select(vec4<f32>(0.0), x[min(m1, last) * k4_count + kq], m1 < params.M);
+    let k8 = k0 / 8u + t / TN;
+    let n = tile_n + t % TN;
+    st.w = 0x88888888u;   // code 0 in every nibble
+    st.s = 0.0;
+    if (n < params.n_stride) {
+        st.w = qweight[k8 * params.n_stride + n];
+        st.s = scales[(k8 / (params.group_size / 8u)) * params.n_stride + n];
+    }
+    return st;
+}
+
+fn store_tile(st: Staged, t: u32) {
+    // x, transposed: k-quad kq of row r goes to xs[(4*kq + i) * 32 + r / 4][r % 4].
+    let kq = t % 4u;
+    let r = t / 4u;
+    for (var i = 0u; i < 4u; i++) {
+        xs[(4u * kq + i) * 32u + r / 4u][r % 4u] = st.x0[i];
+        xs[(4u * kq + i) * 32u + 16u + r / 4u][r % 4u] = st.x1[i];
+    }
+    // Weights, dequantized: nibble j of the word is k = 8 * (t / 128) + j.
+    let col = t % TN;
+    let k_local = 8u * (t / TN);
+    for (var j = 0u; j < 8u; j++) {
+        ws[(k_local + j) * 32u + col / 4u][col % 4u] = (f32((st.w >> (4u * j)) & 0xFu) - 8.0) * st.s;
+    }
+}
+
+fn store_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
+    if (m >= params.M || n4 >= params.n_stride / 4u) {
         return;
     }
-    for (var c = 0u; c < 4u; c++) {
-        let n = 4u * n4 + c;
-        if (n < params.N) {
-            y[m * params.N + n] = v[c];
+    if (params.k_splits == 1u) {
+        let r = v + bias[n4];
+        for (var c = 0u; c < 4u; c++) {
+            let n = 4u * n4 + c;
+            if (n < params.N) {
+                y[m * params.N + n] = r[c];
+            }
+        }
+    } else {
+        let base = (z * params.M + m) * params.N;
+        for (var c = 0u; c < 4u; c++) {
+            let n = 4u * n4 + c;
+            if (n < params.N) {
+                partial[base + n] = v[c];
+            }
         }
     }
 }
@@ -62,68 +132,55 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
     let tile_m = wg.y * TM;
     let tile_n = wg.x * TN;
-    let k4_count = params.K / 4u;
-    let words_per_group = params.group_size / 8u;
-    let last = params.M - 1u;
+    let k_begin = wg.z * params.k_chunk;
+    let k_end = min(params.K, k_begin + params.k_chunk);
+    let tx = lid.x;
+    let ty = lid.y;
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var c00 = vec4<f32>(0.0); var c01 = vec4<f32>(0.0);
+    var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c20 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0);
+    var c30 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c40 = vec4<f32>(0.0); var c41 = vec4<f32>(0.0);
+    var c50 = vec4<f32>(0.0); var c51 = vec4<f32>(0.0);
+    var c60 = vec4<f32>(0.0); var c61 = vec4<f32>(0.0);
+    var c70 = vec4<f32>(0.0); var c71 = vec4<f32>(0.0);
 
-    for (var k0 = 0u; k0 < params.K; k0 += TK) {
-        // 1. Stage x: 64 rows x 8 k-quads = 512 vec4, two per thread.
-        for (var i = 0u; i < 2u; i++) {
-            let idx = t + 256u * i;
-            let row = idx / 8u;
-            let kq = idx % 8u;
-            let m = tile_m + row;
-            var v = x[min(m, last) * k4_count + k0 / 4u + kq];
-            if (m >= params.M) {
-                v = vec4<f32>(0.0);
-            }
-            let base = 4u * kq * 16u + row / 4u;
-            let lane = row % 4u;
-            xs[base][lane] = v.x;
-            xs[base + 16u][lane] = v.y;
-            xs[base + 32u][lane] = v.z;
-            xs[base + 48u][lane] = v.w;
-        }
-        // 2. Dequantize the weight block: 4 k8 rows x 64 columns = 256 words, one per thread.
-        {
-            let k8 = k0 / 8u + t / TN;
-            let col = t % TN;
-            let n = tile_n + col;
-            var w = 0x88888888u;   // code 0 in every nibble
-            var s = 0.0;
-            if (n < params.n_stride) {
-                w = qweight[k8 * params.n_stride + n];
-                s = scales[(k8 / words_per_group) * params.n_stride + n];
-            }
-            let k_local = 8u * (t / TN);
-            for (var j = 0u; j < 8u; j++) {
-                ws[(k_local + j) * 16u + col / 4u][col % 4u] = (f32((w >> (4u * j)) & 0xFu) - 8.0) * s;
-            }
-        }
+    var st = load_tile(k_begin, tile_m, tile_n, t);
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
+        store_tile(st, t);
         workgroupBarrier();
-        // 3. Accumulate the 4 x 4 block from workgroup memory.
+        if (k0 + TK < k_end) {
+            st = load_tile(k0 + TK, tile_m, tile_n, t);
+        }
         for (var k = 0u; k < TK; k++) {
-            let a = xs[k * 16u + lid.y];
-            let b = ws[k * 16u + lid.x];
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
+            let a0 = xs[k * 32u + ty];
+            let a1 = xs[k * 32u + 16u + ty];
+            let b0 = ws[k * 32u + tx];
+            let b1 = ws[k * 32u + 16u + tx];
+            c00 += a0.x * b0; c01 += a0.x * b1;
+            c10 += a0.y * b0; c11 += a0.y * b1;
+            c20 += a0.z * b0; c21 += a0.z * b1;
+            c30 += a0.w * b0; c31 += a0.w * b1;
+            c40 += a1.x * b0; c41 += a1.x * b1;
+            c50 += a1.y * b0; c51 += a1.y * b1;
+            c60 += a1.z * b0; c61 += a1.z * b1;
+            c70 += a1.w * b0; c71 += a1.w * b1;
         }
         workgroupBarrier();
     }
-    let n4 = tile_n / 4u + lid.x;
-    if (n4 < params.n_stride / 4u) {
-        let b = bias[n4];
-        let m0 = tile_m + 4u * lid.y;
-        store_row(m0, n4, acc0 + b);
-        store_row(m0 + 1u, n4, acc1 + b);
-        store_row(m0 + 2u, n4, acc2 + b);
-        store_row(m0 + 3u, n4, acc3 + b);
-    }
+
+    let z = wg.z;
+    let m0 = tile_m + 4u * ty;
+    let m1 = tile_m + 64u + 4u * ty;
+    let n0 = tile_n / 4u + tx;
+    let n1 = n0 + 16u;
+    store_row(z, m0, n0, c00); store_row(z, m0, n1, c01);
+    store_row(z, m0 + 1u, n0, c10); store_row(z, m0 + 1u, n1, c11);
+    store_row(z, m0 + 2u, n0, c20); store_row(z, m0 + 2u, n1, c21);
+    store_row(z, m0 + 3u, n0, c30); store_row(z, m0 + 3u, n1, c31);
+    store_row(z, m1, n0, c40); store_row(z, m1, n1, c41);
+    store_row(z, m1 + 1u, n0, c50); store_row(z, m1 + 1u, n1, c51);
+    store_row(z, m1 + 2u, n0, c60); store_row(z, m1 + 2u, n1, c61);
+    store_row(z, m1 + 3u, n0, c70); store_row(z, m1 + 3u, n1, c71);
 }

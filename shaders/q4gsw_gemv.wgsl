@@ -1,19 +1,25 @@
 // q4gsw GEMV: y[0, n] = sum_k x[0, k] * (code[k, n] * scale[k / gs, n]) + bias[n], for M == 1 (decode).
 //
-// Tiling: a 16 x 16 workgroup covers 64 output columns. Thread (tx, ty) owns
-// column quad tx (4 adjacent columns, one vec4<u32> of packed weights per
-// 8 k) and walks every 16th 8-deep K slice starting at ty; the 16 partial
-// sums of a quad are then tree-reduced in workgroup memory (fixed order, so
-// results are bit-reproducible).
+// Decode is a stream over the packed weights, so the kernel is shaped for
+// bytes in flight, not for arithmetic: a 4 x 64 workgroup covers 4 column
+// quads (16 columns) and splits K 64 ways, so even a 2048 x 2048 layer
+// launches 128 workgroups of 256 threads. Thread (tx, ty) owns column quad
+// tx and walks quantization groups ty, ty + 64, ...; per group it issues
+// four vec4<u32> weight loads (4 columns x 32 k) before using any, sums
+// x * code in fp32 and applies the group's scale once. The 64 partial sums
+// of a quad are tree-reduced in workgroup memory in a fixed order, so results
+// are bit-reproducible.
 //
 // Layout (see backend/serialization/schema.fbs):
 //   x       [K] fp32, read as vec4
-//   qweight [K/8][n_stride] u32: nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [K/gs][n_stride] fp32
+//   qweight [K/8][n_stride] u32, read as vec4<u32> (4 adjacent columns):
+//           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
+//   scales  [K/gs][n_stride] fp32, read as vec4
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [N] fp32
-// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 4.
-// Dispatch: (ceil(n_stride / 64), 1, 1).
+// Preconditions: gs % 32 == 0 (so words per group is a multiple of 4), K % gs == 0,
+// n_stride = N rounded up to 4.
+// Dispatch: (ceil(n_stride / 16), 1, 1). Workgroup memory: 4 KiB.
 
 struct Params {
     M: u32,
@@ -21,9 +27,9 @@ struct Params {
     N: u32,
     n_stride: u32,
     group_size: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    k_splits: u32,
+    k_chunk: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -33,8 +39,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
-const QUADS: u32 = 16u;    // column quads per workgroup (64 columns)
-const SLICES: u32 = 16u;   // K slices per column quad
+const QUADS: u32 = 4u;     // column quads per workgroup (16 columns)
+const SLICES: u32 = 64u;   // ways K is split inside a workgroup
 
 var<workgroup> partial: array<vec4<f32>, 256>;
 
@@ -42,36 +48,53 @@ fn nib(w: vec4<u32>, shift: u32) -> vec4<f32> {
     return vec4<f32>((w >> vec4<u32>(shift)) & vec4<u32>(0xFu)) - vec4<f32>(8.0);
 }
 
-@compute @workgroup_size(16, 16, 1)
+// sum over the 8 k of one packed word: x[8*k8 .. 8*k8+7] . codes (4 columns at once)
+fn dot8(w: vec4<u32>, k8: u32) -> vec4<f32> {
+    let xa = x[2u * k8];
+    let xb = x[2u * k8 + 1u];
+    var d = xa.x * nib(w, 0u);
+    d += xa.y * nib(w, 4u);
+    d += xa.z * nib(w, 8u);
+    d += xa.w * nib(w, 12u);
+    d += xb.x * nib(w, 16u);
+    d += xb.y * nib(w, 20u);
+    d += xb.z * nib(w, 24u);
+    d += xb.w * nib(w, 28u);
+    return d;
+}
+
+@compute @workgroup_size(4, 64, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let quads = params.n_stride / 4u;
     let n4 = wg.x * QUADS + lid.x;
-    let k8_count = params.K / 8u;
+    let groups = params.K / params.group_size;
     let words_per_group = params.group_size / 8u;
 
     var acc = vec4<f32>(0.0);
     if (n4 < quads) {
-        for (var k8 = lid.y; k8 < k8_count; k8 += SLICES) {
-            let w = qweight[k8 * quads + n4];
-            let s = scales[(k8 / words_per_group) * quads + n4];
-            let xa = x[2u * k8];
-            let xb = x[2u * k8 + 1u];
-            var d = xa.x * nib(w, 0u);
-            d += xa.y * nib(w, 4u);
-            d += xa.z * nib(w, 8u);
-            d += xa.w * nib(w, 12u);
-            d += xb.x * nib(w, 16u);
-            d += xb.y * nib(w, 20u);
-            d += xb.z * nib(w, 24u);
-            d += xb.w * nib(w, 28u);
+        for (var g = lid.y; g < groups; g += SLICES) {
+            let s = scales[g * quads + n4];
+            var d = vec4<f32>(0.0);
+            for (var j = 0u; j < words_per_group; j += 4u) {
+                let k8 = g * words_per_group + j;
+                let w0 = qweight[k8 * quads + n4];
+                let w1 = qweight[(k8 + 1u) * quads + n4];
+                let w2 = qweight[(k8 + 2u) * quads + n4];
+                let w3 = qweight[(k8 + 3u) * quads + n4];
+                d += dot8(w0, k8);
+                d += dot8(w1, k8 + 1u);
+                d += dot8(w2, k8 + 2u);
+                d += dot8(w3, k8 + 3u);
+            }
             acc += d * s;
         }
     }
-    partial[lid.y * QUADS + lid.x] = acc;
+    let slot = lid.y * QUADS + lid.x;
+    partial[slot] = acc;
     workgroupBarrier();
     for (var stride = SLICES / 2u; stride > 0u; stride = stride / 2u) {
         if (lid.y < stride) {
-            partial[lid.y * QUADS + lid.x] += partial[(lid.y + stride) * QUADS + lid.x];
+            partial[slot] += partial[slot + stride * QUADS];
         }
         workgroupBarrier();
     }

@@ -6,7 +6,7 @@ import torch
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights, unpack_q4gsw_weights
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, round_up
 from executorch_wgpu.runtime.gpu import gpu_context
-from executorch_wgpu.runtime.q4_linear import Q4LinearGPU
+from executorch_wgpu.runtime.q4_linear import Q4LinearGPU, plan_call
 
 from helpers import rel_err
 
@@ -50,10 +50,11 @@ def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
 
 @pytest.mark.parametrize("kernel", ["regtiled", "shmem"])
 @pytest.mark.parametrize("m,k,n,gs,bias", [
-    (70, 1024, 136, 32, True),    # partial tiles in M and N for both kernels
+    (70, 1024, 136, 32, True),    # partial tiles in M and N for both kernels; shmem splits K 4 ways
     (2, 256, 30, 64, False),      # N not a multiple of 4: padded columns
-    (65, 512, 64, 128, True),     # one row past a 64-row shmem tile
-    (128, 128, 200, 32, False),   # exact M tiles, partial N tile
+    (129, 512, 64, 128, True),    # one row past a 128-row shmem tile; K split 2 ways
+    (128, 128, 200, 32, False),   # exact M tiles, partial N tile, no split
+    (3, 1056, 8, 32, True),       # K split into chunks that do not divide it (4 x 272 > 1056)
 ])
 def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
     layer, w, b = make_layer(k, n, gs, bias, decode="gemv", prefill=kernel)
@@ -61,6 +62,15 @@ def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
     y, call = layer(x)
     assert call.kernel == kernel and call.M == m
     assert rel_err(y, golden(x, w, b)) < 1e-4
+
+
+@pytest.mark.parametrize("m,k,n,splits", [(70, 1024, 136, 4), (129, 512, 64, 2), (128, 128, 200, 1),
+                                           (512, 2048, 2048, 4), (512, 2048, 8192, 1), (2048, 8192, 2048, 1)])
+def test_shmem_splits_k_only_when_tiles_leave_the_gpu_idle(m, k, n, splits):
+    plan = plan_call("shmem", m, k, n, round_up(n, 4))
+    assert plan.k_splits == splits
+    assert plan.k_chunk % 16 == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
+    assert [d.shader for d in plan.dispatches] == ["shmem"] + (["splitk_reduce"] if splits > 1 else [])
 
 
 def test_layer_serves_decode_and_prefill_alternately():
