@@ -1,11 +1,15 @@
-"""python -m executorch_wgpu <command>: demo (export a small int4 model and run it)."""
+"""python -m executorch_wgpu <command>:
+  demo   export a small int4 model and run it
+  bench  time every kernel on Llama-3.2-1B shapes against its ceilings
+  tune   measure the kernels on this adapter and write a route table
+"""
 
 import sys
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "executorch_wgpu.demo"}
+    commands = {"demo": "executorch_wgpu.demo", "bench": "executorch_wgpu.bench", "tune": "executorch_wgpu.tune"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m executorch_wgpu {{{','.join(commands)}}} [options]  (--help after a command)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -25,6 +25,7 @@ SHADER_FILES = {
     "regtiled": "q4gsw_gemm_regtiled.wgsl",
     "shmem": "q4gsw_gemm_shmem.wgsl",
     "splitk_reduce": "q4gsw_splitk_reduce.wgsl",
+    "stream_read": "stream_read.wgsl",     # the bench's bandwidth probe, not a model kernel
 }
 
 # Every q4gsw shader binds a subset of the same seven resources (see the

@@ -19,8 +19,9 @@ import numpy as np
 from executorch_wgpu.errors import BlobFormatError, BlobVersionError
 from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_linear
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
+from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets)
 FILE_IDENTIFIER = b"WGQ4"
 # The delegate id preprocess writes into the .pte and the runtime dispatches on
 # (the name of the BackendDetails subclass, as ExecuTorch requires).
@@ -28,7 +29,7 @@ BACKEND_ID = "WebGPUBackend"
 
 # Kernel names as the rest of the package spells them, in schema enum order.
 KERNELS = ("gemv", "regtiled", "shmem")
-ROUTE_SOURCES = ("default-rule", "forced")
+ROUTE_SOURCES = ("default-rule", "forced", "route-table")
 
 # Shape rules the packed layout relies on; kept here because both the packer
 # and this reader must agree on them.
@@ -50,9 +51,16 @@ class Route:
     k_threshold: int
     n_threshold: int
     reason: str
+    table: str = ""                 # route table name, adapter and date, when source == "route-table"
+    prefill_buckets: tuple = ()     # ((m_max, kernel), ...) by increasing m_max; empty: prefill_kernel for all M > 1
 
     def kernel_for(self, m: int) -> str:
-        return self.decode_kernel if m == 1 else self.prefill_kernel
+        if m == 1:
+            return self.decode_kernel
+        for m_max, kernel in self.prefill_buckets:
+            if m <= m_max:
+                return kernel
+        return self.prefill_buckets[-1][1] if self.prefill_buckets else self.prefill_kernel
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +98,17 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
 
     name = b.CreateString(rec.name)
     reason = b.CreateString(rec.route.reason)
+    table = b.CreateString(rec.route.table)
+    buckets = []
+    for m_max, kernel in rec.route.prefill_buckets:
+        fb_bucket.Start(b)
+        fb_bucket.AddMMax(b, m_max)
+        fb_bucket.AddKernel(b, KERNELS.index(kernel))
+        buckets.append(fb_bucket.End(b))
+    fb_route.StartPrefillBucketsVector(b, len(buckets))
+    for bucket in reversed(buckets):
+        b.PrependUOffsetTRelative(bucket)
+    bucket_vec = b.EndVector()
     fb_route.Start(b)
     fb_route.AddDecodeKernel(b, KERNELS.index(rec.route.decode_kernel))
     fb_route.AddPrefillKernel(b, KERNELS.index(rec.route.prefill_kernel))
@@ -97,6 +116,8 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     fb_route.AddKThreshold(b, rec.route.k_threshold)
     fb_route.AddNThreshold(b, rec.route.n_threshold)
     fb_route.AddReason(b, reason)
+    fb_route.AddTable(b, table)
+    fb_route.AddPrefillBuckets(b, bucket_vec)
     route = fb_route.End(b)
     qweight_vec = b.CreateNumpyVector(qweight)
     scales_vec = b.CreateNumpyVector(scales)
@@ -166,6 +187,8 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         k_threshold=r.KThreshold(),
         n_threshold=r.NThreshold(),
         reason=(r.Reason() or b"").decode("utf-8"),
+        table=(r.Table() or b"").decode("utf-8"),
+        prefill_buckets=tuple(_read_bucket(r.PrefillBuckets(i)) for i in range(r.PrefillBucketsLength())),
     )
     qweight = root.QweightAsNumpy()
     scales = root.ScalesAsNumpy()
@@ -185,6 +208,13 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         bias=bias if isinstance(bias, np.ndarray) else None,
         route=route,
     )
+
+
+def _read_bucket(bucket) -> tuple:
+    kernel = bucket.Kernel()
+    if not 0 <= kernel < len(KERNELS):
+        raise BlobFormatError(f"delegate blob is corrupted: unknown prefill bucket kernel enum value {kernel}")
+    return bucket.MMax(), KERNELS[kernel]
 
 
 def check_record(rec: Q4LinearRecord) -> None:
@@ -208,5 +238,13 @@ def check_record(rec: Q4LinearRecord) -> None:
         fail(f"scales has {rec.scales.size} values, expected {k // gs * rec.n_stride}")
     if rec.bias is not None and rec.bias.size != n:
         fail(f"bias has {rec.bias.size} values, expected {n}")
-    if rec.route.decode_kernel not in KERNELS or rec.route.prefill_kernel not in KERNELS[1:]:
-        fail(f"route {rec.route.decode_kernel}/{rec.route.prefill_kernel} is not a known kernel pair")
+    route = rec.route
+    if route.decode_kernel not in KERNELS or route.prefill_kernel not in KERNELS[1:]:
+        fail(f"route {route.decode_kernel}/{route.prefill_kernel} is not a known kernel pair")
+    if route.source not in ROUTE_SOURCES:
+        fail(f"route source {route.source!r} is not one of {ROUTE_SOURCES}")
+    bounds = [m_max for m_max, _ in route.prefill_buckets]
+    if any(b <= a for a, b in zip(bounds, bounds[1:])) or any(b < 2 for b in bounds):
+        fail(f"prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
+    if any(kernel not in KERNELS[1:] for _, kernel in route.prefill_buckets):
+        fail(f"prefill buckets {route.prefill_buckets} name a kernel that cannot run M > 1")

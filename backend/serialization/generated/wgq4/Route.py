@@ -70,8 +70,40 @@ class Route(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Route
+    def Table(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Route
+    def PrefillBuckets(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from executorch_wgpu.backend.serialization.generated.wgq4.RouteBucket import RouteBucket
+            obj = RouteBucket()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Route
+    def PrefillBucketsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Route
+    def PrefillBucketsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        return o == 0
+
 def RouteStart(builder):
-    builder.StartObject(6)
+    builder.StartObject(8)
 
 def Start(builder):
     RouteStart(builder)
@@ -111,6 +143,24 @@ def RouteAddReason(builder, reason):
 
 def AddReason(builder, reason):
     RouteAddReason(builder, reason)
+
+def RouteAddTable(builder, table):
+    builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(table), 0)
+
+def AddTable(builder, table):
+    RouteAddTable(builder, table)
+
+def RouteAddPrefillBuckets(builder, prefillBuckets):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(prefillBuckets), 0)
+
+def AddPrefillBuckets(builder, prefillBuckets):
+    RouteAddPrefillBuckets(builder, prefillBuckets)
+
+def RouteStartPrefillBucketsVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartPrefillBucketsVector(builder, numElems):
+    return RouteStartPrefillBucketsVector(builder, numElems)
 
 def RouteEnd(builder):
     return builder.EndObject()

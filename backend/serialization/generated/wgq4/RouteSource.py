@@ -5,3 +5,4 @@
 class RouteSource(object):
     DEFAULT_RULE = 0
     FORCED = 1
+    ROUTE_TABLE = 2

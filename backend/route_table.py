@@ -1,0 +1,133 @@
+"""Measured route tables: which kernel is fastest per layer shape and M, on one adapter.
+
+`python -m executorch_wgpu tune` writes one (JSON); `WebGPUPartitioner(route_table=path)`
+reads it, and preprocess bakes the matching entry into each layer's blob
+(RouteSource "route-table", the table's name, adapter and date in Route.table).
+A shape the table does not list falls back to the default rule.
+
+File format (version 1):
+    {"format": "executorch_wgpu-route-table", "version": 1,
+     "name": str, "adapter": str, "date": str, "command": str,
+     "entries": [{"K": int, "N": int, "group_size": int,
+                  "decode": kernel,                                  # M == 1
+                  "prefill": [{"m_max": int, "kernel": kernel}, ...], # M > 1, by increasing m_max
+                  "measured_us": {"<M>": {kernel: µs, ...}, ...}}]}  # the evidence, not read back
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from executorch_wgpu.backend.serialization.blob import KERNELS, Route
+
+FORMAT = "executorch_wgpu-route-table"
+VERSION = 1
+
+
+class RouteTableError(ValueError):
+    """A route table file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class RouteTableEntry:
+    K: int
+    N: int
+    group_size: int
+    decode: str
+    prefill: Tuple[Tuple[int, str], ...]       # ((m_max, kernel), ...)
+    measured_us: Dict[str, Dict[str, float]] = field(default_factory=dict, compare=False)
+
+
+@dataclass
+class RouteTable:
+    name: str
+    adapter: str
+    date: str
+    command: str = ""
+    entries: List[RouteTableEntry] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.adapter}, {self.date})"
+
+    def entry_for(self, k: int, n: int, group_size: int) -> Optional[RouteTableEntry]:
+        for e in self.entries:
+            if (e.K, e.N, e.group_size) == (k, n, group_size):
+                return e
+        return None
+
+    def route_for(self, k: int, n: int, group_size: int) -> Optional[Route]:
+        """The measured route of a layer shape, or None when the table has no entry for it."""
+        e = self.entry_for(k, n, group_size)
+        if e is None:
+            return None
+        buckets = ", ".join(f"M<={m} {kern}" for m, kern in e.prefill)
+        return Route(
+            decode_kernel=e.decode,
+            prefill_kernel=e.prefill[-1][1],
+            source="route-table",
+            k_threshold=0,
+            n_threshold=0,
+            reason=f"measured fastest on {self.adapter}: decode -> {e.decode}; prefill {buckets} (K={k}, N={n})",
+            table=self.describe(),
+            prefill_buckets=tuple(e.prefill),
+        )
+
+    # ---- file I/O ---------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "name": self.name, "adapter": self.adapter,
+            "date": self.date, "command": self.command,
+            "entries": [
+                {"K": e.K, "N": e.N, "group_size": e.group_size, "decode": e.decode,
+                 "prefill": [{"m_max": m, "kernel": k} for m, k in e.prefill], "measured_us": e.measured_us}
+                for e in self.entries
+            ],
+        }
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "route table") -> "RouteTable":
+        def fail(what: str):
+            raise RouteTableError(f"{source}: {what}")
+
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            fail(f"not a route table (its 'format' is not {FORMAT!r})")
+        if data.get("version") != VERSION:
+            fail(f"route table version {data.get('version')!r}; this executorch_wgpu reads version {VERSION}")
+        entries = []
+        try:
+            for i, e in enumerate(data["entries"]):
+                k, n, gs = int(e["K"]), int(e["N"]), int(e["group_size"])
+                prefill = tuple((int(b["m_max"]), str(b["kernel"])) for b in e["prefill"])
+                decode = str(e["decode"])
+                if decode not in KERNELS:
+                    fail(f"entry {i}: decode kernel {decode!r} is not one of {KERNELS}")
+                if not prefill or any(kern not in KERNELS[1:] for _, kern in prefill):
+                    fail(f"entry {i}: prefill buckets {prefill} must name kernels of {KERNELS[1:]}")
+                bounds = [m for m, _ in prefill]
+                if any(b <= a for a, b in zip(bounds, bounds[1:])) or bounds[0] < 2:
+                    fail(f"entry {i}: prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
+                entries.append(RouteTableEntry(k, n, gs, decode, prefill, e.get("measured_us", {})))
+            return cls(str(data["name"]), str(data["adapter"]), str(data["date"]), str(data.get("command", "")),
+                       entries)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, RouteTableError):
+                raise
+            fail(f"malformed entry ({type(e).__name__}: {e})")
+
+    @classmethod
+    def load(cls, path) -> "RouteTable":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as e:
+            raise RouteTableError(f"cannot read route table {path}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise RouteTableError(f"route table {path} is not valid JSON: {e}") from e
+        return cls.from_json(data, source=f"route table {path}")

@@ -1,0 +1,376 @@
+"""python -m executorch_wgpu bench: every q4gsw kernel on Llama-3.2-1B shapes, timed on the GPU.
+
+For each layer shape x M, every kernel that can run it is
+  * checked against an fp64 golden (x @ dequant(W)^T) on a sample of rows,
+  * timed with GPU timestamp queries: one pass per run, median of `reps`
+    runs after `warmup` runs, all recorded into one submit,
+and set next to ceilings measured in the same run on the same stack:
+  * a streaming read through wgpu of as many bytes as the layer's packed
+    weights and scales (what any GEMV of that layer could reach here),
+  * torch's int4 CUDA kernel (tinygemm, `torch._weight_int4pack_mm`) and an
+    fp32 CUDA-core matmul (TF32 off) on the same weights, when CUDA is present.
+Writes bench.json, bench.md and bench.png (when matplotlib is installed).
+
+Timing note: runs of one layer repeat back to back, so weights that fit the
+GPU's L2 cache (50 MB on an H100) are read from it after the first run; the
+streaming probe and the torch peers are timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import wgpu
+
+from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
+from executorch_wgpu.backend.route_table import RouteTable
+from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, round_up
+from executorch_wgpu.errors import WebGPUDelegateError
+from executorch_wgpu.runtime.gpu import GPUContext, gpu_context, read_shader
+from executorch_wgpu.runtime.q4_linear import Q4LinearGPU
+
+log = logging.getLogger(__name__)
+
+# Llama-3.2-1B projections: name -> (K = in_features, N = out_features).
+LLAMA_1B_SHAPES = {
+    "q": (2048, 2048),        # also o
+    "kv": (2048, 512),        # k and v
+    "gate": (2048, 8192),     # also up
+    "down": (8192, 2048),
+    "lm_head": (2048, 128256),
+}
+LLAMA_1B_M = (1, 16, 64, 128, 512, 2048)
+# Generation computes lm_head for the last position only, so its prefill M stays small.
+LM_HEAD_MAX_M = 128
+# Small enough for lavapipe (Vulkan on the CPU) in CI; same kernels, same checks.
+QUICK_SHAPES = {"q": (256, 256), "kv": (256, 64), "gate": (256, 1024), "down": (1024, 256)}
+QUICK_M = (1, 16, 64)
+KERNELS_FOR_M = {True: ("gemv", "regtiled", "shmem"), False: ("regtiled", "shmem")}   # keyed by M == 1
+GOLDEN_ROWS = 4
+TOLERANCE = 1e-4
+
+
+@dataclass
+class BenchLayer:
+    """A random q4gsw layer: its codes and scales (for goldens and peers) and its packed GPU copy."""
+
+    name: str
+    K: int
+    N: int
+    group_size: int
+    codes: torch.Tensor       # int8 [N, K] in [-8, 7]
+    scales: torch.Tensor      # fp32 [N, K / gs]
+    gpu: Q4LinearGPU
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes a kernel must read: packed int4 weights plus scales."""
+        return self.gpu.rec.qweight.nbytes + self.gpu.rec.scales.nbytes
+
+    def dequantized(self, cols: slice, dtype=torch.float64) -> torch.Tensor:
+        c = self.codes[cols].to(dtype)
+        return c * self.scales[cols].to(dtype).repeat_interleave(self.group_size, dim=1)
+
+
+def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed: int = 0) -> BenchLayer:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.002
+    route = decide_route(k, n, RouteOptions())
+    rec = Q4LinearRecord(
+        name=name, in_features=k, out_features=n, group_size=group_size, n_stride=round_up(n, 4),
+        m_min=1, m_max=1 << 20, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
+        bias=None, route=route,
+    )
+    return BenchLayer(name, k, n, group_size, codes, scales, Q4LinearGPU(ctx, rec))
+
+
+def golden_rows(layer: BenchLayer, x_rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """fp64 x_rows @ dequant(W)^T, a block of output columns at a time (lm_head's W is 2 GB in fp64)."""
+    out = [x_rows.double() @ layer.dequantized(slice(c, c + chunk)).T for c in range(0, layer.N, chunk)]
+    return torch.cat(out, dim=1)
+
+
+def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
+    """max |err| / max |golden|."""
+    return float((got.double() - golden).abs().max() / golden.abs().max())
+
+
+def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int) -> List[float]:
+    """GPU µs of `reps` compute passes, each timestamped, after `warmup` untimed ones; one submit each."""
+    dev = ctx.device
+    enc = dev.create_command_encoder()
+    for _ in range(warmup):
+        encode(enc, None)
+    dev.queue.submit([enc.finish()])
+    queries = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * reps)
+    resolve = dev.create_buffer(size=16 * reps, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    readback = dev.create_buffer(size=16 * reps, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    enc = dev.create_command_encoder()
+    for i in range(reps):
+        encode(enc, {"query_set": queries, "beginning_of_pass_write_index": 2 * i, "end_of_pass_write_index": 2 * i + 1})
+    enc.resolve_query_set(queries, 0, 2 * reps, resolve, 0)
+    enc.copy_buffer_to_buffer(resolve, 0, readback, 0, 16 * reps)
+    dev.queue.submit([enc.finish()])
+    readback.map_sync(wgpu.MapMode.READ)
+    ticks = np.frombuffer(readback.read_mapped(), dtype=np.uint64).reshape(reps, 2).astype(np.float64)
+    readback.unmap()
+    queries.destroy()
+    return list((ticks[:, 1] - ticks[:, 0]) / 1000.0)
+
+
+def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    """One untimed call of a kernel (whatever the route says), for the correctness check."""
+    gpu = layer.gpu
+    m = x.shape[0]
+    plan = gpu.prepare(kernel, m)
+    dev = gpu.ctx.device
+    dev.queue.write_buffer(gpu.x, 0, x.contiguous().numpy())
+    enc = dev.create_command_encoder()
+    gpu.encode(enc, plan)
+    enc.copy_buffer_to_buffer(gpu.y, 0, gpu.staging, 0, m * layer.N * 4)
+    dev.queue.submit([enc.finish()])
+    gpu.staging.map_sync(wgpu.MapMode.READ)
+    y = np.frombuffer(gpu.staging.read_mapped(0, m * layer.N * 4), dtype=np.float32).copy()
+    gpu.staging.unmap()
+    return torch.from_numpy(y).reshape(m, layer.N)
+
+
+def measure_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor,
+                   reps: int, warmup: int) -> dict:
+    y = run_kernel(layer, kernel, x)
+    err = rel_err(y[rows], golden)
+    plan = layer.gpu.prepare(kernel, x.shape[0])
+    us = time_gpu_passes(layer.gpu.ctx, lambda enc, ts: layer.gpu.encode(enc, plan, ts), reps, warmup)
+    return {"us": statistics.median(us), "rel_err": err, "k_splits": plan.k_splits}
+
+
+class StreamProbe:
+    """The streaming-read ceiling: time to read n bytes once through wgpu (shaders/stream_read.wgsl)."""
+
+    def __init__(self, ctx: GPUContext):
+        self.ctx = ctx
+        dev = ctx.device
+        module = dev.create_shader_module(label="stream_read", code=read_shader("stream_read"))
+        self.pipeline = dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+
+    def us(self, nbytes: int, reps: int, warmup: int) -> float:
+        dev = self.ctx.device
+        count = math.ceil(nbytes / 16)
+        groups = min(65535, max(1, math.ceil(count / (256 * 8))))   # ~8 vec4 per thread
+        data = dev.create_buffer(size=count * 16, usage=wgpu.BufferUsage.STORAGE)
+        sink = dev.create_buffer(size=groups * 256 * 4, usage=wgpu.BufferUsage.STORAGE)
+        bind = dev.create_bind_group(layout=self.pipeline.get_bind_group_layout(0), entries=[
+            {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
+            {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
+        ])
+
+        def encode(enc, ts):
+            cpass = enc.begin_compute_pass(**({"timestamp_writes": ts} if ts else {}))
+            cpass.set_pipeline(self.pipeline)
+            cpass.set_bind_group(0, bind)
+            cpass.dispatch_workgroups(groups, 1, 1)
+            cpass.end()
+
+        us = statistics.median(time_gpu_passes(self.ctx, encode, reps, warmup))
+        data.destroy()
+        sink.destroy()
+        return us
+
+
+def cuda_median_us(fn: Callable, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times)
+
+
+class TorchPeers:
+    """torch int4 tinygemm and fp32 CUDA-core matmul on the same weights (CUDA only)."""
+
+    def __init__(self, layer: BenchLayer):
+        dev = torch.device("cuda")
+        q = (layer.codes.to(torch.int32) + 8).to(torch.uint8)            # tinygemm: w = (q - 8) * scale + zero
+        packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(dev)                  # [N, K/2], even k in the high nibble
+        self.w_int4 = torch._convert_weight_to_int4pack(packed, 8)
+        scales = layer.scales.t().contiguous()                            # [K/gs, N]
+        self.scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(dev, torch.bfloat16).contiguous()
+        self.group_size = layer.group_size
+        self.w_fp32_t = layer.dequantized(slice(None), torch.float32).t().contiguous().to(dev)   # [K, N]
+
+    def measure(self, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor, reps: int, warmup: int) -> dict:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        xb = x.to("cuda", torch.bfloat16)
+        xf = x.to("cuda")
+        tiny = lambda: torch._weight_int4pack_mm(xb, self.w_int4, self.group_size, self.scales_zeros)  # noqa: E731
+        fp32 = lambda: xf @ self.w_fp32_t                                                                # noqa: E731
+        return {
+            "tinygemm_us": cuda_median_us(tiny, reps, warmup),
+            "tinygemm_rel_err": rel_err(tiny().float().cpu()[rows], golden),   # bf16 activations: ~1e-2 expected
+            "fp32_cuda_us": cuda_median_us(fp32, reps, warmup),
+            "fp32_cuda_rel_err": rel_err(fp32().cpu()[rows], golden),
+        }
+
+
+def adapter_info(ctx: GPUContext) -> dict:
+    info = dict(ctx.adapter.info)
+    return {k: info.get(k, "") for k in ("vendor", "device", "description", "backend_type", "adapter_type")}
+
+
+@dataclass
+class BenchConfig:
+    shapes: Dict[str, tuple]
+    m_values: Sequence[int]
+    group_size: int = 32
+    reps: int = 25
+    warmup: int = 5
+    peers: bool = True
+    route_table: Optional[RouteTable] = None
+    seed: int = 0
+    kernels: Sequence[str] = ("gemv", "regtiled", "shmem")
+
+
+def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure every kernel on every shape x M; returns the JSON-able results."""
+    ctx = gpu_context()
+    if not ctx.has_timestamps:
+        raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
+    use_cuda = cfg.peers and torch.cuda.is_available()
+    probe = StreamProbe(ctx)
+    rows_out = []
+    for name, (k, n) in cfg.shapes.items():
+        layer = make_layer(ctx, name, k, n, cfg.group_size, cfg.seed)
+        stream_us = probe.us(layer.weight_bytes, cfg.reps, cfg.warmup)
+        peers = TorchPeers(layer) if use_cuda else None
+        for m in cfg.m_values:
+            if name == "lm_head" and m > LM_HEAD_MAX_M:
+                continue
+            g = torch.Generator().manual_seed(cfg.seed + m)
+            x = torch.randn(m, k, generator=g)
+            rows = torch.unique(torch.linspace(0, m - 1, min(GOLDEN_ROWS, m)).long())
+            golden = golden_rows(layer, x[rows])
+            row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
+                   "weight_bytes": layer.weight_bytes, "stream_read_us": stream_us, "kernels": {}}
+            row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
+            for kernel in KERNELS_FOR_M[m == 1]:
+                if kernel not in cfg.kernels:
+                    continue
+                try:
+                    row["kernels"][kernel] = measure_kernel(layer, kernel, x, golden, rows, cfg.reps, cfg.warmup)
+                except WebGPUDelegateError as e:
+                    row["kernels"][kernel] = {"error": str(e)}
+            if peers is not None:
+                row.update(peers.measure(x, golden, rows, cfg.reps, cfg.warmup))
+            finish_row(row)
+            progress(format_progress(row))
+            rows_out.append(row)
+        del peers, layer
+        if use_cuda:
+            torch.cuda.empty_cache()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "adapter": adapter_info(ctx),
+        "cuda_device": torch.cuda.get_device_name() if use_cuda else None,
+        "versions": {"wgpu": wgpu.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "config": {"group_size": cfg.group_size, "reps": cfg.reps, "warmup": cfg.warmup,
+                   "route_table": cfg.route_table.describe() if cfg.route_table else None},
+        "rows": rows_out,
+    }
+
+
+def routed_kernel(table: Optional[RouteTable], k: int, n: int, m: int, group_size: int) -> str:
+    route = table.route_for(k, n, group_size) if table is not None else None
+    return (route or decide_route(k, n, RouteOptions())).kernel_for(m)
+
+
+def finish_row(row: dict) -> None:
+    """Derived figures: TFLOP/s, GB/s, fastest kernel, routed-vs-fastest, ratios to the peers."""
+    flops = 2.0 * row["M"] * row["K"] * row["N"]
+    for r in row["kernels"].values():
+        if "us" in r:
+            r["tflops"] = flops / r["us"] / 1e6
+            r["weight_gbps"] = row["weight_bytes"] / r["us"] / 1e3
+            r["ok"] = r["rel_err"] <= TOLERANCE
+    row["stream_read_gbps"] = row["weight_bytes"] / row["stream_read_us"] / 1e3
+    timed = {k: r["us"] for k, r in row["kernels"].items() if "us" in r and r["ok"]}
+    row["fastest"] = min(timed, key=timed.get) if timed else None
+    routed = row["kernels"].get(row["routed"], {})
+    row["routed_us"] = routed.get("us")
+    if row["fastest"] and row["routed_us"]:
+        row["routed_vs_fastest"] = row["routed_us"] / timed[row["fastest"]]
+    if row["routed_us"]:
+        row["routed_tflops"] = flops / row["routed_us"] / 1e6
+        row["routed_vs_stream"] = row["stream_read_us"] / row["routed_us"]
+        for peer in ("tinygemm", "fp32_cuda"):
+            if f"{peer}_us" in row:
+                row[f"routed_time_vs_{peer}"] = row["routed_us"] / row[f"{peer}_us"]
+                row[f"{peer}_tflops"] = flops / row[f"{peer}_us"] / 1e6
+
+
+def format_progress(row: dict) -> str:
+    parts = [f"{row['shape']:>8} K={row['K']:<5} N={row['N']:<6} M={row['M']:<5}"]
+    for kernel, r in row["kernels"].items():
+        parts.append(f"{kernel} {r['us']:9.1f} us {r['tflops']:6.2f} TF" if "us" in r else f"{kernel} n/a")
+    if "tinygemm_us" in row:
+        parts.append(f"tinygemm {row['tinygemm_us']:8.1f} us  fp32 {row['fp32_cuda_us']:8.1f} us")
+    parts.append(f"stream {row['stream_read_us']:.1f} us")
+    return " | ".join(parts)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m executorch_wgpu bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
+    p.add_argument("--shapes", help="comma-separated subset of " + ",".join(LLAMA_1B_SHAPES))
+    p.add_argument("--m", help="comma-separated M values (default 1,16,64,128,512,2048; --quick: 1,16,64)")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-peers", action="store_true", help="skip the torch CUDA peers")
+    p.add_argument("--route-table", type=Path, help="route table (from `tune`) the routed column follows")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    shapes = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = set(wanted) - set(shapes)
+        if unknown:
+            p.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+        shapes = {k: shapes[k] for k in wanted}
+    m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
+    cfg = BenchConfig(shapes, m_values, args.group_size, args.reps, args.warmup, not args.no_peers,
+                      RouteTable.load(args.route_table) if args.route_table else None)
+    start = time.perf_counter()
+    results = bench(cfg, progress=lambda s: log.info("%s", s))
+    results["command"] = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    from executorch_wgpu.bench_report import write_reports
+
+    for path in write_reports(results, args.out):
+        log.info("wrote %s", path)
+    bad = [(r["shape"], r["M"], k) for r in results["rows"] for k, v in r["kernels"].items() if v.get("ok") is False]
+    if bad:
+        log.error("kernels above the %.0e tolerance: %s", TOLERANCE, bad)
+        sys.exit(1)
