@@ -94,7 +94,7 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int) -> Plan:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
         dispatches = (Dispatch("gemv", (math.ceil(n_stride / 16), 1, 1)),)
     elif kernel == "regtiled":
-        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 32), math.ceil(m / 32), 1)),)
+        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 16), math.ceil(m / 4), 1)),)
     elif kernel == "shmem":
         k_splits, k_chunk = k_split_for(m, k, n_stride)
         dispatches = (Dispatch("shmem", (math.ceil(n_stride / 128), math.ceil(m / 128), k_splits)),)
