@@ -59,7 +59,7 @@ LM_HEAD_MAX_M = 128
 # Small enough for lavapipe (Vulkan on the CPU) in CI; same kernels, same checks.
 QUICK_SHAPES = {"q": (256, 256), "kv": (256, 64), "gate": (256, 1024), "down": (1024, 256)}
 QUICK_M = (1, 16, 64)
-KERNELS_FOR_M = {True: ("gemv", "regtiled", "shmem"), False: ("regtiled", "shmem")}   # keyed by M == 1
+KERNELS_FOR_M = {True: ("gemv", "skinny", "regtiled", "shmem"), False: ("skinny", "regtiled", "shmem")}   # keyed by M == 1
 GOLDEN_ROWS = 4
 TOLERANCE = 1e-4
 
@@ -90,7 +90,7 @@ def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
     scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.002
-    route = decide_route(k, n, RouteOptions())
+    route = decide_route(k, n, group_size, RouteOptions())
     rec = Q4LinearRecord(
         name=name, in_features=k, out_features=n, group_size=group_size, n_stride=round_up(n, 4),
         m_min=1, m_max=1 << 20, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
@@ -169,27 +169,56 @@ class StreamProbe:
         self.pipeline = dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
 
     def us(self, nbytes: int, reps: int, warmup: int) -> float:
+        """Fastest median over a few thread shapes (vec4 per thread): the best plain read we can measure."""
         dev = self.ctx.device
         count = math.ceil(nbytes / 16)
-        groups = min(65535, max(1, math.ceil(count / (256 * 8))))   # ~8 vec4 per thread
         data = dev.create_buffer(size=count * 16, usage=wgpu.BufferUsage.STORAGE)
-        sink = dev.create_buffer(size=groups * 256 * 4, usage=wgpu.BufferUsage.STORAGE)
+        best = float("inf")
+        for per_thread in (2, 4, 8):
+            groups = min(65535, max(1, math.ceil(count / (256 * per_thread))))
+            sink = dev.create_buffer(size=groups * 256 * 4, usage=wgpu.BufferUsage.STORAGE)
+            bind = dev.create_bind_group(layout=self.pipeline.get_bind_group_layout(0), entries=[
+                {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
+                {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
+            ])
+
+            def encode(enc, ts, groups=groups, bind=bind):
+                cpass = enc.begin_compute_pass(**({"timestamp_writes": ts} if ts else {}))
+                cpass.set_pipeline(self.pipeline)
+                cpass.set_bind_group(0, bind)
+                cpass.dispatch_workgroups(groups, 1, 1)
+                cpass.end()
+
+            best = min(best, statistics.median(time_gpu_passes(self.ctx, encode, reps, warmup)))
+            sink.destroy()
+        data.destroy()
+        return best
+
+    def spin_up(self, ms: float = 30.0) -> None:
+        """Keep the GPU busy for ~ms so its clocks ramp up before a measurement (idle GPUs clock down)."""
+        dev = self.ctx.device
+        data = dev.create_buffer(size=16 << 20, usage=wgpu.BufferUsage.STORAGE)
+        sink = dev.create_buffer(size=1024 * 256 * 4, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+        done = dev.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         bind = dev.create_bind_group(layout=self.pipeline.get_bind_group_layout(0), entries=[
             {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
             {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
         ])
-
-        def encode(enc, ts):
-            cpass = enc.begin_compute_pass(**({"timestamp_writes": ts} if ts else {}))
-            cpass.set_pipeline(self.pipeline)
-            cpass.set_bind_group(0, bind)
-            cpass.dispatch_workgroups(groups, 1, 1)
-            cpass.end()
-
-        us = statistics.median(time_gpu_passes(self.ctx, encode, reps, warmup))
-        data.destroy()
-        sink.destroy()
-        return us
+        end = time.perf_counter() + ms / 1000.0
+        while time.perf_counter() < end:
+            enc = dev.create_command_encoder()
+            for _ in range(4):
+                cpass = enc.begin_compute_pass()
+                cpass.set_pipeline(self.pipeline)
+                cpass.set_bind_group(0, bind)
+                cpass.dispatch_workgroups(1024, 1, 1)
+                cpass.end()
+            enc.copy_buffer_to_buffer(sink, 0, done, 0, 4)
+            dev.queue.submit([enc.finish()])
+            done.map_sync(wgpu.MapMode.READ)   # wait for the GPU (a readback is the portable fence)
+            done.unmap()
+        for b in (data, sink, done):
+            b.destroy()
 
 
 def cuda_median_us(fn: Callable, reps: int, warmup: int) -> float:
@@ -248,7 +277,7 @@ class BenchConfig:
     peers: bool = True
     route_table: Optional[RouteTable] = None
     seed: int = 0
-    kernels: Sequence[str] = ("gemv", "regtiled", "shmem")
+    kernels: Sequence[str] = ("gemv", "skinny", "regtiled", "shmem")
 
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -273,6 +302,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
                    "weight_bytes": layer.weight_bytes, "stream_read_us": stream_us, "kernels": {}}
             row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
+            row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size)
+            probe.spin_up()
             for kernel in KERNELS_FOR_M[m == 1]:
                 if kernel not in cfg.kernels:
                     continue
@@ -300,8 +331,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
 
 
 def routed_kernel(table: Optional[RouteTable], k: int, n: int, m: int, group_size: int) -> str:
-    route = table.route_for(k, n, group_size) if table is not None else None
-    return (route or decide_route(k, n, RouteOptions())).kernel_for(m)
+    """The kernel a lowering with this table (None: the default rule) would run at M."""
+    return decide_route(k, n, group_size, RouteOptions(route_table=table)).kernel_for(m)
 
 
 def finish_row(row: dict) -> None:
@@ -319,6 +350,9 @@ def finish_row(row: dict) -> None:
     row["routed_us"] = routed.get("us")
     if row["fastest"] and row["routed_us"]:
         row["routed_vs_fastest"] = row["routed_us"] / timed[row["fastest"]]
+    default = row["kernels"].get(row["default_rule"], {})
+    if row["fastest"] and default.get("us"):
+        row["default_rule_vs_fastest"] = default["us"] / timed[row["fastest"]]
     if row["routed_us"]:
         row["routed_tflops"] = flops / row["routed_us"] / 1e6
         row["routed_vs_stream"] = row["stream_read_us"] / row["routed_us"]
@@ -338,6 +372,46 @@ def format_progress(row: dict) -> str:
     return " | ".join(parts)
 
 
+def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30) -> dict:
+    """Host cost of one `execute` of a 1-linear program, split by phase (medians over `calls`).
+
+    Exports a q4 Linear(k, n) with torchao + WebGPUPartitioner and runs it
+    with our runtime, as a user would. Python interpretation = execute wall
+    minus the delegate call's wall; the delegate call splits into upload,
+    encode + submit, wait (GPU work + completion signal) and readback.
+    """
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from executorch_wgpu.backend.partitioner import WebGPUPartitioner
+    from executorch_wgpu.runtime import Runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval()
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    x = torch.randn(m, k)
+    ep = torch.export.export(model, (x,))
+    pte = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch().buffer
+    method = Runtime.get().load_program(pte).load_method("forward")
+    samples = []
+    for i in range(warmup + calls):
+        start = time.perf_counter()
+        method.execute([x])
+        wall = (time.perf_counter() - start) * 1e6
+        c = method.route_report()[0]
+        if i >= warmup:
+            samples.append((wall, c["wall_us"], c["gpu_us"] or 0.0, c["upload_us"], c["submit_us"], c["wait_us"],
+                            c["readback_us"]))
+    med = np.median(np.array(samples), axis=0)
+    names = ("execute_us", "delegate_us", "gpu_us", "upload_us", "submit_us", "wait_us", "readback_us")
+    out = {name: float(v) for name, v in zip(names, med)}
+    out["interpreter_us"] = out["execute_us"] - out["delegate_us"]
+    out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
+    out.update({"K": k, "N": n, "M": m, "calls": calls, "kernel": method.route_report()[0]["kernel"]})
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
@@ -349,8 +423,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the torch CUDA peers")
     p.add_argument("--route-table", type=Path, help="route table (from `tune`) the routed column follows")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
+    p.add_argument("--overhead", action="store_true",
+                   help="only measure the host cost of execute() for a 1-linear 2048->2048 program at M=1")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.overhead:
+        result = call_overhead()
+        result["adapter"] = adapter_info(gpu_context())
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+        log.info("%s", json.dumps(result))
+        return
 
     shapes = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
     if args.shapes:

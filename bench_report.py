@@ -9,7 +9,7 @@ from typing import List
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("gemv", "regtiled", "shmem")
+KERNELS = ("gemv", "skinny", "regtiled", "shmem")
 
 
 def _fmt(v, spec: str = ".1f") -> str:
@@ -26,9 +26,10 @@ def markdown(results: dict) -> str:
         f"GPU-timestamp median of {results['config']['reps']} runs after {results['config']['warmup']} warm-up; "
         f"routes: {results['config']['route_table'] or 'default rule'}.",
         "",
-        "| shape | K→N | M | gemv µs | regtiled µs | shmem µs | routed | TFLOP/s | weight GB/s | "
-        "routed/fastest | stream-read GB/s | tinygemm µs | ours/tinygemm time | fp32 CUDA µs | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | K→N | M | gemv µs | skinny µs | regtiled µs | shmem µs | routed | TFLOP/s | weight GB/s | "
+        "routed/fastest | default rule (÷fastest) | stream-read GB/s | tinygemm µs | ours/tinygemm time | "
+        "fp32 CUDA µs | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         ks = r["kernels"]
@@ -47,7 +48,9 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['K']}→{r['N']} | {r['M']} | " + " | ".join(cells) + f" | {r['routed']} | "
             f"{_fmt(r.get('routed_tflops'), '.2f')} | {_fmt(routed.get('weight_gbps'), '.0f')} | "
-            f"{_fmt(r.get('routed_vs_fastest'), '.2f')} | {_fmt(r.get('stream_read_gbps'), '.0f')} | "
+            f"{_fmt(r.get('routed_vs_fastest'), '.2f')} | "
+            f"{r.get('default_rule', '')} ({_fmt(r.get('default_rule_vs_fastest'), '.2f')}) | "
+            f"{_fmt(r.get('stream_read_gbps'), '.0f')} | "
             f"{_fmt(r.get('tinygemm_us'))} | {_fmt(r.get('routed_time_vs_tinygemm'), '.2f')} | "
             f"{_fmt(r.get('fp32_cuda_us'))} | {_fmt(max(errs) if errs else None, '.1e')} |"
         )
@@ -71,7 +74,7 @@ def chart(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5))
     width = 0.8 / len(KERNELS)
     for i, k in enumerate(KERNELS):
-        xs = [j + (i - 1) * width for j in range(len(rows))]
+        xs = [j + (i - (len(KERNELS) - 1) / 2) * width for j in range(len(rows))]
         ys = [r["kernels"].get(k, {}).get("tflops", 0.0) for r in rows]
         ax.bar(xs, ys, width, label=k)
     for peer, marker in (("tinygemm", "k_"), ("fp32_cuda", "r_")):

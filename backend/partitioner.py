@@ -10,7 +10,8 @@ runs them on the CPU.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from executorch.exir.backend.partitioner import DelegationSpec, Partitioner, PartitionResult
@@ -27,9 +28,17 @@ from executorch_wgpu.backend.q4gsw_pattern import (
     find_q4gsw_linears,
     op_name,
 )
+from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import DEFAULT_K_THRESHOLD, DEFAULT_N_THRESHOLD, RouteOptions
 
 log = logging.getLogger(__name__)
+
+
+def as_route_table(route_table: Union[None, str, os.PathLike, RouteTable]) -> Optional[RouteTable]:
+    """The table itself, or the one loaded from a path (RouteTableError when it cannot be used)."""
+    if route_table is None or isinstance(route_table, RouteTable):
+        return route_table
+    return RouteTable.load(route_table)
 
 
 class WebGPUPartitioner(Partitioner):
@@ -41,6 +50,10 @@ class WebGPUPartitioner(Partitioner):
             N >= shmem_n_threshold, else regtiled).
         decode_route: force the M == 1 kernel ("gemv", "regtiled" or "shmem"); None means "gemv".
         shmem_k_threshold, shmem_n_threshold: thresholds of the default rule.
+        route_table: a measured route table (`python -m executorch_wgpu tune`), as a path
+            or a RouteTable. Layers whose (K, N, group size) it lists take its routes,
+            the others the default rule; forced routes above win over it. A file that
+            cannot be read raises RouteTableError here, before any lowering.
     """
 
     def __init__(
@@ -49,9 +62,12 @@ class WebGPUPartitioner(Partitioner):
         decode_route: Optional[str] = None,
         shmem_k_threshold: int = DEFAULT_K_THRESHOLD,
         shmem_n_threshold: int = DEFAULT_N_THRESHOLD,
+        route_table: Union[None, str, os.PathLike, RouteTable] = None,
     ):
         super().__init__()
-        self.route_options = RouteOptions(prefill_route, decode_route, shmem_k_threshold, shmem_n_threshold)
+        self.route_options = RouteOptions(
+            prefill_route, decode_route, shmem_k_threshold, shmem_n_threshold, as_route_table(route_table)
+        )
         self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
 
     # -- to_edge_transform_and_lower hooks, in the order ExecuTorch calls them --

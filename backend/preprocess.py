@@ -53,7 +53,7 @@ def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOption
         qweight=pack_q4gsw_weights(match.codes),
         scales=pack_q4gsw_scales(match.scales),
         bias=None if match.bias is None else match.bias.detach().to(torch.float32).numpy().copy(),
-        route=decide_route(k, n, options),
+        route=decide_route(k, n, match.group_size, options),
     )
 
 

@@ -17,7 +17,7 @@ File format (version 1):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +29,14 @@ VERSION = 1
 
 class RouteTableError(ValueError):
     """A route table file that cannot be used; the message names the file and the problem."""
+
+
+def describe_buckets(prefill: Tuple[Tuple[int, str], ...]) -> str:
+    """'M<=8 regtiled, M>8 shmem': the last bucket serves every larger M too, so its bound is not shown."""
+    parts = [f"M<={m} {kernel}" for m, kernel in prefill[:-1]]
+    above = prefill[-2][0] if len(prefill) > 1 else 1
+    parts.append(f"M>{above} {prefill[-1][1]}")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -63,17 +71,22 @@ class RouteTable:
         e = self.entry_for(k, n, group_size)
         if e is None:
             return None
-        buckets = ", ".join(f"M<={m} {kern}" for m, kern in e.prefill)
         return Route(
             decode_kernel=e.decode,
             prefill_kernel=e.prefill[-1][1],
             source="route-table",
             k_threshold=0,
             n_threshold=0,
-            reason=f"measured fastest on {self.adapter}: decode -> {e.decode}; prefill {buckets} (K={k}, N={n})",
+            reason=(f"measured fastest on {self.adapter}: decode -> {e.decode}; "
+                    f"prefill {describe_buckets(e.prefill)} (K={k}, N={n})"),
             table=self.describe(),
             prefill_buckets=tuple(e.prefill),
         )
+
+    def without_evidence(self) -> "RouteTable":
+        """The same routes without the measured timings (what lowering needs, and all it needs)."""
+        entries = [replace(e, measured_us={}) for e in self.entries]
+        return RouteTable(self.name, self.adapter, self.date, self.command, entries)
 
     # ---- file I/O ---------------------------------------------------------
 

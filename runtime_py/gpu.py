@@ -18,12 +18,13 @@ from executorch_wgpu.errors import NoAdapterError
 
 log = logging.getLogger(__name__)
 
-# Shader name -> WGSL file in shaders/. The first three are the kernels a
+# Shader name -> WGSL file in shaders/. The first four are the kernels a
 # blob routes to (blob.KERNELS); splitk_reduce is the shmem GEMM's epilogue.
 SHADER_FILES = {
     "gemv": "q4gsw_gemv.wgsl",
     "regtiled": "q4gsw_gemm_regtiled.wgsl",
     "shmem": "q4gsw_gemm_shmem.wgsl",
+    "skinny": "q4gsw_gemm_skinny.wgsl",
     "splitk_reduce": "q4gsw_splitk_reduce.wgsl",
     "stream_read": "stream_read.wgsl",     # the bench's bandwidth probe, not a model kernel
 }

@@ -9,7 +9,9 @@ and maps that buffer once.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +21,7 @@ import wgpu
 
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
+from executorch_wgpu.runtime.direct_calls import DirectCalls
 from executorch_wgpu.runtime.gpu import GPUContext
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
@@ -38,6 +41,12 @@ class LinearCall:
     reason: str
     gpu_us: Optional[float]          # GPU timestamp delta of the compute pass, when the adapter has timestamps
     wall_us: Optional[float] = None  # host time of the whole delegate call: upload, dispatch, readback
+    # Host time split of the call (µs): write x, encode + submit, wait for the
+    # GPU (map), copy y out. Their sum is wall_us minus input checks.
+    upload_us: Optional[float] = None
+    submit_us: Optional[float] = None
+    wait_us: Optional[float] = None
+    readback_us: Optional[float] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -49,6 +58,10 @@ SPLITK_TARGET_WORKGROUPS = 256
 SPLITK_MIN_CHUNK = 256        # never split K finer than this many k per workgroup
 SPLITK_MAX_SPLITS = 8
 MAX_GROUPS_PER_DIM = 65535    # WebGPU's maxComputeWorkgroupsPerDimension default
+
+
+def use_direct_calls() -> bool:
+    return os.environ.get("EXECUTORCH_WGPU_DIRECT", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,9 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int) -> Plan:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
         dispatches = (Dispatch("gemv", (math.ceil(n_stride / 16), 1, 1)),)
     elif kernel == "regtiled":
-        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 16), math.ceil(m / 4), 1)),)
+        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 32), math.ceil(m / 32), 1)),)
+    elif kernel == "skinny":
+        dispatches = (Dispatch("skinny", (math.ceil(n_stride / 16), math.ceil(m / 4), 1)),)
     elif kernel == "shmem":
         k_splits, k_chunk = k_split_for(m, k, n_stride)
         dispatches = (Dispatch("shmem", (math.ceil(n_stride / 128), math.ceil(m / 128), k_splits)),)
@@ -140,6 +155,9 @@ class Q4LinearGPU:
             self.query_resolve = dev.create_buffer(
                 size=_TIMESTAMP_BYTES, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC
             )
+        # The hot path: wgpu-native's C API directly (direct_calls.py), unless
+        # EXECUTORCH_WGPU_DIRECT=0 asks for wgpu-py's API (same commands, slower).
+        self.direct = DirectCalls(dev, self.query_set) if use_direct_calls() else None
         self.capacity = 0        # rows of M the activation buffers hold
         self.partial = None
         self.plans = {}          # (kernel, M) -> Plan
@@ -233,31 +251,54 @@ class Q4LinearGPU:
         m = self.check_input(x)
         kernel = rec.route.kernel_for(m)
         plan = self.prepare(kernel, m)
-        dev = self.ctx.device
-        dev.queue.write_buffer(self.x, 0, x.detach().contiguous().numpy())
+        x_np = x.detach().contiguous().numpy()
+        if self.direct is not None:
+            pipelines = [self.ctx.pipeline(d.shader) for d in plan.dispatches]
+            y, ticks = self.direct.run(x_np, self.x, self.bind_group, pipelines, [d.grid for d in plan.dispatches],
+                                       self.y, m * rec.out_features * 4, self.staging, self.query_resolve,
+                                       self.ts_offset)
+            split = self.direct.last_split_us
+        else:
+            y, ticks, split = self._run_through_wgpu_py(x_np, plan)
+        gpu_us = None
+        if ticks is not None and ticks[1] >= ticks[0]:
+            gpu_us = (ticks[1] - ticks[0]) / 1000.0
+        out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
+        phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
+        reason = f"{phase} ({rec.route.source}); {rec.route.reason}"
+        return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us,
+                               upload_us=split[0], submit_us=split[1], wait_us=split[2], readback_us=split[3])
 
+    def _run_through_wgpu_py(self, x_np: np.ndarray, plan: Plan) -> tuple:
+        """The same call as DirectCalls.run, through wgpu-py's API: (y, ticks or None, split µs)."""
+        dev = self.ctx.device
+        y_bytes = plan.m * self.rec.out_features * 4
+        t0 = time.perf_counter()
+        dev.queue.write_buffer(self.x, 0, x_np)
+        t1 = time.perf_counter()
         encoder = dev.create_command_encoder()
         timestamps = None
         if self.query_set is not None:
             timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
         self.encode(encoder, plan, timestamps)
-        y_bytes = m * rec.out_features * 4
         encoder.copy_buffer_to_buffer(self.y, 0, self.staging, 0, y_bytes)
         if self.query_set is not None:
             encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
             encoder.copy_buffer_to_buffer(self.query_resolve, 0, self.staging, self.ts_offset, _TIMESTAMP_BYTES)
         dev.queue.submit([encoder.finish()])
-
-        self.staging.map_sync(wgpu.MapMode.READ)
+        t2 = time.perf_counter()
+        # "READ_NOSYNC": wgpu-py otherwise submits an empty command buffer before
+        # every read map (its workaround for reading a buffer no submit has
+        # touched); ours was just written by the submit above.
+        self.staging.map_sync("READ_NOSYNC")
+        t3 = time.perf_counter()
         try:
-            y = np.frombuffer(self.staging.read_mapped(0, y_bytes), dtype=np.float32).copy()
-            gpu_us = None
+            y = np.frombuffer(self.staging.read_mapped(0, y_bytes, copy=False), dtype=np.float32).copy()
+            ticks = None
             if self.query_set is not None:
-                t0, t1 = np.frombuffer(self.staging.read_mapped(self.ts_offset, _TIMESTAMP_BYTES), dtype=np.uint64)
-                gpu_us = float(t1 - t0) / 1000.0 if t1 >= t0 else None
+                raw = self.staging.read_mapped(self.ts_offset, _TIMESTAMP_BYTES, copy=False)
+                ticks = tuple(int(t) for t in np.frombuffer(raw, dtype=np.uint64))
         finally:
             self.staging.unmap()
-        out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
-        phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
-        reason = f"{phase} ({rec.route.source}); {rec.route.reason}"
-        return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us)
+        t4 = time.perf_counter()
+        return y, ticks, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)

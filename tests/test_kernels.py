@@ -37,7 +37,7 @@ def test_packing_round_trips_codes_including_padded_columns():
     assert torch.equal(unpack_q4gsw_weights(words, 64, 13), codes)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "regtiled", "shmem"])
+@pytest.mark.parametrize("kernel", ["gemv", "skinny", "regtiled", "shmem"])
 @pytest.mark.parametrize("k,n,gs,bias", [(1024, 136, 32, True), (256, 30, 64, False), (512, 8, 128, True)])
 def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
     layer, w, b = make_layer(k, n, gs, bias, decode=kernel, prefill="regtiled")
@@ -48,7 +48,7 @@ def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
     assert rel_err(y, golden(x, w, b)) < 1e-4
 
 
-@pytest.mark.parametrize("kernel", ["regtiled", "shmem"])
+@pytest.mark.parametrize("kernel", ["skinny", "regtiled", "shmem"])
 @pytest.mark.parametrize("m,k,n,gs,bias", [
     (70, 1024, 136, 32, True),    # partial tiles in M and N for both kernels; shmem splits K 4 ways
     (2, 256, 30, 64, False),      # N not a multiple of 4: padded columns
@@ -89,3 +89,18 @@ def test_timestamps_are_reported_when_the_adapter_has_them():
         assert call.gpu_us is not None and call.gpu_us > 0
     else:
         assert call.gpu_us is None
+
+
+def test_direct_c_api_path_and_wgpu_py_path_give_identical_results(monkeypatch):
+    direct, w, b = make_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
+    monkeypatch.setenv("EXECUTORCH_WGPU_DIRECT", "0")
+    through_py, _, _ = make_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
+    assert direct.direct is not None and through_py.direct is None
+    for m in (1, 5, 1, 130):
+        x = torch.randn(m, 512)
+        (y_direct, call_direct), (y_py, call_py) = direct(x), through_py(x)
+        assert torch.equal(y_direct, y_py)
+        assert rel_err(y_direct, golden(x, w, b)) < 1e-4
+        assert (call_direct.gpu_us is None) == (call_py.gpu_us is None) == (not gpu_context().has_timestamps)
+        assert all(v >= 0 for v in (call_direct.upload_us, call_direct.submit_us, call_direct.wait_us,
+                                    call_direct.readback_us))

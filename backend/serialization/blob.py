@@ -21,14 +21,14 @@ from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
 
-SCHEMA_VERSION = 2   # 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets)
+SCHEMA_VERSION = 2   # 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets), Kernel.SKINNY
 FILE_IDENTIFIER = b"WGQ4"
 # The delegate id preprocess writes into the .pte and the runtime dispatches on
 # (the name of the BackendDetails subclass, as ExecuTorch requires).
 BACKEND_ID = "WebGPUBackend"
 
 # Kernel names as the rest of the package spells them, in schema enum order.
-KERNELS = ("gemv", "regtiled", "shmem")
+KERNELS = ("gemv", "regtiled", "shmem", "skinny")
 ROUTE_SOURCES = ("default-rule", "forced", "route-table")
 
 # Shape rules the packed layout relies on; kept here because both the packer

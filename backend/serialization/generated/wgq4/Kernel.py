@@ -6,3 +6,4 @@ class Kernel(object):
     GEMV = 0
     REGTILED = 1
     SHMEM = 2
+    SKINNY = 3

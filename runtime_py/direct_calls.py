@@ -1,0 +1,107 @@
+"""A layer's per-call command sequence, issued straight through wgpu-native's C API.
+
+Why this exists: wgpu-py wraps every WebGPU call in Python (descriptor
+structs built per call, error capture, a poller thread that resolves buffer
+maps). Measured on the H100 (2026-11-25, docs/PERFORMANCE.md) that costs
+~400 µs of host time per delegate call at M = 1, for ~9 µs of GPU work. A
+layer's call is always the same few commands on objects created at load, so
+here they go through the same cffi handle wgpu-py itself uses, with the C
+descriptors built once, and the readback map is waited for on the calling
+thread (wgpuDevicePoll) instead of through a thread handoff.
+
+Only the hot path lives here. Buffers, pipelines and bind groups are created
+with wgpu-py at load (q4_linear.py), where its validation and error messages
+are worth their cost. A map that fails (e.g. the device was lost) raises.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+from wgpu.backends.wgpu_native import ffi, lib
+
+from executorch_wgpu.errors import WebGPUDelegateError
+
+
+class DirectCalls:
+    """Encode, submit and read back one layer's calls without per-call Python wrappers."""
+
+    def __init__(self, device, query_set=None):
+        self._device = device._internal
+        self._queue = device.queue._internal
+        self._encoder_desc = ffi.new("WGPUCommandEncoderDescriptor *")
+        self._buffer_desc = ffi.new("WGPUCommandBufferDescriptor *")
+        self._commands = ffi.new("WGPUCommandBuffer[1]")
+        self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
+        if query_set is not None:
+            self._timestamps = ffi.new("WGPUPassTimestampWrites *")
+            self._timestamps.querySet = query_set._internal
+            self._timestamps.beginningOfPassWriteIndex = 0
+            self._timestamps.endOfPassWriteIndex = 1
+            self._pass_desc.timestampWrites = self._timestamps
+            self._query_set = query_set._internal
+        else:
+            self._query_set = None
+        self._map_status = [0]
+        self.last_split_us = (0.0, 0.0, 0.0, 0.0)   # upload, encode + submit, wait, readback of the last run
+
+        @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
+        def on_mapped(status, message, userdata1, userdata2):
+            self._map_status[0] = status
+
+        self._on_mapped = on_mapped   # keep the callback alive as long as this object
+        self._map_info = ffi.new("WGPUBufferMapCallbackInfo *")
+        self._map_info.mode = lib.WGPUCallbackMode_AllowProcessEvents
+        self._map_info.callback = on_mapped
+
+    def run(self, x: np.ndarray, x_buffer, bind_group, pipelines: Sequence, grids: Sequence,
+            y_buffer, y_bytes: int, staging, ts_resolve=None, ts_offset: int = 0) -> tuple:
+        """Upload x, run the dispatches in one pass, copy y (and timestamps) to staging, read them back.
+
+        Returns (y as float32 array, (tick0, tick1) or None).
+        """
+        t0 = time.perf_counter()
+        x = np.ascontiguousarray(x)
+        lib.wgpuQueueWriteBuffer(self._queue, x_buffer._internal, 0, ffi.from_buffer(x), x.nbytes)
+        t1 = time.perf_counter()
+        encoder = lib.wgpuDeviceCreateCommandEncoder(self._device, self._encoder_desc)
+        cpass = lib.wgpuCommandEncoderBeginComputePass(encoder, self._pass_desc)
+        lib.wgpuComputePassEncoderSetBindGroup(cpass, 0, bind_group._internal, 0, ffi.NULL)
+        for pipeline, (gx, gy, gz) in zip(pipelines, grids):
+            lib.wgpuComputePassEncoderSetPipeline(cpass, pipeline._internal)
+            lib.wgpuComputePassEncoderDispatchWorkgroups(cpass, gx, gy, gz)
+        lib.wgpuComputePassEncoderEnd(cpass)
+        lib.wgpuComputePassEncoderRelease(cpass)
+        lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, y_buffer._internal, 0, staging._internal, 0, y_bytes)
+        read_bytes = y_bytes
+        if self._query_set is not None and ts_resolve is not None:
+            lib.wgpuCommandEncoderResolveQuerySet(encoder, self._query_set, 0, 2, ts_resolve._internal, 0)
+            lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, ts_resolve._internal, 0, staging._internal, ts_offset, 16)
+            read_bytes = ts_offset + 16
+        self._commands[0] = lib.wgpuCommandEncoderFinish(encoder, self._buffer_desc)
+        lib.wgpuQueueSubmit(self._queue, 1, self._commands)
+        lib.wgpuCommandBufferRelease(self._commands[0])
+        lib.wgpuCommandEncoderRelease(encoder)
+
+        t2 = time.perf_counter()
+        self._map_status[0] = 0
+        lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, read_bytes, self._map_info[0])
+        while self._map_status[0] == 0:
+            lib.wgpuDevicePoll(self._device, True, ffi.NULL)
+        if self._map_status[0] != lib.WGPUMapAsyncStatus_Success:
+            raise WebGPUDelegateError(f"reading the result back failed (map status {self._map_status[0]})")
+        t3 = time.perf_counter()
+        try:
+            mapped = ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, read_bytes), read_bytes)
+            y = np.frombuffer(mapped, dtype=np.float32, count=y_bytes // 4).copy()
+            ticks: Optional[tuple] = None
+            if read_bytes > y_bytes:
+                t = np.frombuffer(mapped, dtype=np.uint64, count=2, offset=ts_offset)
+                ticks = (int(t[0]), int(t[1]))
+        finally:
+            lib.wgpuBufferUnmap(staging._internal)
+        t4 = time.perf_counter()
+        self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
+        return y, ticks

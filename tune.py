@@ -1,0 +1,174 @@
+"""python -m executorch_wgpu tune: measure the kernels on this adapter and write a route table.
+
+Runs the bench's measurements (same shapes, same M values, same fp64 checks,
+GPU timestamps; no torch peers) and keeps, per layer shape (K, N, group size):
+  * decode: the fastest correct kernel at M == 1,
+  * prefill: the fastest correct kernel at each measured M > 1, as buckets
+    "this kernel up to m_max", the bound between two measured M being their
+    geometric mean (kernel times scale roughly with log M, so the midpoint in
+    log M splits the unmeasured range fairly); the last bucket serves every
+    larger M; neighbouring buckets with the same kernel are merged.
+`WebGPUPartitioner(route_table="routes.json")` then lowers with these routes;
+`python -m executorch_wgpu bench --route-table routes.json` checks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from executorch_wgpu.backend.route_table import RouteTable, RouteTableEntry, describe_buckets
+from executorch_wgpu.backend.routing import DECODE_KERNELS, PREFILL_KERNELS
+
+log = logging.getLogger(__name__)
+
+# Upper bound of the last prefill bucket: any M (the same bound preprocess records for an unbounded M).
+LAST_BUCKET_M_MAX = 2**62
+
+ShapeKey = Tuple[int, int, int]              # (K, N, group_size)
+Timings = Dict[int, Dict[str, float]]        # M -> {kernel: µs}, correct kernels only
+
+
+class TuneError(ValueError):
+    """Measurements a route table cannot be built from; the message says what is missing."""
+
+
+def correct_timings(results: dict) -> Dict[ShapeKey, Timings]:
+    """µs of every kernel that ran correctly (bench's "ok"), by layer shape and M.
+
+    A kernel outside the fp64 tolerance is left out, so it is never chosen. When two
+    rows measure the same shape and M, each kernel keeps its faster time.
+    """
+    timings: Dict[ShapeKey, Timings] = {}
+    for row in results["rows"]:
+        per_m = timings.setdefault((row["K"], row["N"], row["group_size"]), {}).setdefault(row["M"], {})
+        for kernel, r in row["kernels"].items():
+            if "us" in r and r.get("ok"):
+                per_m[kernel] = min(r["us"], per_m.get(kernel, math.inf))
+            else:
+                log.warning("tune: %s at K=%d N=%d M=%d is not a candidate: %s", kernel, row["K"], row["N"],
+                            row["M"], r.get("error") or f"rel_err {r.get('rel_err')} above tolerance")
+    return timings
+
+
+def fastest(us_by_kernel: Dict[str, float], candidates: Sequence[str]) -> Optional[str]:
+    timed = {k: us for k, us in us_by_kernel.items() if k in candidates}
+    return min(timed, key=timed.get) if timed else None
+
+
+def prefill_buckets(winners: List[Tuple[int, str]]) -> Tuple[Tuple[int, str], ...]:
+    """((m_max, kernel), ...) from the fastest kernel at each measured M > 1 (sorted by M).
+
+    The bound between measured M_i and M_{i+1} is floor(sqrt(M_i * M_{i+1})); the last
+    bucket reaches LAST_BUCKET_M_MAX. A bucket with the kernel of the next one is merged into it.
+    """
+    buckets: List[Tuple[int, str]] = []
+    for i, (m, kernel) in enumerate(winners):
+        m_max = math.isqrt(m * winners[i + 1][0]) if i + 1 < len(winners) else LAST_BUCKET_M_MAX
+        if buckets and buckets[-1][1] == kernel:
+            buckets[-1] = (m_max, kernel)
+        else:
+            buckets.append((m_max, kernel))
+    return tuple(buckets)
+
+
+def entry_from_timings(key: ShapeKey, timings: Timings) -> RouteTableEntry:
+    k, n, gs = key
+    decode = fastest(timings.get(1, {}), DECODE_KERNELS)
+    if decode is None:
+        raise TuneError(f"K={k} N={n} group_size={gs}: no kernel ran correctly at M=1, so there is no decode route")
+    winners = []
+    for m in sorted(m for m in timings if m > 1):
+        kernel = fastest(timings[m], PREFILL_KERNELS)
+        if kernel is None:
+            # Its neighbours' buckets cover this M; a failing kernel is reported by correct_timings.
+            log.warning("tune: K=%d N=%d M=%d: no prefill kernel ran correctly; neighbouring M decide", k, n, m)
+            continue
+        winners.append((m, kernel))
+    if not winners:
+        raise TuneError(f"K={k} N={n} group_size={gs}: no kernel ran correctly at any M > 1, so there is "
+                        f"no prefill route (measure at least one M > 1)")
+    measured_us = {str(m): {kern: round(us, 3) for kern, us in sorted(t.items())} for m, t in sorted(timings.items())}
+    return RouteTableEntry(k, n, gs, decode, prefill_buckets(winners), measured_us)
+
+
+def adapter_name(adapter: dict) -> str:
+    """'llvmpipe (LLVM 15.0.6, 256 bits), Vulkan, Mesa 22.3.6 (LLVM 15.0.6)': device, backend and driver."""
+    return ", ".join(str(adapter.get(key)) for key in ("device", "backend_type", "description") if adapter.get(key))
+
+
+def table_from_bench(results: dict, name: str, command: str = "") -> RouteTable:
+    """The route table the measurements of bench.bench() call for (no GPU needed: a pure function)."""
+    entries = [entry_from_timings(key, t) for key, t in correct_timings(results).items()]
+    return RouteTable(name=name, adapter=adapter_name(results["adapter"]), date=results["date"], command=command,
+                      entries=entries)
+
+
+def summary(entry: RouteTableEntry) -> str:
+    return (f"K={entry.K} N={entry.N} gs={entry.group_size}: decode {entry.decode}; "
+            f"prefill {describe_buckets(entry.prefill)}")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from executorch_wgpu.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, QUICK_SHAPES
+
+    p = argparse.ArgumentParser(prog="python -m executorch_wgpu tune", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
+    p.add_argument("--shapes", help="comma-separated subset of " + ",".join(LLAMA_1B_SHAPES))
+    p.add_argument("--m", help="comma-separated M values, 1 and at least one M > 1 "
+                               "(default 1,16,64,128,512,2048; --quick: 1,16,64)")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median kept)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", type=Path, required=True, help="route table file to write (JSON)")
+    p.add_argument("--name", help="the table's name (default: the --out file's stem)")
+    args = p.parse_args(argv)
+
+    shapes = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = set(wanted) - set(shapes)
+        if unknown:
+            p.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+        shapes = {k: shapes[k] for k in wanted}
+    args.shapes = shapes
+    try:
+        m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
+    except ValueError:
+        p.error(f"--m takes comma-separated integers, got {args.m!r}")
+    # A table needs a decode kernel (M == 1) and at least one prefill bucket (M > 1).
+    if 1 not in m_values or not any(m > 1 for m in m_values) or any(m < 1 for m in m_values):
+        p.error(f"--m must hold 1 and at least one M > 1 (and nothing below 1), got {m_values}")
+    args.m = sorted(set(m_values))
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from executorch_wgpu.bench import BenchConfig, bench
+
+    # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
+    cfg = BenchConfig(args.shapes, args.m, args.group_size, args.reps, args.warmup, peers=False,
+                      kernels=tuple(DECODE_KERNELS))
+    results = bench(cfg, progress=lambda s: log.info("%s", s))
+    command = "python -m executorch_wgpu tune " + " ".join(argv)
+    try:
+        table = table_from_bench(results, args.name or args.out.stem, command)
+    except TuneError as e:
+        sys.exit(f"tune: no route table written: {e}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(args.out)
+    print(f"route table {table.describe()} written to {args.out}")
+    for entry in table.entries:
+        print("  " + summary(entry))
+    # As bench does: a kernel outside the tolerance is a bug to see, even though the table skips it.
+    bad = [(r["shape"], r["M"], k) for r in results["rows"] for k, v in r["kernels"].items() if not v.get("ok")]
+    if bad:
+        log.error("kernels that failed the fp64 check or did not run (left out of the table): %s", bad)
+        sys.exit(1)
