@@ -38,7 +38,7 @@ import wgpu
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import RouteOptions, decide_route
-from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, round_up
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime.gpu import GPUContext, gpu_context, read_shader
 from executorch_wgpu.runtime.q4_linear import Q4LinearGPU
@@ -92,7 +92,7 @@ def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed
     scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.002
     route = decide_route(k, n, group_size, RouteOptions())
     rec = Q4LinearRecord(
-        name=name, in_features=k, out_features=n, group_size=group_size, n_stride=round_up(n, 4),
+        name=name, in_features=k, out_features=n, group_size=group_size, n_stride=round_up(n, N_ALIGN),
         m_min=1, m_max=1 << 20, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
         bias=None, route=route,
     )
@@ -150,13 +150,18 @@ def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(y).reshape(m, layer.N)
 
 
-def measure_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor,
-                   reps: int, warmup: int) -> dict:
+def check_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor) -> dict:
+    """Correctness of one kernel at this M: max rel err of the sampled rows against the fp64 golden."""
     y = run_kernel(layer, kernel, x)
-    err = rel_err(y[rows], golden)
     plan = layer.gpu.prepare(kernel, x.shape[0])
-    us = time_gpu_passes(layer.gpu.ctx, lambda enc, ts: layer.gpu.encode(enc, plan, ts), reps, warmup)
-    return {"us": statistics.median(us), "rel_err": err, "k_splits": plan.k_splits}
+    return {"rel_err": rel_err(y[rows], golden), "k_splits": plan.k_splits}
+
+
+def time_kernel(layer: BenchLayer, kernel: str, m: int, reps: int, warmup: int) -> float:
+    """Median GPU µs of a kernel at M = m (x as left by the last run_kernel)."""
+    plan = layer.gpu.prepare(kernel, m)
+    return statistics.median(time_gpu_passes(layer.gpu.ctx, lambda enc, ts: layer.gpu.encode(enc, plan, ts),
+                                             reps, warmup))
 
 
 class StreamProbe:
@@ -248,18 +253,21 @@ class TorchPeers:
         self.group_size = layer.group_size
         self.w_fp32_t = layer.dequantized(slice(None), torch.float32).t().contiguous().to(dev)   # [K, N]
 
-    def measure(self, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor, reps: int, warmup: int) -> dict:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    def _calls(self, x: torch.Tensor) -> dict:
+        torch.backends.cuda.matmul.allow_tf32 = False   # fp32 on CUDA cores, as our kernels compute
         xb = x.to("cuda", torch.bfloat16)
         xf = x.to("cuda")
-        tiny = lambda: torch._weight_int4pack_mm(xb, self.w_int4, self.group_size, self.scales_zeros)  # noqa: E731
-        fp32 = lambda: xf @ self.w_fp32_t                                                                # noqa: E731
         return {
-            "tinygemm_us": cuda_median_us(tiny, reps, warmup),
-            "tinygemm_rel_err": rel_err(tiny().float().cpu()[rows], golden),   # bf16 activations: ~1e-2 expected
-            "fp32_cuda_us": cuda_median_us(fp32, reps, warmup),
-            "fp32_cuda_rel_err": rel_err(fp32().cpu()[rows], golden),
+            "tinygemm": lambda: torch._weight_int4pack_mm(xb, self.w_int4, self.group_size, self.scales_zeros),
+            "fp32_cuda": lambda: xf @ self.w_fp32_t,
         }
+
+    def check(self, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor) -> dict:
+        """Rel errors of the peers (tinygemm takes bf16 activations: ~1e-2 expected)."""
+        return {f"{name}_rel_err": rel_err(fn().float().cpu()[rows], golden) for name, fn in self._calls(x).items()}
+
+    def time(self, x: torch.Tensor, reps: int, warmup: int) -> dict:
+        return {name: cuda_median_us(fn, reps, warmup) for name, fn in self._calls(x).items()}
 
 
 def adapter_info(ctx: GPUContext) -> dict:
@@ -274,6 +282,7 @@ class BenchConfig:
     group_size: int = 32
     reps: int = 25
     warmup: int = 5
+    rounds: int = 3
     peers: bool = True
     route_table: Optional[RouteTable] = None
     seed: int = 0
@@ -290,7 +299,6 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
     rows_out = []
     for name, (k, n) in cfg.shapes.items():
         layer = make_layer(ctx, name, k, n, cfg.group_size, cfg.seed)
-        stream_us = probe.us(layer.weight_bytes, cfg.reps, cfg.warmup)
         peers = TorchPeers(layer) if use_cuda else None
         for m in cfg.m_values:
             if name == "lm_head" and m > LM_HEAD_MAX_M:
@@ -300,19 +308,36 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             rows = torch.unique(torch.linspace(0, m - 1, min(GOLDEN_ROWS, m)).long())
             golden = golden_rows(layer, x[rows])
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
-                   "weight_bytes": layer.weight_bytes, "stream_read_us": stream_us, "kernels": {}}
+                   "weight_bytes": layer.weight_bytes, "kernels": {}}
             row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
             row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size)
-            probe.spin_up()
-            for kernel in KERNELS_FOR_M[m == 1]:
-                if kernel not in cfg.kernels:
-                    continue
+            kernels = [kern for kern in KERNELS_FOR_M[m == 1] if kern in cfg.kernels]
+            for kernel in kernels:
                 try:
-                    row["kernels"][kernel] = measure_kernel(layer, kernel, x, golden, rows, cfg.reps, cfg.warmup)
+                    row["kernels"][kernel] = check_kernel(layer, kernel, x, golden, rows)
                 except WebGPUDelegateError as e:
                     row["kernels"][kernel] = {"error": str(e)}
+            kernels = [kern for kern in kernels if "error" not in row["kernels"][kern]]
             if peers is not None:
-                row.update(peers.measure(x, golden, rows, cfg.reps, cfg.warmup))
+                row.update(peers.check(x, golden, rows))
+            # Rounds: every competitor is timed once per round, interleaved, and
+            # the best round's median is kept -- the GPU's clocks and any other
+            # tenant vary over seconds, and this compares all in the same windows.
+            timings = {kern: [] for kern in kernels + ["stream_read", "tinygemm", "fp32_cuda"]}
+            for _ in range(cfg.rounds):
+                probe.spin_up()
+                for kernel in kernels:   # times the x that check_kernel left in the layer's buffer
+                    timings[kernel].append(time_kernel(layer, kernel, m, cfg.reps, cfg.warmup))
+                timings["stream_read"].append(probe.us(layer.weight_bytes, cfg.reps, cfg.warmup))
+                if peers is not None:
+                    for peer, us in peers.time(x, cfg.reps, cfg.warmup).items():
+                        timings[peer].append(us)
+            for kernel in kernels:
+                row["kernels"][kernel].update(us=min(timings[kernel]), round_medians_us=timings[kernel])
+            row["stream_read_us"] = min(timings["stream_read"])
+            for peer in ("tinygemm", "fp32_cuda"):
+                if timings[peer]:
+                    row[f"{peer}_us"] = min(timings[peer])
             finish_row(row)
             progress(format_progress(row))
             rows_out.append(row)
@@ -324,7 +349,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
         "adapter": adapter_info(ctx),
         "cuda_device": torch.cuda.get_device_name() if use_cuda else None,
         "versions": {"wgpu": wgpu.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "config": {"group_size": cfg.group_size, "reps": cfg.reps, "warmup": cfg.warmup,
+        "config": {"group_size": cfg.group_size, "reps": cfg.reps, "warmup": cfg.warmup, "rounds": cfg.rounds,
                    "route_table": cfg.route_table.describe() if cfg.route_table else None},
         "rows": rows_out,
     }
@@ -420,6 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median is reported")
     p.add_argument("--no-peers", action="store_true", help="skip the torch CUDA peers")
     p.add_argument("--route-table", type=Path, help="route table (from `tune`) the routed column follows")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
@@ -443,8 +469,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             p.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
         shapes = {k: shapes[k] for k in wanted}
     m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
-    cfg = BenchConfig(shapes, m_values, args.group_size, args.reps, args.warmup, not args.no_peers,
-                      RouteTable.load(args.route_table) if args.route_table else None)
+    cfg = BenchConfig(shapes, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
+                      rounds=args.rounds, peers=not args.no_peers,
+                      route_table=RouteTable.load(args.route_table) if args.route_table else None)
     start = time.perf_counter()
     results = bench(cfg, progress=lambda s: log.info("%s", s))
     results["command"] = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -124,6 +124,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median kept)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median is kept")
     p.add_argument("--out", type=Path, required=True, help="route table file to write (JSON)")
     p.add_argument("--name", help="the table's name (default: the --out file's stem)")
     args = p.parse_args(argv)
@@ -154,8 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from executorch_wgpu.bench import BenchConfig, bench
 
     # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
-    cfg = BenchConfig(args.shapes, args.m, args.group_size, args.reps, args.warmup, peers=False,
-                      kernels=tuple(DECODE_KERNELS))
+    cfg = BenchConfig(args.shapes, args.m, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
+                      rounds=args.rounds, peers=False, kernels=tuple(DECODE_KERNELS))
     results = bench(cfg, progress=lambda s: log.info("%s", s))
     command = "python -m executorch_wgpu tune " + " ".join(argv)
     try:

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from executorch_wgpu.backend.serialization.blob import GROUP_ALIGN, N_ALIGN, round_up
+from executorch_wgpu.backend.serialization.blob import GROUP_ALIGN, N_ALIGN, QW_BLOCK, round_up
 
 
 def q4gsw_shape_problem(in_features: int, out_features: int, group_size: int) -> Optional[str]:
@@ -35,10 +35,12 @@ def q4gsw_shape_problem(in_features: int, out_features: int, group_size: int) ->
 
 
 def pack_q4gsw_weights(codes: torch.Tensor) -> np.ndarray:
-    """int codes [N, K] in [-8, 7] -> uint32 [(K / 8) * n_stride].
+    """int codes [N, K] in [-8, 7] -> uint32 [n_stride / 16][K / 8][16].
 
-    Word (k8, n) holds k = 8*k8 + j in nibble j as code + 8; padded columns
-    hold code 0 (nibble 8) so they dequantize to exactly 0.
+    Word (k8, n) holds k = 8*k8 + j in nibble j as code + 8 and sits at
+    (n / 16) * (K / 8) * 16 + k8 * 16 + n % 16: blocks of 16 columns, each one
+    contiguous run over K, so a GEMV workgroup (16 columns) streams its
+    weights in order. Padded columns hold code 0 (nibble 8): exactly 0.
     """
     n, k = codes.shape
     if k % 8:
@@ -51,7 +53,8 @@ def pack_q4gsw_weights(codes: torch.Tensor) -> np.ndarray:
     nibbles[:n] = c + 8
     shifts = torch.arange(8, dtype=torch.int64) * 4
     words = (nibbles.view(n_stride, k // 8, 8) << shifts).sum(dim=-1)  # [n_stride, K/8]
-    return words.t().contiguous().numpy().astype(np.uint32).reshape(-1)
+    blocks = words.view(n_stride // QW_BLOCK, QW_BLOCK, k // 8).transpose(1, 2)   # [blocks, K/8, 16]
+    return blocks.contiguous().numpy().astype(np.uint32).reshape(-1)
 
 
 def pack_q4gsw_scales(scales: torch.Tensor) -> np.ndarray:
@@ -65,8 +68,9 @@ def pack_q4gsw_scales(scales: torch.Tensor) -> np.ndarray:
 def unpack_q4gsw_weights(words: np.ndarray, in_features: int, out_features: int) -> torch.Tensor:
     """Inverse of pack_q4gsw_weights: int8 codes [N, K]."""
     n_stride = round_up(out_features, N_ALIGN)
-    w = torch.from_numpy(words.astype(np.int64).reshape(in_features // 8, n_stride))
+    blocks = torch.from_numpy(words.astype(np.int64).reshape(n_stride // QW_BLOCK, in_features // 8, QW_BLOCK))
+    w = blocks.transpose(1, 2).reshape(n_stride, in_features // 8)      # [n_stride, K/8]
     shifts = torch.arange(8, dtype=torch.int64) * 4
-    nibbles = (w.unsqueeze(-1) >> shifts) & 0xF                        # [K/8, n_stride, 8]
-    codes = nibbles.permute(1, 0, 2).reshape(n_stride, in_features) - 8
+    nibbles = (w.unsqueeze(-1) >> shifts) & 0xF                        # [n_stride, K/8, 8]
+    codes = nibbles.reshape(n_stride, in_features) - 8
     return codes[:out_features].to(torch.int8)

@@ -24,6 +24,8 @@ from wgpu.backends.wgpu_native import ffi, lib
 
 from executorch_wgpu.errors import WebGPUDelegateError
 
+SPIN_SECONDS = 0.002   # how long a call polls without blocking before it sleeps in wgpuDevicePoll
+
 
 class DirectCalls:
     """Encode, submit and read back one layer's calls without per-call Python wrappers."""
@@ -88,8 +90,11 @@ class DirectCalls:
         t2 = time.perf_counter()
         self._map_status[0] = 0
         lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, read_bytes, self._map_info[0])
+        # Spin on non-blocking polls first: a decode call's GPU work takes tens of
+        # µs, less than a blocking wait's wake-up; block only once it runs long.
+        spin_until = time.perf_counter() + SPIN_SECONDS
         while self._map_status[0] == 0:
-            lib.wgpuDevicePoll(self._device, True, ffi.NULL)
+            lib.wgpuDevicePoll(self._device, time.perf_counter() > spin_until, ffi.NULL)
         if self._map_status[0] != lib.WGPUMapAsyncStatus_Success:
             raise WebGPUDelegateError(f"reading the result back failed (map status {self._map_status[0]})")
         t3 = time.perf_counter()

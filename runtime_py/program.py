@@ -24,6 +24,7 @@ from executorch.exir._serialize._program import deserialize_pte_binary
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime.delegate import load_delegate
 from executorch_wgpu.runtime.operators import (
+    CompiledKernelCall,
     compile_kernel_call,
     convert_int,
     dtype_of,
@@ -89,11 +90,9 @@ class Method:
             self._instructions = [self._compile(i.instr_args, operators) for c in plan.chains for i in c.instructions]
         except (IndexError, KeyError, TypeError, AttributeError) as e:
             raise ProgramFormatError(f"method {plan.name!r} is malformed: {type(e).__name__}: {e}") from e
-        self._mutable_ids = [
-            i for i, v in enumerate(plan.values)
-            if isinstance(v.val, et.Tensor) and v.val.extra_tensor_info is not None
-            and v.val.extra_tensor_info.mutable_data_segments_idx > 0
-        ]
+        # Mutable state (a KV cache): vid -> the tensor it holds between execute() calls.
+        self._state: Dict[int, torch.Tensor] = self._find_state()
+        self._state_at_load = {vid: t.clone() for vid, t in self._state.items()}
         self._last_calls: List[LinearCall] = []
 
     # -- load --
@@ -113,8 +112,12 @@ class Method:
             info = v.extra_tensor_info
             if info is not None and info.mutable_data_segments_idx > 0:
                 return _constant_tensor(v, pte.mutable_data or []).clone()
-            if v.data_buffer_idx > 0 and v.allocation_info is None:
-                return _constant_tensor(v, program.constant_buffer)
+            if v.data_buffer_idx > 0:
+                constant = _constant_tensor(v, program.constant_buffer)
+                # Planned memory with initial data: a mutable buffer whose initial
+                # value was serialized (InitializedMutableBufferPass); ExecuTorch
+                # copies it into the planned memory when the method loads.
+                return constant if v.allocation_info is None else constant.clone()
             return None   # produced at run time
         if isinstance(v, et.Null):
             return None
@@ -146,6 +149,70 @@ class Method:
         if isinstance(instr, et.DelegateCall) and not 0 <= instr.delegate_index < len(self._delegates):
             raise ProgramFormatError(f"delegate call refers to delegate {instr.delegate_index}")
         return instr
+
+    def _find_state(self) -> Dict[int, torch.Tensor]:
+        """The values that carry state from one execute() to the next: mutated buffers.
+
+        ExecuTorch keeps a mutated buffer (e.g. a KV cache) in planned memory
+        that the method owns for its lifetime: the graph reads it, computes
+        the update (index_put, index_copy, ...) and writes it back with
+        aten::copy_, and the next execute() reads what the previous one left.
+        The .pte marks such a value by where it lives, not by a flag: it is a
+        planned tensor that an instruction reads before any instruction of the
+        call (or an input) has written its memory. Its initial value is the
+        data serialized with it (InitializedMutableBufferPass, or a mutable
+        data segment), else zeros (ExecuTorch calls that state meaningless;
+        zeros keep masked-out cache slots finite).
+        """
+        plan = self._plan
+        written = {self._arena_key(plan.values[vid]) for vid in plan.inputs}
+        state: Dict[int, torch.Tensor] = {}
+        owners: Dict[tuple, int] = {}
+
+        def tensor_ids(vids):
+            for vid in vids:
+                v = self._initial[vid]
+                if isinstance(v, _List):
+                    yield from (j for j in v.items if j >= 0)
+                else:
+                    yield vid
+
+        for vid, v in enumerate(self._initial):   # planned tensors with serialized initial data
+            if isinstance(v, torch.Tensor) and self._arena_key(plan.values[vid]) is not None:
+                state[vid] = v
+                owners[self._arena_key(plan.values[vid])] = vid
+        for instr in self._instructions:
+            reads, writes = self._reads_and_writes(instr)
+            for vid in tensor_ids(reads):
+                key = self._arena_key(plan.values[vid])
+                if key is None or key in written or vid in plan.inputs or key in owners:
+                    continue
+                spec = plan.values[vid].val
+                state[vid] = torch.zeros(list(spec.sizes), dtype=dtype_of(spec.scalar_type))
+                owners[key] = vid
+            for vid in tensor_ids(writes):
+                written.add(self._arena_key(plan.values[vid]))
+        return state
+
+    @staticmethod
+    def _reads_and_writes(instr) -> tuple:
+        """(value ids an instruction reads, value ids it writes)."""
+        if isinstance(instr, CompiledKernelCall):
+            reads = [vid for spec, vid in zip(instr.schema_args, instr.arg_ids) if not spec.is_out]
+            writes = [vid for spec, vid in zip(instr.schema_args, instr.arg_ids) if spec.is_out] + instr.ret_ids
+            return reads, writes
+        if isinstance(instr, et.DelegateCall):
+            return list(instr.args[:-1]), [instr.args[-1]]
+        if isinstance(instr, et.MoveCall):
+            return [instr.move_from], [instr.move_to]
+        if isinstance(instr, et.JumpFalseCall):
+            return [instr.cond_value_index], []
+        return [], []
+
+    def reset_state(self) -> None:
+        """Put every mutable buffer (KV cache) back to its value at load, as a freshly loaded method has."""
+        for vid, t in self._state_at_load.items():
+            self._state[vid] = t.clone()
 
     # -- run --
 
@@ -182,6 +249,9 @@ class Method:
         # planned memory and no instruction writes it. We track which value last
         # wrote each planned location and read such a value as a view of that one.
         last_writer: Dict[tuple, int] = {}
+        for vid, t in self._state.items():   # mutable buffers hold what the last call left
+            values[vid] = t
+            last_writer[self._arena_key(plan.values[vid])] = vid
 
         def aliased(vid: int) -> Any:
             key = self._arena_key(plan.values[vid])
@@ -236,10 +306,15 @@ class Method:
             raise
         except RuntimeError as e:
             raise InputError(f"method {self.name!r} failed at instruction {pc - 1}: {e}") from e
-        for vid in self._mutable_ids:
-            self._initial[vid] = values[vid]
+        for vid in self._state:   # an out= write may have replaced the tensor rather than updated it
+            if isinstance(values[vid], torch.Tensor):
+                self._state[vid] = values[vid]
         self._last_calls = calls
-        return [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
+        outputs = [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
+        # An output that is (a view of) a mutable buffer would change under the caller at the next call.
+        state_ptrs = {t.untyped_storage().data_ptr() for t in self._state.values()}
+        return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in state_ptrs else o
+                for o in outputs]
 
     def route_report(self) -> List[Dict[str, Any]]:
         """One entry per delegated linear call of the last execute:

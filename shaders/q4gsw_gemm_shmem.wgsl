@@ -22,12 +22,12 @@
 //
 // Layout (see backend/serialization/schema.fbs):
 //   x       [M][K] fp32, read as vec4
-//   qweight [K/8][n_stride] u32: nibble j of word (k8, n) = code(8*k8 + j, n) + 8
+//   qweight [n_stride/16][K/8][16] u32: nibble j of word (k8, n) = code(8*k8 + j, n) + 8
 //   scales  [K/gs][n_stride] fp32
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
 //   partial [k_splits][M][N] fp32 (only read/written when k_splits > 1)
-// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 4,
+// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 16,
 // k_chunk % 16 == 0, k_splits = ceil(K / k_chunk).
 // Partial tiles: rows >= M stage zeros, columns >= n_stride stage zero weights; neither is stored.
 // Dispatch: (ceil(n_stride / 128), ceil(M / 128), k_splits). Workgroup memory: 16 KiB.
@@ -81,7 +81,7 @@ fn load_tile(k0: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
     st.w = 0x88888888u;   // code 0 in every nibble
     st.s = 0.0;
     if (n < params.n_stride) {
-        st.w = qweight[k8 * params.n_stride + n];
+        st.w = qweight[(n / 16u) * (params.K / 8u) * 16u + k8 * 16u + n % 16u];
         st.s = scales[(k8 / (params.group_size / 8u)) * params.n_stride + n];
     }
     return st;

@@ -13,14 +13,14 @@
 //
 // Layout (see backend/serialization/schema.fbs):
 //   x       [M][K] fp32, read as vec4
-//   qweight [K/8][n_stride] u32, read as vec4<u32> (4 adjacent columns):
+//   qweight [n_stride/16][K/8][16] u32, read as vec4<u32> (4 adjacent columns):
 //           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
 //   scales  [K/gs][n_stride] fp32, read as vec4
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
-// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 4, M >= 1.
+// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 16, M >= 1.
 // Partial row blocks: rows >= M read row M - 1 and are not stored.
-// Dispatch: (ceil(n_stride / 16), ceil(M / 4), 1). Workgroup memory: 16 KiB.
+// Dispatch: (n_stride / 16, ceil(M / 4), 1): one workgroup per 16-column block and 4 rows. Workgroup memory: 16 KiB.
 
 struct Params {
     M: u32,
@@ -77,6 +77,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let m0 = wg.y * ROWS;
     let groups = params.K / params.group_size;
     let words_per_group = params.group_size / 8u;
+    let block = wg.x * (params.K / 8u) * 4u + lid.x;   // this workgroup's 16 columns, quad lid.x, k8 = 0
     let k4_count = params.K / 4u;
     let last = params.M - 1u;
     let r0 = m0 * k4_count;
@@ -97,7 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             var d3 = vec4<f32>(0.0);
             for (var j = 0u; j < words_per_group; j++) {
                 let k8 = g * words_per_group + j;
-                let w = qweight[k8 * quads + n4];
+                let w = qweight[block + k8 * 4u];
                 let w0 = nib(w, 0u);
                 let w1 = nib(w, 4u);
                 let w2 = nib(w, 8u);

@@ -12,14 +12,14 @@
 //
 // Layout (see backend/serialization/schema.fbs):
 //   x       [K] fp32, read as vec4
-//   qweight [K/8][n_stride] u32, read as vec4<u32> (4 adjacent columns):
+//   qweight [n_stride/16][K/8][16] u32, read as vec4<u32> (4 adjacent columns):
 //           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
 //   scales  [K/gs][n_stride] fp32, read as vec4
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [N] fp32
 // Preconditions: gs % 32 == 0 (so words per group is a multiple of 4), K % gs == 0,
-// n_stride = N rounded up to 4.
-// Dispatch: (ceil(n_stride / 16), 1, 1). Workgroup memory: 4 KiB.
+// n_stride = N rounded up to 16.
+// Dispatch: (n_stride / 16, 1, 1): one workgroup per 16-column block. Workgroup memory: 4 KiB.
 
 struct Params {
     M: u32,
@@ -69,6 +69,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let n4 = wg.x * QUADS + lid.x;
     let groups = params.K / params.group_size;
     let words_per_group = params.group_size / 8u;
+    let block = wg.x * (params.K / 8u) * 4u + lid.x;   // this workgroup's 16 columns, quad lid.x, k8 = 0
 
     var acc = vec4<f32>(0.0);
     if (n4 < quads) {
@@ -77,10 +78,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             var d = vec4<f32>(0.0);
             for (var j = 0u; j < words_per_group; j += 4u) {
                 let k8 = g * words_per_group + j;
-                let w0 = qweight[k8 * quads + n4];
-                let w1 = qweight[(k8 + 1u) * quads + n4];
-                let w2 = qweight[(k8 + 2u) * quads + n4];
-                let w3 = qweight[(k8 + 3u) * quads + n4];
+                let w0 = qweight[block + k8 * 4u];
+                let w1 = qweight[block + (k8 + 1u) * 4u];
+                let w2 = qweight[block + (k8 + 2u) * 4u];
+                let w3 = qweight[block + (k8 + 3u) * 4u];
                 d += dot8(w0, k8);
                 d += dot8(w1, k8 + 1u);
                 d += dot8(w2, k8 + 2u);

@@ -11,7 +11,7 @@ from executorch_wgpu import bench
 
 
 def test_quick_bench_checks_every_kernel_against_the_golden_and_writes_reports(tmp_path):
-    bench.main(["--quick", "--shapes", "q,down", "--m", "1,16", "--reps", "2", "--warmup", "1",
+    bench.main(["--quick", "--shapes", "q,down", "--m", "1,16", "--reps", "2", "--warmup", "1", "--rounds", "1",
                 "--out", str(tmp_path)])
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = results["rows"]

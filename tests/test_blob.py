@@ -21,7 +21,7 @@ from executorch_wgpu.backend.serialization.blob import (
 def record(bias=True):
     codes = torch.randint(-8, 8, (20, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     return Q4LinearRecord(
-        name="layers.0.fc", in_features=64, out_features=20, group_size=32, n_stride=20, m_min=1, m_max=512,
+        name="layers.0.fc", in_features=64, out_features=20, group_size=32, n_stride=32, m_min=1, m_max=512,
         qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(torch.rand(20, 2, generator=torch.Generator().manual_seed(2))),
         bias=np.arange(20, dtype=np.float32) if bias else None,
         route=decide_route(64, 20, 32, RouteOptions(prefill_route="shmem")),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights, unpack_q4gsw_weights
-from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, round_up
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, Route, round_up
 from executorch_wgpu.runtime.gpu import gpu_context
 from executorch_wgpu.runtime.q4_linear import Q4LinearGPU, plan_call
 
@@ -17,7 +17,7 @@ def make_layer(k, n, gs, bias, decode, prefill, seed=0):
     scales = torch.rand(n, k // gs, generator=g) * 0.05 + 0.005
     b = torch.randn(n, generator=g) if bias else None
     rec = Q4LinearRecord(
-        name="probe", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, 4), m_min=1, m_max=4096,
+        name="probe", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, N_ALIGN), m_min=1, m_max=4096,
         qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
         bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 4096, 4096, "test"),
     )
@@ -67,7 +67,7 @@ def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
 @pytest.mark.parametrize("m,k,n,splits", [(70, 1024, 136, 4), (129, 512, 64, 2), (128, 128, 200, 1),
                                            (512, 2048, 2048, 4), (512, 2048, 8192, 1), (2048, 8192, 2048, 1)])
 def test_shmem_splits_k_only_when_tiles_leave_the_gpu_idle(m, k, n, splits):
-    plan = plan_call("shmem", m, k, n, round_up(n, 4))
+    plan = plan_call("shmem", m, k, n, round_up(n, N_ALIGN))
     assert plan.k_splits == splits
     assert plan.k_chunk % 16 == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
     assert [d.shader for d in plan.dispatches] == ["shmem"] + (["splitk_reduce"] if splits > 1 else [])

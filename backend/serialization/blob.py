@@ -33,7 +33,8 @@ ROUTE_SOURCES = ("default-rule", "forced", "route-table")
 
 # Shape rules the packed layout relies on; kept here because both the packer
 # and this reader must agree on them.
-N_ALIGN = 4           # n_stride = N rounded up to a multiple of this (vec4 loads)
+N_ALIGN = 16          # n_stride = N rounded up to a multiple of this: whole 16-column weight blocks
+QW_BLOCK = 16         # columns per block of the packed weights (see schema.fbs)
 GROUP_ALIGN = 32      # group sizes must be multiples of this (8 nibbles per word, 32-wide K tiles)
 
 
