@@ -99,13 +99,30 @@ def k_split_for(m: int, k: int, n_stride: int) -> tuple:
     return math.ceil(k / chunk), chunk
 
 
-def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int) -> Plan:
+GEMV_SLICES = 64         # K slices inside a GEMV workgroup (q4gsw_gemv.wgsl)
+GEMV_MAX_SPLITS = 8
+
+
+def gemv_k_split_for(k: int, group_size: int) -> tuple:
+    """(k_splits, k_chunk) for the GEMV: one quantization group per thread when K is long."""
+    groups = k // group_size
+    splits = max(1, min(GEMV_MAX_SPLITS, groups // GEMV_SLICES))
+    if splits == 1:
+        return 1, k
+    chunk = math.ceil(groups / splits) * group_size
+    return math.ceil(k / chunk), chunk
+
+
+def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int) -> Plan:
     """The dispatches that compute y for M = m with a kernel; grids match the shader headers."""
     k_splits, k_chunk = 1, k
     if kernel == "gemv":
         if m != 1:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
-        dispatches = (Dispatch("gemv", (math.ceil(n_stride / 16), 1, 1)),)
+        k_splits, k_chunk = gemv_k_split_for(k, group_size)
+        dispatches = (Dispatch("gemv", (n_stride // 16, 1, k_splits)),)
+        if k_splits > 1:
+            dispatches += (Dispatch("splitk_reduce", (math.ceil(n / 256), 1, 1)),)
     elif kernel == "regtiled":
         dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 32), math.ceil(m / 32), 1)),)
     elif kernel == "skinny":
@@ -166,7 +183,7 @@ class Q4LinearGPU:
         key = (kernel, m)
         if key not in self.plans:
             rec = self.rec
-            self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride)
+            self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size)
         return self.plans[key]
 
     def _ensure_buffers(self, m: int, partial_bytes: int) -> None:

@@ -99,7 +99,9 @@ fn store_tile(st: Staged, t: u32) {
     let col = t % TN;
     let k_local = 8u * (t / TN);
     for (var j = 0u; j < 8u; j++) {
-        ws[(k_local + j) * 32u + col / 4u][col % 4u] = (f32((st.w >> (4u * j)) & 0xFu) - 8.0) * st.s;
+        // 2^23 + q as a float, minus 2^23 + 8: the code without an int-to-float convert.
+        let code = bitcast<f32>(((st.w >> (4u * j)) & 0xFu) | 0x4B000000u) - 8388616.0;
+        ws[(k_local + j) * 32u + col / 4u][col % 4u] = code * st.s;
     }
 }
 

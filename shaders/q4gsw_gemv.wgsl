@@ -19,7 +19,12 @@
 //   y       [N] fp32
 // Preconditions: gs % 32 == 0 (so words per group is a multiple of 4), K % gs == 0,
 // n_stride = N rounded up to 16.
-// Dispatch: (n_stride / 16, 1, 1): one workgroup per 16-column block. Workgroup memory: 4 KiB.
+// Split K: with k_splits > 1, workgroup z sums only k in [z * k_chunk, (z + 1) * k_chunk)
+// and writes partial_out[z][N]; q4gsw_splitk_reduce.wgsl then adds the splits and
+// the bias. Long-K layers (down: K = 8192) get 4x the workgroups that way.
+// Preconditions (split K): k_chunk % group_size == 0, k_splits = ceil(K / k_chunk).
+// Dispatch: (n_stride / 16, 1, k_splits): one workgroup per 16-column block and split.
+// Workgroup memory: 4 KiB.
 
 struct Params {
     M: u32,
@@ -38,14 +43,19 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scales: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read_write> partial_out: array<f32>;
 
 const QUADS: u32 = 4u;     // column quads per workgroup (16 columns)
 const SLICES: u32 = 64u;   // ways K is split inside a workgroup
 
 var<workgroup> partial: array<vec4<f32>, 256>;
 
+// Nibble -> code as f32 without an int-to-float convert (quarter rate on
+// NVIDIA): 0x4B000000 | q is the float 2^23 + q exactly, so subtracting
+// 2^23 + 8 leaves q - 8 exactly.
 fn nib(w: vec4<u32>, shift: u32) -> vec4<f32> {
-    return vec4<f32>((w >> vec4<u32>(shift)) & vec4<u32>(0xFu)) - vec4<f32>(8.0);
+    let q = (w >> vec4<u32>(shift)) & vec4<u32>(0xFu);
+    return bitcast<vec4<f32>>(q | vec4<u32>(0x4B000000u)) - vec4<f32>(8388616.0);
 }
 
 // sum over the 8 k of one packed word: x[8*k8 .. 8*k8+7] . codes (4 columns at once)
@@ -71,9 +81,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let words_per_group = params.group_size / 8u;
     let block = wg.x * (params.K / 8u) * 4u + lid.x;   // this workgroup's 16 columns, quad lid.x, k8 = 0
 
+    // Split K over workgroups (z): this one sums groups [g_begin, g_end).
+    let groups_per_split = params.k_chunk / params.group_size;
+    let g_begin = wg.z * groups_per_split;
+    let g_end = min(groups, g_begin + groups_per_split);
+
     var acc = vec4<f32>(0.0);
     if (n4 < quads) {
-        for (var g = lid.y; g < groups; g += SLICES) {
+        for (var g = g_begin + lid.y; g < g_end; g += SLICES) {
             let s = scales[g * quads + n4];
             var d = vec4<f32>(0.0);
             for (var j = 0u; j < words_per_group; j += 4u) {
@@ -100,11 +115,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         workgroupBarrier();
     }
     if (lid.y == 0u && n4 < quads) {
-        let r = partial[lid.x] + bias[n4];
+        let r = partial[lid.x];
         for (var c = 0u; c < 4u; c++) {
             let n = 4u * n4 + c;
             if (n < params.N) {
-                y[n] = r[c];
+                if (params.k_splits == 1u) {
+                    y[n] = r[c] + bias[n4][c];
+                } else {
+                    partial_out[wg.z * params.N + n] = r[c];
+                }
             }
         }
     }

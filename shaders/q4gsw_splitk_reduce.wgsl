@@ -1,6 +1,6 @@
 // Split-K epilogue: y[m, n] = sum_z partial[z][m][n] + bias[n], z = 0, 1, ... in order.
 //
-// Runs after a GEMM dispatched with k_splits > 1 (see q4gsw_gemm_shmem.wgsl),
+// Runs after a GEMM or GEMV dispatched with k_splits > 1 (q4gsw_gemm_shmem.wgsl, q4gsw_gemv.wgsl),
 // in the same compute pass. The fixed summation order keeps results
 // bit-reproducible from call to call.
 //

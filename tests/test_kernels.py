@@ -38,7 +38,10 @@ def test_packing_round_trips_codes_including_padded_columns():
 
 
 @pytest.mark.parametrize("kernel", ["gemv", "skinny", "regtiled", "shmem"])
-@pytest.mark.parametrize("k,n,gs,bias", [(1024, 136, 32, True), (256, 30, 64, False), (512, 8, 128, True)])
+@pytest.mark.parametrize("k,n,gs,bias", [
+    (1024, 136, 32, True), (256, 30, 64, False), (512, 8, 128, True),
+    (4096, 40, 32, True),   # 128 groups: the GEMV splits K over 2 workgroups + reduce
+])
 def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
     layer, w, b = make_layer(k, n, gs, bias, decode=kernel, prefill="regtiled")
     x = torch.randn(1, k)
@@ -67,10 +70,18 @@ def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
 @pytest.mark.parametrize("m,k,n,splits", [(70, 1024, 136, 4), (129, 512, 64, 2), (128, 128, 200, 1),
                                            (512, 2048, 2048, 4), (512, 2048, 8192, 1), (2048, 8192, 2048, 1)])
 def test_shmem_splits_k_only_when_tiles_leave_the_gpu_idle(m, k, n, splits):
-    plan = plan_call("shmem", m, k, n, round_up(n, N_ALIGN))
+    plan = plan_call("shmem", m, k, n, round_up(n, N_ALIGN), 32)
     assert plan.k_splits == splits
     assert plan.k_chunk % 16 == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
     assert [d.shader for d in plan.dispatches] == ["shmem"] + (["splitk_reduce"] if splits > 1 else [])
+
+
+@pytest.mark.parametrize("k,gs,splits", [(2048, 32, 1), (4096, 32, 2), (8192, 32, 4), (8192, 128, 1), (65536, 32, 8)])
+def test_gemv_splits_k_over_workgroups_only_for_long_k(k, gs, splits):
+    plan = plan_call("gemv", 1, k, 100, round_up(100, N_ALIGN), gs)
+    assert plan.k_splits == splits
+    assert plan.k_chunk % gs == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
+    assert [d.shader for d in plan.dispatches] == ["gemv"] + (["splitk_reduce"] if splits > 1 else [])
 
 
 def test_layer_serves_decode_and_prefill_alternately():
