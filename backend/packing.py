@@ -58,11 +58,12 @@ def pack_q4gsw_weights(codes: torch.Tensor) -> np.ndarray:
 
 
 def pack_q4gsw_scales(scales: torch.Tensor) -> np.ndarray:
-    """fp32 scales [N, K / gs] -> float32 [(K / gs) * n_stride], group-major; padding 0."""
+    """fp32 scales [N, K / gs] -> float32 [n_stride / 16][K / gs][16], blocked like the weights; padding 0."""
     n, groups = scales.shape
-    out = np.zeros((groups, round_up(n, N_ALIGN)), dtype=np.float32)
-    out[:, :n] = scales.detach().to(torch.float32).t().numpy()
-    return out.reshape(-1)
+    n_stride = round_up(n, N_ALIGN)
+    out = np.zeros((n_stride, groups), dtype=np.float32)
+    out[:n] = scales.detach().to(torch.float32).numpy()
+    return np.ascontiguousarray(out.reshape(n_stride // QW_BLOCK, QW_BLOCK, groups).transpose(0, 2, 1)).reshape(-1)
 
 
 def unpack_q4gsw_weights(words: np.ndarray, in_features: int, out_features: int) -> torch.Tensor:

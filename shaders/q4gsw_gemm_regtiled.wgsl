@@ -10,7 +10,7 @@
 //   x       [M][K] fp32, read as vec4
 //   qweight [n_stride/16][K/8][16] u32, read as vec4<u32> (4 adjacent columns):
 //           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [K/gs][n_stride] fp32
+//   scales  [n_stride/16][K/gs][16] fp32
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
 // Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 16, M >= 1.
@@ -73,6 +73,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k8_count = params.K / 8u;
     let words_per_group = params.group_size / 8u;
     let block = (n4 / 4u) * k8_count * 4u + n4 % 4u;   // quad n4 of its 16-column block, k8 = 0
+    let scale_block = (n4 / 4u) * (params.K / params.group_size) * 4u + n4 % 4u;
     let last = params.M - 1u;
     let r0 = m0 * k4_count;
     let r1 = min(m0 + 1u, last) * k4_count;
@@ -85,7 +86,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc3 = vec4<f32>(0.0);
     for (var k8 = 0u; k8 < k8_count; k8++) {
         let w = qweight[block + k8 * 4u];
-        let s = scales[(k8 / words_per_group) * quads + n4];
+        let s = scales[scale_block + (k8 / words_per_group) * 4u];
         let w0 = nib(w, 0u) * s;
         let w1 = nib(w, 4u) * s;
         let w2 = nib(w, 8u) * s;

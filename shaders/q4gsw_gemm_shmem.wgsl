@@ -23,7 +23,7 @@
 // Layout (see backend/serialization/schema.fbs):
 //   x       [M][K] fp32, read as vec4
 //   qweight [n_stride/16][K/8][16] u32: nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [K/gs][n_stride] fp32
+//   scales  [n_stride/16][K/gs][16] fp32
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
 //   partial [k_splits][M][N] fp32 (only read/written when k_splits > 1)
@@ -82,7 +82,7 @@ fn load_tile(k0: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
     st.s = 0.0;
     if (n < params.n_stride) {
         st.w = qweight[(n / 16u) * (params.K / 8u) * 16u + k8 * 16u + n % 16u];
-        st.s = scales[(k8 / (params.group_size / 8u)) * params.n_stride + n];
+        st.s = scales[(n / 16u) * (params.K / params.group_size) * 16u + (k8 / (params.group_size / 8u)) * 16u + n % 16u];
     }
     return st;
 }

@@ -15,7 +15,7 @@
 //   x       [M][K] fp32, read as vec4
 //   qweight [n_stride/16][K/8][16] u32, read as vec4<u32> (4 adjacent columns):
 //           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [K/gs][n_stride] fp32, read as vec4
+//   scales  [n_stride/16][K/gs][16] fp32, read as vec4
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [M][N] fp32
 // Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 16, M >= 1.
@@ -82,6 +82,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let groups = params.K / params.group_size;
     let words_per_group = params.group_size / 8u;
     let block = wg.x * (params.K / 8u) * 4u + lid.x;   // this workgroup's 16 columns, quad lid.x, k8 = 0
+    let scale_block = wg.x * groups * 4u + lid.x;      // the same columns' scales, group 0
     let k4_count = params.K / 4u;
     let last = params.M - 1u;
     let r0 = m0 * k4_count;
@@ -95,7 +96,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var acc3 = vec4<f32>(0.0);
     if (n4 < quads) {
         for (var g = lid.y; g < groups; g += SLICES) {
-            let s = scales[g * quads + n4];
+            let s = scales[scale_block + g * 4u];
             var d0 = vec4<f32>(0.0);
             var d1 = vec4<f32>(0.0);
             var d2 = vec4<f32>(0.0);

@@ -14,7 +14,7 @@
 //   x       [K] fp32, read as vec4
 //   qweight [n_stride/16][K/8][16] u32, read as vec4<u32> (4 adjacent columns):
 //           nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [K/gs][n_stride] fp32, read as vec4
+//   scales  [n_stride/16][K/gs][16] fp32, read as vec4
 //   bias    [n_stride] fp32 (zeros when the layer has none)
 //   y       [N] fp32
 // Preconditions: gs % 32 == 0 (so words per group is a multiple of 4), K % gs == 0,
@@ -58,10 +58,8 @@ fn nib(w: vec4<u32>, shift: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(q | vec4<u32>(0x4B000000u)) - vec4<f32>(8388616.0);
 }
 
-// sum over the 8 k of one packed word: x[8*k8 .. 8*k8+7] . codes (4 columns at once)
-fn dot8(w: vec4<u32>, k8: u32) -> vec4<f32> {
-    let xa = x[2u * k8];
-    let xb = x[2u * k8 + 1u];
+// sum over the 8 k of one packed word: x[8*k8 .. 8*k8+7] (xa, xb) . codes (4 columns at once)
+fn dot8(w: vec4<u32>, xa: vec4<f32>, xb: vec4<f32>) -> vec4<f32> {
     var d = xa.x * nib(w, 0u);
     d += xa.y * nib(w, 4u);
     d += xa.z * nib(w, 8u);
@@ -80,6 +78,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let groups = params.K / params.group_size;
     let words_per_group = params.group_size / 8u;
     let block = wg.x * (params.K / 8u) * 4u + lid.x;   // this workgroup's 16 columns, quad lid.x, k8 = 0
+    let scale_block = wg.x * groups * 4u + lid.x;      // the same columns' scales, group 0
 
     // Split K over workgroups (z): this one sums groups [g_begin, g_end).
     let groups_per_split = params.k_chunk / params.group_size;
@@ -89,18 +88,27 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     var acc = vec4<f32>(0.0);
     if (n4 < quads) {
         for (var g = g_begin + lid.y; g < g_end; g += SLICES) {
-            let s = scales[g * quads + n4];
+            let s = scales[scale_block + g * 4u];
             var d = vec4<f32>(0.0);
             for (var j = 0u; j < words_per_group; j += 4u) {
+                // All twelve loads (4 weight words, 32 k of x) issued before any is used.
                 let k8 = g * words_per_group + j;
                 let w0 = qweight[block + k8 * 4u];
                 let w1 = qweight[block + (k8 + 1u) * 4u];
                 let w2 = qweight[block + (k8 + 2u) * 4u];
                 let w3 = qweight[block + (k8 + 3u) * 4u];
-                d += dot8(w0, k8);
-                d += dot8(w1, k8 + 1u);
-                d += dot8(w2, k8 + 2u);
-                d += dot8(w3, k8 + 3u);
+                let x0 = x[2u * k8];
+                let x1 = x[2u * k8 + 1u];
+                let x2 = x[2u * k8 + 2u];
+                let x3 = x[2u * k8 + 3u];
+                let x4 = x[2u * k8 + 4u];
+                let x5 = x[2u * k8 + 5u];
+                let x6 = x[2u * k8 + 6u];
+                let x7 = x[2u * k8 + 7u];
+                d += dot8(w0, x0, x1);
+                d += dot8(w1, x2, x3);
+                d += dot8(w2, x4, x5);
+                d += dot8(w3, x6, x7);
             }
             acc += d * s;
         }
