@@ -12,7 +12,8 @@ from typing import List, Sequence
 from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear
 from executorch_wgpu.errors import ProgramFormatError
 from executorch_wgpu.runtime.gpu import gpu_context
-from executorch_wgpu.runtime.q4_linear import LinearCall, Q4LinearGPU
+from executorch_wgpu.runtime.q4_linear import LinearCall
+from executorch_wgpu.runtime.split_linear import Q4Linear
 
 
 class WebGPUDelegate:
@@ -20,7 +21,7 @@ class WebGPUDelegate:
 
     def __init__(self, blob: bytes):
         self.record = deserialize_q4linear(blob)
-        self.layer = Q4LinearGPU(gpu_context(), self.record)
+        self.layer = Q4Linear(gpu_context(), self.record)
 
     def execute(self, inputs: Sequence, calls: List[LinearCall]) -> list:
         """The delegate's outputs for its inputs; appends what the call did to calls."""

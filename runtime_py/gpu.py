@@ -6,6 +6,7 @@ created on first use, with timestamp queries when the adapter offers them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import logging
 import threading
@@ -54,6 +55,37 @@ def read_shader(name: str) -> str:
     return importlib.resources.files("executorch_wgpu.shaders").joinpath(SHADER_FILES[name]).read_text()
 
 
+@dataclass(frozen=True)
+class PlanLimits:
+    """The limits a layer's buffers and dispatches are planned against (split_linear.py)."""
+
+    max_binding_bytes: int        # largest storage buffer one binding may hold
+    max_workgroups_per_dim: int   # largest grid dimension of one dispatch
+
+
+_limit_caps: dict = {}
+
+
+@contextlib.contextmanager
+def capped_plan_limits(max_binding_bytes: Optional[int] = None, max_workgroups_per_dim: Optional[int] = None):
+    """Plan layers loaded inside this block against lower limits than the device's.
+
+    The device's real limits (lavapipe: 128 MiB bindings, 65535 workgroups)
+    need layers far too big for a CPU test to exercise the split paths; a cap
+    makes them run on small layers. Caps only lower limits, never raise them.
+    """
+    saved = dict(_limit_caps)
+    if max_binding_bytes is not None:
+        _limit_caps["max_binding_bytes"] = max_binding_bytes
+    if max_workgroups_per_dim is not None:
+        _limit_caps["max_workgroups_per_dim"] = max_workgroups_per_dim
+    try:
+        yield
+    finally:
+        _limit_caps.clear()
+        _limit_caps.update(saved)
+
+
 @dataclass
 class GPUContext:
     adapter: wgpu.GPUAdapter
@@ -67,6 +99,16 @@ class GPUContext:
     def adapter_name(self) -> str:
         info = self.adapter.info
         return f"{info.get('device', '?')} ({info.get('backend_type', '?')}, {info.get('description', '')})"
+
+    def plan_limits(self) -> PlanLimits:
+        """The device's binding and grid limits, lowered by any capped_plan_limits() in force."""
+        limits = self.device.limits
+        binding = min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])
+        groups = limits["max-compute-workgroups-per-dimension"]
+        return PlanLimits(
+            max_binding_bytes=min(binding, _limit_caps.get("max_binding_bytes", binding)),
+            max_workgroups_per_dim=min(groups, _limit_caps.get("max_workgroups_per_dim", groups)),
+        )
 
     def pipeline(self, name: str) -> wgpu.GPUComputePipeline:
         """The compute pipeline of a shader, compiled once per process."""

@@ -89,10 +89,11 @@ class Plan:
         return 0 if self.k_splits == 1 else self.k_splits * self.m * self.n * 4
 
 
-def k_split_for(m: int, k: int, n_stride: int) -> tuple:
+def k_split_for(m: int, k: int, n_stride: int, max_groups: int = MAX_GROUPS_PER_DIM) -> tuple:
     """(k_splits, k_chunk) for the shmem GEMM: enough workgroups to fill the GPU, chunks a multiple of 16."""
     tiles = math.ceil(n_stride / 128) * math.ceil(m / 128)
-    splits = min(SPLITK_MAX_SPLITS, max(1, k // SPLITK_MIN_CHUNK), math.ceil(SPLITK_TARGET_WORKGROUPS / tiles))
+    splits = min(SPLITK_MAX_SPLITS, max_groups, max(1, k // SPLITK_MIN_CHUNK),
+                 math.ceil(SPLITK_TARGET_WORKGROUPS / tiles))
     if splits <= 1:
         return 1, k
     chunk = math.ceil(math.ceil(k / splits) / 16) * 16
@@ -103,23 +104,28 @@ GEMV_SLICES = 64         # K slices inside a GEMV workgroup (q4gsw_gemv.wgsl)
 GEMV_MAX_SPLITS = 8
 
 
-def gemv_k_split_for(k: int, group_size: int) -> tuple:
+def gemv_k_split_for(k: int, group_size: int, max_groups: int = MAX_GROUPS_PER_DIM) -> tuple:
     """(k_splits, k_chunk) for the GEMV: one quantization group per thread when K is long."""
     groups = k // group_size
-    splits = max(1, min(GEMV_MAX_SPLITS, groups // GEMV_SLICES))
+    splits = max(1, min(GEMV_MAX_SPLITS, max_groups, groups // GEMV_SLICES))
     if splits == 1:
         return 1, k
     chunk = math.ceil(groups / splits) * group_size
     return math.ceil(k / chunk), chunk
 
 
-def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int) -> Plan:
-    """The dispatches that compute y for M = m with a kernel; grids match the shader headers."""
+def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int,
+              max_groups: int = MAX_GROUPS_PER_DIM) -> Plan:
+    """The dispatches that compute y for M = m with a kernel; grids match the shader headers.
+
+    Raises WebGPUDelegateError when a grid would exceed max_groups workgroups
+    in a dimension (split_linear.py sizes parts and row chunks so it does not).
+    """
     k_splits, k_chunk = 1, k
     if kernel == "gemv":
         if m != 1:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
-        k_splits, k_chunk = gemv_k_split_for(k, group_size)
+        k_splits, k_chunk = gemv_k_split_for(k, group_size, max_groups)
         dispatches = (Dispatch("gemv", (n_stride // 16, 1, k_splits)),)
         if k_splits > 1:
             dispatches += (Dispatch("splitk_reduce", (math.ceil(n / 256), 1, 1)),)
@@ -128,18 +134,33 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     elif kernel == "skinny":
         dispatches = (Dispatch("skinny", (math.ceil(n_stride / 16), math.ceil(m / 4), 1)),)
     elif kernel == "shmem":
-        k_splits, k_chunk = k_split_for(m, k, n_stride)
+        k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups)
         dispatches = (Dispatch("shmem", (math.ceil(n_stride / 128), math.ceil(m / 128), k_splits)),)
         if k_splits > 1:
             dispatches += (Dispatch("splitk_reduce", (math.ceil(m * n / 256), 1, 1)),)
     else:
         raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
     for d in dispatches:
-        if max(d.grid) > MAX_GROUPS_PER_DIM:
+        if max(d.grid) > max_groups:
             raise WebGPUDelegateError(
-                f"{kernel} at M={m}, N={n}: grid {d.grid} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension"
+                f"{kernel} at M={m}, N={n}: grid {d.grid} exceeds {max_groups} workgroups per dimension"
             )
     return Plan(kernel, m, n, k_splits, k_chunk, dispatches)
+
+
+def check_input(rec: Q4LinearRecord, x: torch.Tensor) -> int:
+    """M of a call; raises InputError for anything the layer was not exported for."""
+    if x.dtype != torch.float32:
+        raise InputError(f"layer {rec.name!r}: input dtype is {x.dtype}, expected torch.float32")
+    if x.dim() < 1 or x.shape[-1] != rec.in_features:
+        raise InputError(f"layer {rec.name!r}: input shape {tuple(x.shape)} does not end in K={rec.in_features}")
+    m = x.numel() // rec.in_features
+    if not rec.m_min <= m <= rec.m_max:
+        raise InputError(
+            f"layer {rec.name!r}: M={m} (product of leading dims of {tuple(x.shape)}) is outside the "
+            f"exported range [{rec.m_min}, {rec.m_max}]"
+        )
+    return m
 
 
 class Q4LinearGPU:
@@ -149,11 +170,12 @@ class Q4LinearGPU:
         self.ctx = ctx
         self.rec = rec
         dev = ctx.device
-        limit = dev.limits["max-storage-buffer-binding-size"]
-        if rec.qweight.nbytes > limit:
+        self.limits = ctx.plan_limits()
+        largest = max(rec.qweight.nbytes, rec.scales.nbytes)
+        if largest > self.limits.max_binding_bytes:
             raise WebGPUDelegateError(
-                f"layer {rec.name!r}: packed weights are {rec.qweight.nbytes} bytes, more than this "
-                f"adapter's max-storage-buffer-binding-size {limit}; layers that large are not supported yet"
+                f"layer {rec.name!r}: a {largest}-byte weight buffer exceeds the {self.limits.max_binding_bytes}-byte "
+                f"binding limit; load it through split_linear.Q4Linear, which splits it over N"
             )
         self.qweight = dev.create_buffer_with_data(label=f"{rec.name}.qweight", data=rec.qweight, usage=_STORAGE)
         self.scales = dev.create_buffer_with_data(label=f"{rec.name}.scales", data=rec.scales, usage=_STORAGE)
@@ -183,7 +205,8 @@ class Q4LinearGPU:
         key = (kernel, m)
         if key not in self.plans:
             rec = self.rec
-            self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size)
+            self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size,
+                                        self.limits.max_workgroups_per_dim)
         return self.plans[key]
 
     def _ensure_buffers(self, m: int, partial_bytes: int) -> None:
@@ -191,7 +214,9 @@ class Q4LinearGPU:
         dev, rec = self.ctx.device, self.rec
         grown = False
         if m > self.capacity:
-            rows = max(min(1 << (m - 1).bit_length(), rec.m_max), m)
+            # Room for the next power of two of rows (fewer regrowths), within the binding limit.
+            row_bytes = max(rec.in_features, rec.out_features) * 4
+            rows = max(min(1 << (m - 1).bit_length(), rec.m_max, self.limits.max_binding_bytes // row_bytes), m)
             self.x = dev.create_buffer(label=f"{rec.name}.x", size=rows * rec.in_features * 4, usage=_STORAGE)
             y_bytes = rows * rec.out_features * 4
             self.y = dev.create_buffer(
@@ -222,21 +247,7 @@ class Q4LinearGPU:
             )
 
     def check_input(self, x: torch.Tensor) -> int:
-        """M of this call; raises InputError for anything the layer was not exported for."""
-        rec = self.rec
-        if x.dtype != torch.float32:
-            raise InputError(f"layer {rec.name!r}: input dtype is {x.dtype}, expected torch.float32")
-        if x.dim() < 1 or x.shape[-1] != rec.in_features:
-            raise InputError(
-                f"layer {rec.name!r}: input shape {tuple(x.shape)} does not end in K={rec.in_features}"
-            )
-        m = x.numel() // rec.in_features
-        if not rec.m_min <= m <= rec.m_max:
-            raise InputError(
-                f"layer {rec.name!r}: M={m} (product of leading dims of {tuple(x.shape)}) is outside the "
-                f"exported range [{rec.m_min}, {rec.m_max}]"
-            )
-        return m
+        return check_input(self.rec, x)
 
     def prepare(self, kernel: str, m: int) -> Plan:
         """Buffers, bind group and parameters for a call of `kernel` at M = m; returns its plan."""
