@@ -21,13 +21,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from executorch_wgpu.backend.route_table import RouteTable, RouteTableEntry, describe_buckets
+from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry, describe_buckets
 from executorch_wgpu.backend.routing import DECODE_KERNELS, PREFILL_KERNELS
 
 log = logging.getLogger(__name__)
-
-# Upper bound of the last prefill bucket: any M (the same bound preprocess records for an unbounded M).
-LAST_BUCKET_M_MAX = 2**62
 
 ShapeKey = Tuple[int, int, int]              # (K, N, group_size)
 Timings = Dict[int, Dict[str, float]]        # M -> {kernel: µs}, correct kernels only

@@ -29,7 +29,7 @@ from executorch_wgpu.backend.q4gsw_pattern import (
     op_name,
 )
 from executorch_wgpu.backend.route_table import RouteTable
-from executorch_wgpu.backend.routing import DEFAULT_K_THRESHOLD, DEFAULT_N_THRESHOLD, RouteOptions
+from executorch_wgpu.backend.routing import DEFAULT_SHMEM_MIN_MN, DEFAULT_SKINNY_MAX_M, RouteOptions
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class WebGPUPartitioner(Partitioner):
     """Delegates int4 group-symmetric weight-only linears to executorch_wgpu.
 
     Args:
-        prefill_route: force the M > 1 kernel of every layer ("regtiled" or "shmem");
-            None applies the default rule (shmem when K >= shmem_k_threshold or
-            N >= shmem_n_threshold, else regtiled).
-        decode_route: force the M == 1 kernel ("gemv", "regtiled" or "shmem"); None means "gemv".
-        shmem_k_threshold, shmem_n_threshold: thresholds of the default rule.
+        prefill_route: force the M > 1 kernel of every layer ("skinny", "regtiled" or "shmem");
+            None applies the default rule (skinny while M <= skinny_max_m or
+            M*N < shmem_min_mn, else shmem; measured on an H100, see docs/PERFORMANCE.md).
+        decode_route: force the M == 1 kernel ("gemv", "skinny", "regtiled" or "shmem"); None means "gemv".
+        skinny_max_m, shmem_min_mn: knobs of the default rule (positive; defaults 32 and 2**18).
         route_table: a measured route table (`python -m executorch_wgpu tune`), as a path
             or a RouteTable. Layers whose (K, N, group size) it lists take its routes,
             the others the default rule; forced routes above win over it. A file that
@@ -60,13 +60,13 @@ class WebGPUPartitioner(Partitioner):
         self,
         prefill_route: Optional[str] = None,
         decode_route: Optional[str] = None,
-        shmem_k_threshold: int = DEFAULT_K_THRESHOLD,
-        shmem_n_threshold: int = DEFAULT_N_THRESHOLD,
+        skinny_max_m: int = DEFAULT_SKINNY_MAX_M,
+        shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN,
         route_table: Union[None, str, os.PathLike, RouteTable] = None,
     ):
         super().__init__()
         self.route_options = RouteOptions(
-            prefill_route, decode_route, shmem_k_threshold, shmem_n_threshold, as_route_table(route_table)
+            prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table)
         )
         self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
 

@@ -26,6 +26,9 @@ from executorch_wgpu.backend.serialization.blob import KERNELS, Route
 FORMAT = "executorch_wgpu-route-table"
 VERSION = 1
 
+# Upper bound of the last prefill bucket: any M (tune's tables and the default rule both end with it).
+LAST_BUCKET_M_MAX = 2**62
+
 
 class RouteTableError(ValueError):
     """A route table file that cannot be used; the message names the file and the problem."""
@@ -75,8 +78,8 @@ class RouteTable:
             decode_kernel=e.decode,
             prefill_kernel=e.prefill[-1][1],
             source="route-table",
-            k_threshold=0,
-            n_threshold=0,
+            skinny_max_m=0,
+            shmem_min_mn=0,
             reason=(f"measured fastest on {self.adapter}: decode -> {e.decode}; "
                     f"prefill {describe_buckets(e.prefill)} (K={k}, N={n})"),
             table=self.describe(),

@@ -1,31 +1,39 @@
 """Which kernel runs each layer: the route rule lives here and nowhere else.
 
 M = product of the input's leading dims, known only per call; K and N are
-known at lowering time. So preprocess records two decisions per layer: the
-decode kernel (M == 1) and the prefill kernel (M > 1), or with a measured
-route table, prefill kernels per M bucket. The runtime obeys them.
+known at lowering time. So preprocess records per layer the decode kernel
+(M == 1) and the prefill kernels (M > 1) as M buckets ((m_max, kernel), ...);
+the runtime obeys them.
 
 Precedence, per half (decode, prefill): a route forced by the partitioner,
-then the route table's entry for (K, N, group size), then the default rule.
+then the route table's entry for (K, N, group size), then the default rule
+(`default_prefill_buckets`): M == 1 -> gemv; M > 1 -> skinny while
+M <= skinny_max_m or M*N < shmem_min_mn, shmem above.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-from executorch_wgpu.backend.route_table import RouteTable
+from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, describe_buckets
 from executorch_wgpu.backend.serialization.blob import KERNELS, Route
 
-# From the published A/B (pytorch/executorch PR 20605): the shared-memory GEMM
-# won +150..303 % on wide FFN shapes and lost on the square 2048x2048.
-DEFAULT_K_THRESHOLD = 4096
-DEFAULT_N_THRESHOLD = 4096
+# Measured on an NVIDIA H100, 2026-11-25 (docs/PERFORMANCE.md, "Default rule, revisited
+# with data"): the skinny kernel is fastest while M <= 32 or while M*N is small, where
+# shmem's 128x128 tiles are mostly padding or too few to fill the GPU; above that the
+# shared-memory GEMM is fastest on the q/gate/down/lm_head shapes.
+DEFAULT_SKINNY_MAX_M = 32
+DEFAULT_SHMEM_MIN_MN = 1 << 18
 PREFILL_KERNELS = ("regtiled", "shmem", "skinny")
 DECODE_KERNELS = KERNELS
+
+# The blob stores skinny_max_m as a uint and shmem_min_mn as a ulong.
+UINT32_LIMIT = 1 << 32
+UINT64_LIMIT = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,8 @@ class RouteOptions:
 
     prefill_route: Optional[str] = None   # force "regtiled", "shmem" or "skinny" for M > 1
     decode_route: Optional[str] = None    # force any kernel for M == 1
-    k_threshold: int = DEFAULT_K_THRESHOLD
-    n_threshold: int = DEFAULT_N_THRESHOLD
+    skinny_max_m: int = DEFAULT_SKINNY_MAX_M   # default rule: skinny for every M <= this ...
+    shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN   # ... and while M*N < this; shmem above
     route_table: Optional[RouteTable] = None   # measured routes (from `tune`); shapes it lacks use the rule
 
     def __post_init__(self) -> None:
@@ -43,13 +51,15 @@ class RouteOptions:
             raise ValueError(f"prefill_route must be one of {PREFILL_KERNELS} or None, got {self.prefill_route!r}")
         if self.decode_route is not None and self.decode_route not in DECODE_KERNELS:
             raise ValueError(f"decode_route must be one of {DECODE_KERNELS} or None, got {self.decode_route!r}")
-        if self.k_threshold < 1 or self.n_threshold < 1:
-            raise ValueError("shmem thresholds must be positive")
+        for name, limit in (("skinny_max_m", UINT32_LIMIT), ("shmem_min_mn", UINT64_LIMIT)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < limit:
+                raise ValueError(f"{name} must be a positive integer below 2**{limit.bit_length() - 1}, got {value!r}")
 
     def to_compile_specs(self) -> List[CompileSpec]:
         specs = [
-            CompileSpec("shmem_k_threshold", str(self.k_threshold).encode()),
-            CompileSpec("shmem_n_threshold", str(self.n_threshold).encode()),
+            CompileSpec("skinny_max_m", str(self.skinny_max_m).encode()),
+            CompileSpec("shmem_min_mn", str(self.shmem_min_mn).encode()),
         ]
         if self.prefill_route:
             specs.append(CompileSpec("prefill_route", self.prefill_route.encode()))
@@ -62,8 +72,7 @@ class RouteOptions:
     @classmethod
     def from_compile_specs(cls, specs: List[CompileSpec]) -> "RouteOptions":
         values = {s.key: s.value.decode() for s in specs}
-        unknown = set(values) - {"shmem_k_threshold", "shmem_n_threshold", "prefill_route", "decode_route",
-                                 ROUTE_TABLE_SPEC}
+        unknown = set(values) - {"skinny_max_m", "shmem_min_mn", "prefill_route", "decode_route", ROUTE_TABLE_SPEC}
         if unknown:
             raise ValueError(f"unknown WebGPU compile specs: {sorted(unknown)}")
         table = None
@@ -73,8 +82,8 @@ class RouteOptions:
         return cls(
             prefill_route=values.get("prefill_route"),
             decode_route=values.get("decode_route"),
-            k_threshold=int(values.get("shmem_k_threshold", DEFAULT_K_THRESHOLD)),
-            n_threshold=int(values.get("shmem_n_threshold", DEFAULT_N_THRESHOLD)),
+            skinny_max_m=int(values.get("skinny_max_m", DEFAULT_SKINNY_MAX_M)),
+            shmem_min_mn=int(values.get("shmem_min_mn", DEFAULT_SHMEM_MIN_MN)),
             route_table=table,
         )
 
@@ -93,9 +102,19 @@ def route_table_spec_bytes(table: RouteTable) -> bytes:
     return json.dumps(table.without_evidence().to_json(), sort_keys=True, separators=(",", ":")).encode()
 
 
-def choose_prefill_route(k: int, n: int, k_threshold: int, n_threshold: int) -> str:
-    """The default rule for M > 1: shared-memory GEMM on wide layers, register-tiled otherwise."""
-    return "shmem" if k >= k_threshold or n >= n_threshold else "regtiled"
+def default_prefill_buckets(n: int, options: RouteOptions) -> Tuple[Tuple[int, str], ...]:
+    """The default rule for M > 1 of a layer with N outputs, as M buckets ((m_max, kernel), ...).
+
+    skinny while M <= skinny_max_m or M*N < shmem_min_mn, shmem above. M is known only
+    per call, so the rule becomes one bound: M*N < shmem_min_mn <=> M <= (shmem_min_mn - 1) // N,
+    and skinny runs up to the larger of that and skinny_max_m.
+    """
+    bound = max(options.skinny_max_m, (options.shmem_min_mn - 1) // n)
+    if bound < 2:                       # no M > 1 is skinny's
+        return ((LAST_BUCKET_M_MAX, "shmem"),)
+    if bound >= LAST_BUCKET_M_MAX:      # every M is skinny's
+        return ((LAST_BUCKET_M_MAX, "skinny"),)
+    return ((bound, "skinny"), (LAST_BUCKET_M_MAX, "shmem"))
 
 
 def decide_route(k: int, n: int, group_size: int, options: RouteOptions) -> Route:
@@ -116,22 +135,24 @@ def no_entry_note(k: int, n: int, group_size: int, options: RouteOptions) -> str
 
 
 def rule_text(options: RouteOptions) -> str:
-    return f"K >= {options.k_threshold} or N >= {options.n_threshold} -> shmem, else regtiled"
+    return f"M <= {options.skinny_max_m} or M*N < {options.shmem_min_mn} -> skinny, else shmem"
 
 
 def default_rule_reason(k: int, n: int, options: RouteOptions) -> str:
-    prefill = choose_prefill_route(k, n, options.k_threshold, options.n_threshold)
-    return f"decode -> gemv; prefill -> {prefill} by default rule ({rule_text(options)}; K={k}, N={n})"
+    prefill = describe_buckets(default_prefill_buckets(n, options))
+    return f"decode -> gemv; prefill {prefill} by default rule ({rule_text(options)}; K={k}, N={n})"
 
 
 def default_route(k: int, n: int, options: RouteOptions, reason: str) -> Route:
+    buckets = default_prefill_buckets(n, options)
     return Route(
         decode_kernel="gemv",
-        prefill_kernel=choose_prefill_route(k, n, options.k_threshold, options.n_threshold),
+        prefill_kernel=buckets[-1][1],
         source="default-rule",
-        k_threshold=options.k_threshold,
-        n_threshold=options.n_threshold,
+        skinny_max_m=options.skinny_max_m,
+        shmem_min_mn=options.shmem_min_mn,
         reason=reason,
+        prefill_buckets=buckets,
     )
 
 
@@ -146,7 +167,8 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
     forced = [f"{what}={value} forced" for what, value in
               (("prefill", options.prefill_route), ("decode", options.decode_route)) if value]
     both_forced = bool(options.prefill_route and options.decode_route)
-    if measured is not None and not both_forced:
+    from_table = measured is not None and not both_forced
+    if from_table:
         rest = f"route table otherwise ({measured.reason})"
     else:
         rest = f"default rule otherwise ({rule_text(options)}; K={k}, N={n})"
@@ -156,9 +178,9 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
         decode_kernel=decode,
         prefill_kernel=prefill,
         source="forced",
-        k_threshold=options.k_threshold,
-        n_threshold=options.n_threshold,
+        skinny_max_m=0 if from_table else options.skinny_max_m,
+        shmem_min_mn=0 if from_table else options.shmem_min_mn,
         reason=", ".join(forced) + " by the partitioner; " + rest,
-        table=measured.table if measured is not None and not both_forced else "",
+        table=measured.table if from_table else "",
         prefill_buckets=buckets,
     )

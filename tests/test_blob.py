@@ -18,13 +18,13 @@ from executorch_wgpu.backend.serialization.blob import (
 )
 
 
-def record(bias=True):
+def record(bias=True, route_options=RouteOptions(prefill_route="shmem")):
     codes = torch.randint(-8, 8, (20, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     return Q4LinearRecord(
         name="layers.0.fc", in_features=64, out_features=20, group_size=32, n_stride=32, m_min=1, m_max=512,
         qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(torch.rand(20, 2, generator=torch.Generator().manual_seed(2))),
         bias=np.arange(20, dtype=np.float32) if bias else None,
-        route=decide_route(64, 20, 32, RouteOptions(prefill_route="shmem")),
+        route=decide_route(64, 20, 32, route_options),
     )
 
 
@@ -48,6 +48,15 @@ def test_round_trip_keeps_every_field():
         if bias:
             assert np.array_equal(got.bias, rec.bias)
         assert got.route.source == "forced" and got.route.prefill_kernel == "shmem"
+
+
+def test_round_trip_keeps_the_default_rules_buckets_and_knobs_of_any_width():
+    # shmem_min_mn is a ulong: a value past 2**32 must come back whole.
+    rec = record(route_options=RouteOptions(skinny_max_m=2**32 - 1, shmem_min_mn=2**40 + 3))
+    route = deserialize_q4linear(serialize_q4linear(rec)).route
+    assert route == rec.route
+    assert (route.source, route.skinny_max_m, route.shmem_min_mn) == ("default-rule", 2**32 - 1, 2**40 + 3)
+    assert route.prefill_buckets[0] == ((2**40 + 2) // 20, "skinny") and route.prefill_buckets[-1][1] == "shmem"
 
 
 def test_serialization_is_deterministic():

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 
+from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX
 from executorch_wgpu.backend.serialization.blob import FILE_IDENTIFIER, deserialize_q4linear
 from executorch_wgpu.runtime import Runtime
 
@@ -32,7 +33,7 @@ def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias):
     (y,), method = run(lower(model, x), x)
     assert rel_err(y, golden_linear(x, model[0])) < 1e-4
     (entry,) = method.route_report()
-    assert (entry["M"], entry["K"], entry["N"], entry["kernel"]) == (5, 256, 72, "regtiled")
+    assert (entry["M"], entry["K"], entry["N"], entry["kernel"]) == (5, 256, 72, "skinny")   # default rule: M <= 32
 
 
 @pytest.mark.parametrize("prefill_route", ["regtiled", "shmem"])
@@ -51,23 +52,19 @@ def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route):
         assert "forced" in entry["reason"]
 
 
-@pytest.mark.parametrize("k,n,expected", [(256, 64, "regtiled"), (4096, 32, "shmem"), (64, 4096, "shmem")])
-def test_default_rule_routes_wide_layers_to_shmem(k, n, expected):
-    model = single_linear(k, n)
-    x = torch.randn(3, k)
-    (y,), method = run(lower(model, x), x)
-    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
-    (entry,) = method.route_report()
-    assert entry["kernel"] == expected
-    assert "default rule" in entry["reason"]
-
-
-def test_thresholds_are_options_of_the_partitioner():
+def test_default_rule_runs_skinny_at_small_m_and_shmem_above_with_the_partitioners_knobs():
+    # N = 64, skinny_max_m = 4, shmem_min_mn = 512: skinny while M <= 4 or M*64 < 512, i.e. up to M = 7.
     model = single_linear(256, 64)
-    x = torch.randn(4, 256)
-    (y,), method = run(lower(model, x, shmem_k_threshold=256), x)
-    assert method.route_report()[0]["kernel"] == "shmem"
-    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    pte = lower(model, torch.randn(4, 256), {0: (1, 48)}, skinny_max_m=4, shmem_min_mn=512)
+    method = Runtime.get().load_program(pte).load_method("forward")
+    for m, kernel in ((1, "gemv"), (4, "skinny"), (7, "skinny"), (8, "shmem"), (48, "shmem")):
+        x = torch.randn(m, 256)
+        (y,) = method.execute([x])
+        assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+        (entry,) = method.route_report()
+        assert (entry["M"], entry["kernel"]) == (m, kernel)
+        assert "(default-rule)" in entry["reason"] and "M<=7 skinny, M>7 shmem" in entry["reason"]
+        assert "M <= 4 or M*N < 512 -> skinny, else shmem" in entry["reason"]
 
 
 def test_blob_records_routes_and_their_inputs():
@@ -77,8 +74,9 @@ def test_blob_records_routes_and_their_inputs():
     assert blob[4:8] == FILE_IDENTIFIER
     rec = deserialize_q4linear(blob)
     assert (rec.in_features, rec.out_features, rec.group_size, rec.m_min, rec.m_max) == (256, 64, 32, 1, 64)
-    assert (rec.route.decode_kernel, rec.route.prefill_kernel, rec.route.source) == ("gemv", "regtiled", "default-rule")
-    assert (rec.route.k_threshold, rec.route.n_threshold) == (4096, 4096)
+    assert (rec.route.decode_kernel, rec.route.prefill_kernel, rec.route.source) == ("gemv", "shmem", "default-rule")
+    assert (rec.route.skinny_max_m, rec.route.shmem_min_mn) == (32, 2**18)
+    assert rec.route.prefill_buckets == (((2**18 - 1) // 64, "skinny"), (LAST_BUCKET_M_MAX, "shmem"))
     assert "K=256, N=64" in rec.route.reason
 
 
@@ -100,7 +98,7 @@ def test_one_program_serves_decode_and_prefill_alternately():
         (y,) = method.execute([xs])
         assert y.shape == (1, s, 96)
         assert rel_err(y, golden_linear(xs, model[0])) < 1e-4
-        assert method.route_report()[0]["kernel"] == ("gemv" if s == 1 else "regtiled")
+        assert method.route_report()[0]["kernel"] == ("gemv" if s == 1 else "skinny")
 
 
 class Mixed(torch.nn.Module):

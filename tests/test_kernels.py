@@ -19,7 +19,7 @@ def make_layer(k, n, gs, bias, decode, prefill, seed=0):
     rec = Q4LinearRecord(
         name="probe", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, N_ALIGN), m_min=1, m_max=4096,
         qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
-        bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 4096, 4096, "test"),
+        bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 0, 0, "test"),
     )
     w = codes.double() * scales.double().repeat_interleave(gs, dim=1)
     return Q4LinearGPU(gpu_context(), rec), w, b

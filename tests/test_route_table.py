@@ -174,7 +174,7 @@ def test_kernel_for_uses_buckets_with_inclusive_bounds_and_the_last_above_them()
                   prefill_buckets=((8, "regtiled"), (64, "shmem"), (256, "regtiled")))
     assert [route.kernel_for(m) for m in (1, 2, 8, 9, 64, 65, 256, 257, 10**6)] == [
         "regtiled", "regtiled", "regtiled", "shmem", "shmem", "regtiled", "regtiled", "regtiled", "regtiled"]
-    no_buckets = Route("gemv", "shmem", "default-rule", 4096, 4096, "rule")
+    no_buckets = Route("gemv", "shmem", "forced", 32, 2**18, "prefill=shmem forced")
     assert [no_buckets.kernel_for(m) for m in (1, 2, 4096)] == ["gemv", "shmem", "shmem"]
 
 
@@ -184,6 +184,7 @@ def test_decide_route_takes_the_table_entry_of_the_layer_shape():
     assert (route.source, route.decode_kernel, route.prefill_kernel) == ("route-table", "gemv", "shmem")
     assert route.prefill_buckets == ((8, "regtiled"), (LAST_BUCKET_M_MAX, "shmem"))
     assert route.table.startswith("t1 (") and "M<=8 regtiled, M>8 shmem" in route.reason
+    assert (route.skinny_max_m, route.shmem_min_mn) == (0, 0)   # the default rule's knobs were not in force
 
 
 def test_decide_route_falls_back_to_the_default_rule_for_a_shape_the_table_lacks():
@@ -192,7 +193,8 @@ def test_decide_route_falls_back_to_the_default_rule_for_a_shape_the_table_lacks
         route = decide_route(k, n, gs, options)
         rule = decide_route(k, n, gs, RouteOptions())
         assert (route.source, route.decode_kernel, route.prefill_kernel, route.prefill_buckets) == (
-            "default-rule", rule.decode_kernel, rule.prefill_kernel, ())
+            "default-rule", rule.decode_kernel, rule.prefill_kernel, rule.prefill_buckets)
+        assert (route.skinny_max_m, route.shmem_min_mn) == (32, 2**18)
         assert f"has no entry for K={k}, N={n}, group_size={gs}" in route.reason and route.table == ""
 
 
@@ -202,6 +204,7 @@ def test_forced_prefill_route_overrides_the_table_and_drops_its_buckets():
     assert (route.source, route.decode_kernel, route.prefill_kernel, route.prefill_buckets) == (
         "forced", "shmem", "regtiled", ())   # decode still from the table
     assert "prefill=regtiled forced" in route.reason and route.table.startswith("t1")
+    assert (route.skinny_max_m, route.shmem_min_mn) == (0, 0)
 
 
 def test_forced_decode_route_keeps_the_tables_prefill_buckets():
@@ -211,12 +214,12 @@ def test_forced_decode_route_keeps_the_tables_prefill_buckets():
 
 
 def test_compile_specs_carry_the_table_routes_without_the_timings():
-    options = RouteOptions(k_threshold=1024, route_table=table([entry(256, 64)]))
+    options = RouteOptions(skinny_max_m=16, shmem_min_mn=2**20, route_table=table([entry(256, 64)]))
     specs = options.to_compile_specs()
     (spec,) = [s for s in specs if s.key == "route_table"]
     assert b"measured_us\":{}" in spec.value
     back = RouteOptions.from_compile_specs(specs)
-    assert back.route_table == options.route_table and back.k_threshold == 1024
+    assert back.route_table == options.route_table and (back.skinny_max_m, back.shmem_min_mn) == (16, 2**20)
     assert back.route_table.entries[0].measured_us == {}
 
 

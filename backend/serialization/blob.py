@@ -21,7 +21,9 @@ from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
 
-SCHEMA_VERSION = 2   # 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets), Kernel.SKINNY
+# 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets), Kernel.SKINNY
+# 3: Route.skinny_max_m / shmem_min_mn (the default rule measured on an H100) replace k_threshold / n_threshold
+SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"WGQ4"
 # The delegate id preprocess writes into the .pte and the runtime dispatches on
 # (the name of the BackendDetails subclass, as ExecuTorch requires).
@@ -49,8 +51,8 @@ class Route:
     decode_kernel: str
     prefill_kernel: str
     source: str
-    k_threshold: int
-    n_threshold: int
+    skinny_max_m: int               # the default rule's knobs in force; 0 when the route came from a table
+    shmem_min_mn: int
     reason: str
     table: str = ""                 # route table name, adapter and date, when source == "route-table"
     prefill_buckets: tuple = ()     # ((m_max, kernel), ...) by increasing m_max; empty: prefill_kernel for all M > 1
@@ -114,8 +116,8 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     fb_route.AddDecodeKernel(b, KERNELS.index(rec.route.decode_kernel))
     fb_route.AddPrefillKernel(b, KERNELS.index(rec.route.prefill_kernel))
     fb_route.AddSource(b, ROUTE_SOURCES.index(rec.route.source))
-    fb_route.AddKThreshold(b, rec.route.k_threshold)
-    fb_route.AddNThreshold(b, rec.route.n_threshold)
+    fb_route.AddSkinnyMaxM(b, rec.route.skinny_max_m)
+    fb_route.AddShmemMinMn(b, rec.route.shmem_min_mn)
     fb_route.AddReason(b, reason)
     fb_route.AddTable(b, table)
     fb_route.AddPrefillBuckets(b, bucket_vec)
@@ -155,7 +157,7 @@ def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
     try:
         root = fb_linear.Q4Linear.GetRootAs(data, 0)
         version = root.SchemaVersion()
-    except (IndexError, struct.error, ValueError) as e:
+    except (IndexError, struct.error, ValueError, TypeError, OverflowError) as e:
         raise BlobFormatError(f"delegate blob is truncated or corrupted: cannot read its header ({e})") from e
     if version != SCHEMA_VERSION:
         raise BlobVersionError(
@@ -164,10 +166,11 @@ def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
         )
     try:
         rec = _read_record(root)
+        checksum = root.Checksum()
     except (IndexError, struct.error, ValueError, UnicodeDecodeError, TypeError, OverflowError) as e:
         raise BlobFormatError(f"delegate blob is truncated or corrupted: {e}") from e
     check_record(rec)
-    if payload_checksum(rec.qweight, rec.scales, rec.bias) != root.Checksum():
+    if payload_checksum(rec.qweight, rec.scales, rec.bias) != checksum:
         raise BlobFormatError(f"delegate blob of layer {rec.name!r} is corrupted: payload checksum mismatch")
     return rec
 
@@ -185,8 +188,8 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         decode_kernel=KERNELS[decode],
         prefill_kernel=KERNELS[prefill],
         source=ROUTE_SOURCES[source],
-        k_threshold=r.KThreshold(),
-        n_threshold=r.NThreshold(),
+        skinny_max_m=r.SkinnyMaxM(),
+        shmem_min_mn=r.ShmemMinMn(),
         reason=(r.Reason() or b"").decode("utf-8"),
         table=(r.Table() or b"").decode("utf-8"),
         prefill_buckets=tuple(_read_bucket(r.PrefillBuckets(i)) for i in range(r.PrefillBucketsLength())),

@@ -50,17 +50,17 @@ class Route(object):
         return 0
 
     # Route
-    def KThreshold(self):
+    def SkinnyMaxM(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
         if o != 0:
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
     # Route
-    def NThreshold(self):
+    def ShmemMinMn(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
         if o != 0:
-            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
     # Route
@@ -126,17 +126,17 @@ def RouteAddSource(builder, source):
 def AddSource(builder, source):
     RouteAddSource(builder, source)
 
-def RouteAddKThreshold(builder, kThreshold):
-    builder.PrependUint32Slot(3, kThreshold, 0)
+def RouteAddSkinnyMaxM(builder, skinnyMaxM):
+    builder.PrependUint32Slot(3, skinnyMaxM, 0)
 
-def AddKThreshold(builder, kThreshold):
-    RouteAddKThreshold(builder, kThreshold)
+def AddSkinnyMaxM(builder, skinnyMaxM):
+    RouteAddSkinnyMaxM(builder, skinnyMaxM)
 
-def RouteAddNThreshold(builder, nThreshold):
-    builder.PrependUint32Slot(4, nThreshold, 0)
+def RouteAddShmemMinMn(builder, shmemMinMn):
+    builder.PrependUint64Slot(4, shmemMinMn, 0)
 
-def AddNThreshold(builder, nThreshold):
-    RouteAddNThreshold(builder, nThreshold)
+def AddShmemMinMn(builder, shmemMinMn):
+    RouteAddShmemMinMn(builder, shmemMinMn)
 
 def RouteAddReason(builder, reason):
     builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(reason), 0)
