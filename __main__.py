@@ -1,5 +1,6 @@
 """python -m executorch_wgpu <command>:
-  demo   export a small int4 model and run it
+  demo         MiniLM sentence embeddings, int4 on the default adapter (demo --ffn: the small FFN demo)
+  llama-bench  a Llama-shaped int4 decoder: prefill and decode tokens/s, time split
   bench  time every kernel on Llama-3.2-1B shapes against its ceilings
   tune   measure the kernels on this adapter and write a route table
 """
@@ -9,7 +10,12 @@ import sys
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "executorch_wgpu.demo", "bench": "executorch_wgpu.bench", "tune": "executorch_wgpu.tune"}
+    commands = {
+        "demo": "executorch_wgpu.demo",
+        "bench": "executorch_wgpu.bench",
+        "tune": "executorch_wgpu.tune",
+        "llama-bench": "executorch_wgpu.llama_bench",
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: python -m executorch_wgpu {{{','.join(commands)}}} [options]  (--help after a command)")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -49,9 +49,11 @@ class DirectCalls:
         self._map_status = [0]
         self.last_split_us = (0.0, 0.0, 0.0, 0.0)   # upload, encode + submit, wait, readback of the last run
 
+        status_cell = self._map_status   # not self: a callback holding self would make a reference cycle
+
         @ffi.callback("void(WGPUMapAsyncStatus, WGPUStringView, void *, void *)")
         def on_mapped(status, message, userdata1, userdata2):
-            self._map_status[0] = status
+            status_cell[0] = status
 
         self._on_mapped = on_mapped   # keep the callback alive as long as this object
         self._map_info = ffi.new("WGPUBufferMapCallbackInfo *")

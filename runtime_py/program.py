@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from executorch.exir import schema as et
-from executorch.exir._serialize._program import deserialize_pte_binary
 
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime.delegate import load_delegate
@@ -31,21 +30,8 @@ from executorch_wgpu.runtime.operators import (
     resolve_operator,
     run_kernel_call,
 )
+from executorch_wgpu.runtime.pte_checks import check_delegate_io, check_outputs, check_plan, max_steps, parse_pte
 from executorch_wgpu.runtime.q4_linear import LinearCall
-
-_PTE_IDENTIFIER_PREFIX = b"ET"   # flatbuffer file identifier "ET12" etc. at offset 4
-
-
-def parse_pte(data: bytes):
-    """deserialize_pte_binary with every failure turned into a ProgramFormatError."""
-    if len(data) < 8 or data[4:6] != _PTE_IDENTIFIER_PREFIX:
-        raise ProgramFormatError(
-            f"not an ExecuTorch .pte file: {len(data)} bytes, identifier {bytes(data[4:8])!r} at offset 4"
-        )
-    try:
-        return deserialize_pte_binary(data)
-    except Exception as e:   # flatbuffers raises IndexError/struct.error/..., ExecuTorch ValueError
-        raise ProgramFormatError(f".pte file is truncated or corrupted: {type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -81,11 +67,13 @@ class Method:
         self.name = plan.name
         self._plan = plan
         program = pte.program
+        check_plan(plan, program)   # ids, indices, jump targets, tensor shapes vs the memory plan
         try:
             self._initial = [self._initial_value(v, program, pte) for v in plan.values]
             self._delegates = [
                 load_delegate(d.id, self._delegate_bytes(program, d)) for d in plan.delegates
             ]
+            check_delegate_io(plan, [d.record for d in self._delegates])
             operators = [resolve_operator(o.name, o.overload) for o in plan.operators]
             self._instructions = [self._compile(i.instr_args, operators) for c in plan.chains for i in c.instructions]
         except (IndexError, KeyError, TypeError, AttributeError) as e:
@@ -109,15 +97,20 @@ class Method:
     def _initial_value(self, ev: et.EValue, program: et.Program, pte) -> Any:
         v = ev.val
         if isinstance(v, et.Tensor):
-            info = v.extra_tensor_info
-            if info is not None and info.mutable_data_segments_idx > 0:
-                return _constant_tensor(v, pte.mutable_data or []).clone()
+            if v.data_buffer_idx > 0 and v.allocation_info is None:
+                return _constant_tensor(v, program.constant_buffer)
             if v.data_buffer_idx > 0:
-                constant = _constant_tensor(v, program.constant_buffer)
-                # Planned memory with initial data: a mutable buffer whose initial
-                # value was serialized (InitializedMutableBufferPass); ExecuTorch
-                # copies it into the planned memory when the method loads.
-                return constant if v.allocation_info is None else constant.clone()
+                # Planned memory with initial data: a mutable buffer whose initial value
+                # was serialized (InitializedMutableBufferPass). Its data_buffer_idx
+                # indexes the mutable data segment (ExtraTensorInfo.mutable_data_segments_idx
+                # says which; the deserializer restores segment 0 as pte.mutable_data), and
+                # ExecuTorch copies it into the planned memory when the method loads.
+                info = v.extra_tensor_info
+                if info is not None and info.mutable_data_segments_idx != 0:
+                    raise ProgramFormatError(
+                        f"mutable data segment {info.mutable_data_segments_idx} is not supported (only 0)"
+                    )
+                return _constant_tensor(v, pte.mutable_data or []).clone()
             return None   # produced at run time
         if isinstance(v, et.Null):
             return None
@@ -160,9 +153,9 @@ class Method:
         The .pte marks such a value by where it lives, not by a flag: it is a
         planned tensor that an instruction reads before any instruction of the
         call (or an input) has written its memory. Its initial value is the
-        data serialized with it (InitializedMutableBufferPass, or a mutable
-        data segment), else zeros (ExecuTorch calls that state meaningless;
-        zeros keep masked-out cache slots finite).
+        data serialized with it in the mutable data segment (when
+        InitializedMutableBufferPass marked it), else zeros (ExecuTorch calls
+        that state meaningless; zeros keep masked-out cache slots finite).
         """
         plan = self._plan
         written = {self._arena_key(plan.values[vid]) for vid in plan.inputs}
@@ -218,6 +211,11 @@ class Method:
 
     def _check_inputs(self, inputs: Sequence[Any]) -> None:
         plan = self._plan
+        if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
+            raise InputError(
+                f"method {self.name!r} takes a list of {len(plan.inputs)} inputs, got a {type(inputs).__name__} "
+                "(pass [x])"
+            )
         if len(inputs) != len(plan.inputs):
             raise InputError(f"method {self.name!r} takes {len(plan.inputs)} inputs, got {len(inputs)}")
         for i, (vid, x) in enumerate(zip(plan.inputs, inputs)):
@@ -226,6 +224,10 @@ class Method:
                 continue
             if not isinstance(x, torch.Tensor):
                 raise InputError(f"input {i} must be a torch.Tensor, got {type(x).__name__}")
+            if x.device.type != "cpu" or x.layout != torch.strided:
+                raise InputError(
+                    f"input {i} is a {x.layout} tensor on {x.device}; the runtime takes dense (strided) CPU tensors"
+                )
             want = dtype_of(spec.scalar_type)
             if x.dtype != want:
                 raise InputError(f"input {i} has dtype {x.dtype}, expected {want}")
@@ -285,10 +287,17 @@ class Method:
         calls: List[LinearCall] = []
         instructions = self._instructions
         pc = 0
+        steps, step_limit = 0, max_steps()
         try:
             while pc < len(instructions):
                 instr = instructions[pc]
                 pc += 1
+                steps += 1
+                if steps > step_limit:
+                    raise ProgramFormatError(
+                        f"method {self.name!r} ran {step_limit} instructions without finishing: its jumps loop "
+                        "(EXECUTORCH_WGPU_MAX_STEPS raises the limit)"
+                    )
                 if isinstance(instr, et.DelegateCall):   # args: the inputs, then the output
                     inputs = [read(vid, "Tensor") for vid in instr.args[:-1]]
                     (y,) = self._delegates[instr.delegate_index].execute(inputs, calls)
@@ -306,11 +315,19 @@ class Method:
             raise
         except RuntimeError as e:
             raise InputError(f"method {self.name!r} failed at instruction {pc - 1}: {e}") from e
+        except Exception as e:   # an op handed values of the wrong kind: the program is malformed
+            raise ProgramFormatError(
+                f"method {self.name!r} failed at instruction {pc - 1}: {type(e).__name__}: {e}"
+            ) from e
         for vid in self._state:   # an out= write may have replaced the tensor rather than updated it
             if isinstance(values[vid], torch.Tensor):
                 self._state[vid] = values[vid]
         self._last_calls = calls
-        outputs = [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
+        try:
+            outputs = [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
+        except RuntimeError as e:   # an output read through planned memory that does not hold its shape
+            raise ProgramFormatError(f"method {self.name!r}: cannot read its outputs: {e}") from e
+        check_outputs(plan, outputs, dtype_of)
         # An output that is (a view of) a mutable buffer would change under the caller at the next call.
         state_ptrs = {t.untyped_storage().data_ptr() for t in self._state.values()}
         return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in state_ptrs else o

@@ -90,27 +90,105 @@ def method(pte):
     return Runtime.get().load_program(pte).load_method("forward")
 
 
-@pytest.mark.parametrize("inputs,message", [
-    ([], "takes 1 inputs, got 0"),
-    ([torch.randn(1, 4, 128), torch.randn(1, 4, 128)], "takes 1 inputs, got 2"),
-    ([torch.randn(1, 4, 128, dtype=torch.float16)], "dtype torch.float16"),
-    ([torch.ones(1, 4, 128, dtype=torch.int64)], "dtype torch.int64"),
-    ([torch.randn(4, 128)], "rank 2"),
-    ([torch.randn(1, 4, 100)], "does not end in K=128"),
-    ([torch.randn(1, 17, 128)], "above the exported upper bound 16"),
-    ([torch.randn(2, 4, 128)], "dim 0 is 2, above the exported upper bound 1"),
-])
+BAD_INPUTS = {
+    "no inputs": ([], "takes 1 inputs, got 0"),
+    "two inputs": ([torch.randn(1, 4, 128), torch.randn(1, 4, 128)], "takes 1 inputs, got 2"),
+    "a bare tensor": (torch.randn(1, 4, 128), r"takes a list of 1 inputs, got a Tensor \(pass \[x\]\)"),
+    "not a tensor": ([[0.5] * 128], "input 0 must be a torch.Tensor, got list"),
+    "fp16": ([torch.randn(1, 4, 128, dtype=torch.float16)], "dtype torch.float16, expected torch.float32"),
+    "bf16": ([torch.randn(1, 4, 128, dtype=torch.bfloat16)], "dtype torch.bfloat16, expected torch.float32"),
+    "fp64": ([torch.randn(1, 4, 128, dtype=torch.float64)], "dtype torch.float64, expected torch.float32"),
+    "int64": ([torch.ones(1, 4, 128, dtype=torch.int64)], "dtype torch.int64, expected torch.float32"),
+    "bool": ([torch.ones(1, 4, 128, dtype=torch.bool)], "dtype torch.bool, expected torch.float32"),
+    "rank 2": ([torch.randn(4, 128)], "rank 2 .*expected rank 3"),
+    "rank 4": ([torch.randn(1, 1, 4, 128)], "rank 4 .*expected rank 3"),
+    "rank 0": ([torch.tensor(1.0)], "rank 0 .*expected rank 3"),
+    "K too small": ([torch.randn(1, 4, 100)], "does not end in K=128"),
+    "K too large": ([torch.randn(1, 4, 256)], "dim 2 is 256, above the exported upper bound 128"),
+    "K = 0": ([torch.randn(1, 4, 0)], "does not end in K=128"),
+    "M = 0": ([torch.randn(1, 0, 128)], r"M=0 .*outside the exported range \[1, 16\]"),
+    "M above the bound": ([torch.randn(1, 17, 128)], "dim 1 is 17, above the exported upper bound 16"),
+    "M far above the bound": ([torch.randn(1, 4096, 128)], "dim 1 is 4096, above the exported upper bound 16"),
+    "batch above the bound": ([torch.randn(2, 4, 128)], "dim 0 is 2, above the exported upper bound 1"),
+    "sparse": ([torch.randn(1, 4, 128).to_sparse()], "torch.sparse_coo tensor on cpu; the runtime takes dense"),
+    "meta": ([torch.empty(1, 4, 128, device="meta")], "tensor on meta; the runtime takes dense"),
+}
+
+
+@pytest.mark.parametrize("inputs,message", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
 def test_bad_inputs_raise_and_the_method_stays_usable(method, model, inputs, message):
+    x = torch.randn(1, 3, 128)
+    (before,) = method.execute([x])
     with pytest.raises(InputError, match=message):
         method.execute(inputs)
-    x = torch.randn(1, 3, 128)
     (y,) = method.execute([x])
     assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    assert torch.equal(y, before)   # the failed call left nothing behind
 
 
-def test_zero_tokens_are_refused_by_the_delegate(method):
-    with pytest.raises(InputError, match="M=0"):
-        method.execute([torch.randn(1, 0, 128)])
+def test_every_bad_input_in_a_row_then_a_good_call_gives_the_golden(method, model):
+    for inputs, message in BAD_INPUTS.values():
+        with pytest.raises(InputError, match=message):
+            method.execute(inputs)
+    for m in (1, 5, 16):   # gemv and skinny, the buffers of the largest M
+        x = torch.randn(1, m, 128)
+        (y,) = method.execute([x])
+        assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+
+
+# Non-contiguous inputs are handled, not refused: the runtime calls .contiguous()
+# on every input, so a strided view computes exactly what its contiguous copy does.
+STRIDED = {
+    "transposed": lambda: torch.randn(1, 128, 5).transpose(1, 2),
+    "sliced rows": lambda: torch.randn(1, 12, 128)[:, ::3, :],
+    "sliced columns": lambda: torch.randn(1, 4, 256)[:, :, 64:192],
+    "expanded (stride 0)": lambda: torch.randn(1, 1, 128).expand(1, 6, 128),
+    "channels-last-like permute": lambda: torch.randn(128, 1, 7).permute(1, 2, 0),
+    "M = 1, stride 2": lambda: torch.randn(1, 1, 256)[:, :, ::2],
+    "M = 1 row at a storage offset": lambda: torch.randn(1, 3, 128)[:, 1:2, :],
+}
+
+
+@pytest.mark.parametrize("make", list(STRIDED.values()), ids=list(STRIDED))
+def test_strided_inputs_give_the_golden(method, model, make):
+    x = make()
+    assert not x.is_contiguous() or x.storage_offset() > 0
+    (y,) = method.execute([x])
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+    (y_contiguous,) = method.execute([x.contiguous()])
+    assert torch.equal(y, y_contiguous)
+
+
+@pytest.fixture(scope="module", params=["default", "regtiled", "shmem"])
+def routed_method(request, model):
+    """The method with the default routes (gemv / skinny) and with each other prefill kernel forced."""
+    if request.param == "default":
+        pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)})
+    else:
+        pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)}, prefill_route=request.param)
+    return Runtime.get().load_program(pte_bytes).load_method("forward")
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_nan_and_inf_propagate_as_in_torch_and_leave_no_trace(routed_method, model, m):
+    method = routed_method
+    x = torch.randn(1, m, 128, generator=torch.Generator().manual_seed(m))
+    (clean,) = method.execute([x])
+    row = m // 2
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[0, row, 17] = bad
+        (y,) = method.execute([xb])
+        golden = golden_linear(xb, model[0])   # fp64: inf * 0 = nan, inf * w = +-inf
+        assert torch.equal(torch.isnan(y), torch.isnan(golden)), (bad, method.route_report())
+        assert torch.equal(torch.isposinf(y), torch.isposinf(golden)) and torch.equal(torch.isneginf(y), torch.isneginf(golden))
+        if bad != bad:   # NaN: the whole row
+            assert torch.isnan(y[0, row]).all()
+        others = [r for r in range(m) if r != row]
+        assert torch.equal(y[0, others], clean[0, others])   # other rows untouched
+        (after,) = method.execute([x])   # the next good call gives the golden, bit for bit
+        assert torch.equal(after, clean)
+    assert rel_err(clean, golden_linear(x, model[0])) < 1e-4
 
 
 def test_no_adapter_gives_one_clear_error(monkeypatch):

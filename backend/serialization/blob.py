@@ -1,9 +1,14 @@
 """Write and read the delegate blob described by schema.fbs.
 
 The writer runs in preprocess; the reader in the runtime's loader. The reader
-trusts nothing: it checks the magic, the schema version, every length against
-the layer's shape, and a CRC-32 of the payload, and turns any failure into a
-BlobFormatError that says what is wrong.
+trusts nothing: it checks the magic, the schema version, every flatbuffer
+offset, count and length against the blob's size (fbverify.py, before the
+generated readers follow any of them), every length against the layer's
+shape, and a CRC-32 of the payload, and turns any failure into a
+BlobFormatError that says what is wrong. The CRC covers the payload only:
+a corrupted header field the shape rules cannot catch (N of a layer without
+bias, within the same 16-column block) loads; the .pte loader then refuses it
+against the program's tensor shapes (runtime_py/pte_checks.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import flatbuffers
 import numpy as np
 
 from executorch_wgpu.errors import BlobFormatError, BlobVersionError
+from executorch_wgpu.backend.serialization import fbverify
 from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_linear
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
@@ -145,6 +151,17 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     return bytes(b.Output())
 
 
+_schema: Optional[fbverify.Schema] = None
+
+
+def _blob_schema() -> fbverify.Schema:
+    """schema.fbs, parsed once, for the verifier."""
+    global _schema
+    if _schema is None:
+        _schema = fbverify.schema_from_package("executorch_wgpu.backend.serialization", "schema.fbs")
+    return _schema
+
+
 def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
     """Parse and validate a blob; raises BlobFormatError (or BlobVersionError)."""
     data = bytes(data)
@@ -164,6 +181,12 @@ def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
             f"delegate blob has schema version {version}; this executorch_wgpu reads version "
             f"{SCHEMA_VERSION} only: re-export the model with this version of executorch_wgpu"
         )
+    # Every offset, count and length against the blob's size before the generated
+    # readers follow them (they trust the buffer).
+    try:
+        fbverify.verify(_blob_schema(), data)
+    except fbverify.FlatbufferVerifyError as e:
+        raise BlobFormatError(f"delegate blob is truncated or corrupted: {e}") from e
     try:
         rec = _read_record(root)
         checksum = root.Checksum()

@@ -1,0 +1,318 @@
+"""python -m executorch_wgpu llama-bench: a Llama-shaped int4 decoder end to end on the default adapter.
+
+Builds ExecuTorch's Llama transformer with a named config ("1b": Llama-3.2-1B's
+shapes, dim 2048, FFN 8192, 16 layers, 32 / 8 heads, vocab 128256; "small": the
+CI model) and seeded random weights, quantizes every linear to int4 (group size
+32), exports ONE .pte with a KV cache and a dynamic token count, and runs it with
+our runtime: prefill at each --prompt length and greedy decode. Reports tokens/s
+and where the time goes:
+
+  gpu_kernels_ms        sum of the route report's gpu_us (GPU timestamps of the kernels)
+  delegate_wall_ms      sum of the route report's wall_us (host time of the delegate calls,
+                        which includes waiting for those kernels)
+  delegate_overhead_ms  delegate_wall_ms - gpu_kernels_ms (upload, encode, submit, map, copy)
+  cpu_ops_ms            execute() wall time - delegate_wall_ms (embedding, RMSNorm, RoPE,
+                        attention, KV cache update, ... through torch on the CPU)
+
+Writes llama_bench.json and llama_bench.md to --out.
+
+lm_head (2048 -> 128256 for "1b") packs to K/8 * N * 4 bytes = 131.3 MB (125.25
+MiB), close to a max-storage-buffer-binding-size of 128 MiB. --lm-head auto (the
+default) lowers it to int4; should the runtime refuse the layer at load (a layer
+above the adapter's limits), the bench re-exports with the lm_head kept fp32 on
+the CPU (not quantized, so not delegated) and goes on. --lm-head q4 / cpu force
+either. The report says which was done and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from executorch_wgpu import models
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m executorch_wgpu llama-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(models.LLAMA_CONFIGS), default="1b")
+    p.add_argument("--prompt", type=_int_list, default=[128, 512], help="prefill lengths, comma-separated")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps timed after the first prompt")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill calls per prompt length (median)")
+    p.add_argument("--lm-head", choices=["auto", "q4", "cpu"], default="auto",
+                   help="auto: int4 on the GPU when its packed weights fit the adapter's binding limit, "
+                        "else fp32 on the CPU")
+    p.add_argument("--layers", type=int, default=None, help="override the config's layer count (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--route-table", default=None, help="a route table from `python -m executorch_wgpu tune`")
+    p.add_argument("--pte", default=None, help="where to write the .pte (default: OUT/llama-CONFIG.pte); "
+                                               "with --reuse-pte an existing file is loaded instead of exporting")
+    p.add_argument("--reuse-pte", action="store_true", help="load --pte when it exists (same options only!)")
+    p.add_argument("--out", default="llama_bench_out")
+    args = p.parse_args(argv)
+    if args.decode_tokens < 1:
+        p.error("--decode-tokens must be >= 1")
+    if args.layers is not None and args.layers < 1:
+        p.error("--layers must be >= 1")
+    return args
+
+
+def packed_q4_bytes(in_features: int, out_features: int) -> int:
+    """Bytes of a layer's packed int4 weights (backend/packing.py: K/8 words per padded column)."""
+    from executorch_wgpu.backend.serialization.blob import N_ALIGN, round_up
+
+    return in_features // 8 * round_up(out_features, N_ALIGN) * 4
+
+
+def choose_lm_head(mode: str, dim: int, vocab: int, limit: int) -> Dict[str, object]:
+    """How the lm_head is lowered: "q4" (int4, delegated) or "cpu-fp32" (not quantized, runs on the CPU).
+
+    auto starts with q4; run() falls back to cpu-fp32 (and says why) when the runtime
+    refuses the layer at load, e.g. packed weights above the adapter's binding limit.
+    """
+    packed = packed_q4_bytes(dim, vocab)
+    info = {"packed_bytes": packed, "max_storage_buffer_binding_size": limit, "exceeds_binding_limit": packed > limit}
+    if mode == "q4":
+        return {**info, "mode": "q4", "why": "forced by --lm-head q4"}
+    if mode == "cpu":
+        return {**info, "mode": "cpu-fp32", "why": "forced by --lm-head cpu"}
+    relation = "above" if packed > limit else "within"
+    return {**info, "mode": "q4", "why": f"auto: int4 on the GPU (packed {packed} B, {relation} the adapter's "
+                                         f"max-storage-buffer-binding-size {limit} B)"}
+
+
+def phase_split(wall_s: float, report: List[dict]) -> Dict[str, object]:
+    """Time of one execute() split into GPU kernels, the rest of the delegate calls, and CPU ops (ms)."""
+    wall_ms = wall_s * 1e3
+    delegate_ms = sum(e["wall_us"] for e in report) / 1e3
+    gpu = [e["gpu_us"] for e in report]
+    gpu_ms = None if any(g is None for g in gpu) else sum(gpu) / 1e3
+    return {
+        "wall_ms": wall_ms,
+        "gpu_kernels_ms": gpu_ms,
+        "delegate_wall_ms": delegate_ms,
+        "delegate_overhead_ms": None if gpu_ms is None else delegate_ms - gpu_ms,
+        "cpu_ops_ms": wall_ms - delegate_ms,
+        "delegate_calls": len(report),
+        "kernels": dict(Counter(e["kernel"] for e in report)),
+    }
+
+
+def timed_execute(method, inputs):
+    start = time.perf_counter()
+    (logits,) = method.execute(inputs)
+    return logits, time.perf_counter() - start, method.route_report()
+
+
+def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, object]:
+    g = torch.Generator().manual_seed(seed + prompt_len)
+    tokens = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    pos = torch.tensor([0])
+    method.reset_state()
+    timed_execute(method, [tokens, pos])   # warm-up: pipelines and buffers for this M
+    runs = []
+    for _ in range(max(1, repeats)):
+        method.reset_state()
+        _, wall, report = timed_execute(method, [tokens, pos])
+        runs.append((wall, report))
+    runs.sort(key=lambda r: r[0])
+    wall, report = runs[len(runs) // 2]
+    split = phase_split(wall, report)
+    layer_m = sorted({e["M"] for e in report})
+    return {"prompt": prompt_len, "tokens_per_s": prompt_len / wall, "repeats": len(runs),
+            "walls_ms": [r[0] * 1e3 for r in runs], "linear_M": layer_m, **split}
+
+
+def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) -> Dict[str, object]:
+    g = torch.Generator().manual_seed(seed + 7919)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    method.reset_state()
+    logits, _, _ = timed_execute(method, [prompt, torch.tensor([0])])
+    token = int(logits[0].argmax())
+    pos = prompt_len
+    generated = [token]
+    # one untimed step: the M = 1 pipelines and buffers of every layer
+    logits, _, _ = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
+    token, pos = int(logits[0].argmax()), pos + 1
+    generated.append(token)
+    steps = []
+    for _ in range(n_tokens):
+        logits, wall, report = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
+        steps.append(phase_split(wall, report))
+        token, pos = int(logits[0].argmax()), pos + 1
+        generated.append(token)
+    total_s = sum(s["wall_ms"] for s in steps) / 1e3
+
+    def per_token(key):
+        values = [s[key] for s in steps]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    kernels = Counter()
+    for s in steps:
+        kernels.update(s["kernels"])
+    return {
+        "after_prompt": prompt_len, "tokens": n_tokens, "tokens_per_s": n_tokens / total_s,
+        "ms_per_token_median": statistics.median(s["wall_ms"] for s in steps),
+        "ms_per_token_mean": per_token("wall_ms"),
+        "gpu_kernels_ms_per_token": per_token("gpu_kernels_ms"),
+        "delegate_wall_ms_per_token": per_token("delegate_wall_ms"),
+        "delegate_overhead_ms_per_token": per_token("delegate_overhead_ms"),
+        "cpu_ops_ms_per_token": per_token("cpu_ops_ms"),
+        "delegate_calls_per_token": per_token("delegate_calls"),
+        "kernels": dict(kernels),
+        "generated_tokens": generated,
+    }
+
+
+def _ms(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def markdown(result: Dict[str, object]) -> str:
+    m = result["model"]
+    lines = [
+        f"# llama-bench: {result['config']} ({result['date']})",
+        "",
+        f"- adapter: {result['adapter']}",
+        f"- model: dim {m['dim']}, {m['n_layers']} layers, FFN {m['hidden_dim']}, {m['n_heads']}/{m['n_kv_heads']} heads, "
+        f"vocab {m['vocab_size']}, KV cache {m['max_context_len']} positions; random weights (seed {result['seed']}), "
+        f"int4 group size {result['group_size']}",
+        f"- lm_head: {result['lm_head']['mode']} ({result['lm_head']['why']})",
+        f"- delegated linears: {result['delegated_linears']}; export {result['export_s']:.1f} s "
+        f"({result['pte_bytes'] / 1e6:.1f} MB .pte); load {result['load_s']:.1f} s",
+        f"- command: `{result['command']}`",
+        "",
+        "| phase | tokens | tokens/s | wall ms | GPU kernels ms | delegate overhead ms | CPU ops ms | kernels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result["prefill"]:
+        kernels = ", ".join(f"{k}×{v}" for k, v in sorted(p["kernels"].items()))
+        lines.append(f"| prefill | {p['prompt']} | {p['tokens_per_s']:.1f} | {p['wall_ms']:.2f} | "
+                     f"{_ms(p['gpu_kernels_ms'])} | {_ms(p['delegate_overhead_ms'])} | {p['cpu_ops_ms']:.2f} | {kernels} |")
+    d = result["decode"]
+    kernels = ", ".join(f"{k}×{v / d['tokens']:g}" for k, v in sorted(d["kernels"].items()))
+    lines.append(f"| decode (per token, after {d['after_prompt']}) | {d['tokens']} | {d['tokens_per_s']:.1f} | "
+                 f"{d['ms_per_token_mean']:.2f} | {_ms(d['gpu_kernels_ms_per_token'])} | "
+                 f"{_ms(d['delegate_overhead_ms_per_token'])} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
+    lines += ["", "GPU kernels = sum of gpu_us; delegate overhead = sum of wall_us - GPU kernels; "
+                  "CPU ops = execute wall - sum of wall_us.", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    from executorch_wgpu.errors import WebGPUDelegateError
+    from executorch_wgpu.runtime import Runtime
+    from executorch_wgpu.runtime.gpu import gpu_context
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = args.prompt
+    needed = max(prompts) + args.decode_tokens + 2
+    base = models.LLAMA_CONFIGS[args.config]
+    overrides = {"max_context_len": max(base["max_context_len"], -(-needed // 128) * 128)}
+    if args.layers is not None:
+        overrides["n_layers"] = args.layers
+    model_args = models.llama_args(args.config, **overrides)
+    ctx = gpu_context()
+    limit = ctx.device.limits["max-storage-buffer-binding-size"]
+    lm_head = choose_lm_head(args.lm_head, model_args.dim, model_args.vocab_size, limit)
+    pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}.pte"
+    partitioner_options = {"route_table": args.route_table} if args.route_table else {}
+
+    def export(lm_head_mode: str):
+        t0 = time.perf_counter()
+        print(f"building {args.config} (random weights, seed {args.seed}), lm_head {lm_head_mode} ...", flush=True)
+        model = models.build_llama(args.config, seed=args.seed, quantize_output=lm_head_mode == "q4", **overrides)
+        n_linears = len(models.llama_linear_names(model))
+        with models.recording_declines() as declines:
+            data = models.export_llama_pte(model, pte_path, max_tokens=max(prompts), **partitioner_options)
+        del model
+        return data, n_linears, list(declines), time.perf_counter() - t0
+
+    if args.reuse_pte and pte_path.exists():
+        print(f"reusing {pte_path}", flush=True)
+        data, n_linears, declines, export_s = pte_path.read_bytes(), None, [], 0.0
+    else:
+        data, n_linears, declines, export_s = export(lm_head["mode"])
+    print(f"exported in {export_s:.1f} s -> {pte_path} ({len(data) / 1e6:.1f} MB)", flush=True)
+    t0 = time.perf_counter()
+    try:
+        method = Runtime.get().load_program(data).load_method("forward")
+    except WebGPUDelegateError as e:
+        if args.lm_head != "auto" or lm_head["mode"] != "q4":
+            raise
+        lm_head = {**lm_head, "mode": "cpu-fp32",
+                   "why": f"auto: the runtime refused the int4 lm_head ({e}); re-exported with it fp32 on the CPU"}
+        print(lm_head["why"], flush=True)
+        data, n_linears, declines, export_s = export("cpu-fp32")
+        t0 = time.perf_counter()
+        method = Runtime.get().load_program(data).load_method("forward")
+    load_s = time.perf_counter() - t0
+    print(f"loaded in {load_s:.1f} s on {ctx.adapter_name}; lm_head: {lm_head['mode']} ({lm_head['why']})", flush=True)
+
+    prefill = []
+    for p in prompts:
+        prefill.append(bench_prefill(method, p, model_args.vocab_size, args.repeats, args.seed))
+        r = prefill[-1]
+        print(f"prefill {p:>5} tokens: {r['tokens_per_s']:9.1f} tok/s  wall {r['wall_ms']:.1f} ms  "
+              f"GPU {_ms(r['gpu_kernels_ms'])} ms  CPU ops {r['cpu_ops_ms']:.1f} ms  {r['kernels']}", flush=True)
+    decode = bench_decode(method, prompts[0], args.decode_tokens, model_args.vocab_size, args.seed)
+    print(f"decode {args.decode_tokens} tokens after {prompts[0]}: {decode['tokens_per_s']:.1f} tok/s  "
+          f"{decode['ms_per_token_mean']:.1f} ms/token (GPU {_ms(decode['gpu_kernels_ms_per_token'])}, "
+          f"CPU ops {decode['cpu_ops_ms_per_token']:.1f})  {decode['kernels']}", flush=True)
+
+    delegated = prefill[0]["delegate_calls"]
+    result = {
+        "command": "python -m executorch_wgpu llama-bench " + " ".join(args.argv),
+        "date": datetime.date.today().isoformat(),
+        "adapter": ctx.adapter_name,
+        "config": args.config,
+        "model": {k: getattr(model_args, k) for k in
+                  ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "max_context_len")},
+        "seed": args.seed,
+        "group_size": models.GROUP_SIZE,
+        "lm_head": lm_head,
+        "quantized_linears": n_linears,
+        "delegated_linears": delegated,
+        "declined": declines,
+        "export_s": export_s,
+        "pte_bytes": len(data),
+        "pte": str(pte_path),
+        "load_s": load_s,
+        "prefill": prefill,
+        "decode": decode,
+    }
+    (out / "llama_bench.json").write_text(json.dumps(result, indent=2))
+    (out / "llama_bench.md").write_text(markdown(result))
+    print(f"wrote {out / 'llama_bench.json'} and {out / 'llama_bench.md'}")
+    return result
+
+
+def main(argv=None) -> Dict[str, object]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Mutable buffers (a KV cache's mechanism) in our runtime, with ExecuTorch's semantics.
+
+A buffer the graph mutates lives in the method's planned memory: each execute()
+reads what the previous one left, a freshly loaded program starts from the
+buffer's initial state (zeros, or the serialized value when
+InitializedMutableBufferPass marked it), and outputs never change afterwards.
+Both lowerings are covered: the functional one (index_put into a new tensor,
+then copy_ back into the buffer) and the reinplaced one (index_put_ on the buffer).
+"""
+
+import copy
+
+import pytest
+import torch
+from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+from executorch_wgpu import WebGPUPartitioner
+from executorch_wgpu.runtime import Runtime
+
+from helpers import quantize_q4
+
+
+class Accumulator(torch.nn.Module):
+    """Writes lin(x) into row idx of a buffer, counts its calls, returns both mixed together."""
+
+    def __init__(self, count_start: float = 0.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 32)
+        self.register_buffer("rows", torch.zeros(8, 32))
+        self.register_buffer("count", torch.full((1,), count_start))
+
+    def forward(self, x, idx):
+        self.rows.index_copy_(0, idx, self.lin(x))
+        self.count.add_(1)
+        return self.rows.sum(0, keepdim=True) * self.count
+
+
+def lower(model, reinplace: bool, init_patterns=None) -> bytes:
+    example = (torch.randn(1, 64), torch.tensor([0]))
+    config = ExecutorchBackendConfig(
+        run_reinplace_pass=reinplace, passes=[InitializedMutableBufferPass(init_patterns)] if init_patterns else []
+    )
+    with torch.no_grad():
+        ep = torch.export.export(copy.deepcopy(model), example)
+        return to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch(config).buffer
+
+
+def fresh(pte: bytes):
+    return Runtime.get().load_program(pte).load_method("forward")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return quantize_q4(Accumulator().eval())
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["functional", "reinplaced"])
+def pte(request, model):
+    return lower(model, reinplace=request.param)
+
+
+CALLS = [(torch.randn(1, 64, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 3])) for i in range(5)]
+
+
+def eager_outputs(model, calls):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        return [m(x, idx) for x, idx in calls]
+
+
+def test_state_carries_from_call_to_call_as_in_eager(model, pte):
+    method = fresh(pte)
+    expected = eager_outputs(model, CALLS)
+    for (x, idx), want in zip(CALLS, expected):
+        (y,) = method.execute([x, idx])
+        assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+    assert [e["name"] for e in method.route_report()] == ["lin"]
+
+
+def test_outputs_do_not_change_when_the_state_does(model, pte):
+    method = fresh(pte)
+    (first,) = method.execute(list(CALLS[0]))
+    kept = first.clone()
+    method.execute(list(CALLS[1]))
+    assert torch.equal(first, kept)
+
+
+def test_a_freshly_loaded_program_and_reset_state_start_from_the_initial_state(model, pte):
+    used = fresh(pte)
+    for x, idx in CALLS:
+        used.execute([x, idx])
+    (want,) = eager_outputs(model, CALLS[:1])
+    (y,) = fresh(pte).execute(list(CALLS[0]))
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+    used.reset_state()
+    (y,) = used.execute(list(CALLS[0]))
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("reinplace", [False, True], ids=["functional", "reinplaced"])
+def test_an_initialized_mutable_buffer_starts_from_its_serialized_value(reinplace):
+    torch.manual_seed(1)
+    model = quantize_q4(Accumulator(count_start=5.0).eval())
+    expected = eager_outputs(model, CALLS[:3])
+    method = fresh(lower(model, reinplace, init_patterns=["count"]))
+    for (x, idx), want in zip(CALLS[:3], expected):
+        (y,) = method.execute([x, idx])
+        assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+    # Without the pass ExecuTorch serializes no initial value; our runtime starts such buffers at zero.
+    (y,) = fresh(lower(model, reinplace)).execute(list(CALLS[0]))
+    (want,) = eager_outputs(quantize_like(model, count_start=0.0), CALLS[:1])
+    assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def quantize_like(model, count_start):
+    other = copy.deepcopy(model)
+    other.count.fill_(count_start)
+    return other
