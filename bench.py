@@ -437,6 +437,18 @@ def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, wa
     return out
 
 
+def select_shapes(parser: argparse.ArgumentParser, quick: bool, names: Optional[str]) -> Dict[str, tuple]:
+    """The shape set (--quick or Llama-1B), narrowed to the comma-separated names; a parser error names unknown ones."""
+    shapes = dict(QUICK_SHAPES if quick else LLAMA_1B_SHAPES)
+    if not names:
+        return shapes
+    wanted = names.split(",")
+    unknown = set(wanted) - set(shapes)
+    if unknown:
+        parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+    return {k: shapes[k] for k in wanted}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
@@ -461,13 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         log.info("%s", json.dumps(result))
         return
 
-    shapes = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
-    if args.shapes:
-        wanted = args.shapes.split(",")
-        unknown = set(wanted) - set(shapes)
-        if unknown:
-            p.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
-        shapes = {k: shapes[k] for k in wanted}
+    shapes = select_shapes(p, args.quick, args.shapes)
     m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
     cfg = BenchConfig(shapes, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
                       rounds=args.rounds, peers=not args.no_peers,

@@ -111,7 +111,7 @@ def summary(entry: RouteTableEntry) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from executorch_wgpu.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, QUICK_SHAPES
+    from executorch_wgpu.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, select_shapes
 
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu tune", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
@@ -126,14 +126,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--name", help="the table's name (default: the --out file's stem)")
     args = p.parse_args(argv)
 
-    shapes = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
-    if args.shapes:
-        wanted = args.shapes.split(",")
-        unknown = set(wanted) - set(shapes)
-        if unknown:
-            p.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
-        shapes = {k: shapes[k] for k in wanted}
-    args.shapes = shapes
+    args.shapes = select_shapes(p, args.quick, args.shapes)
     try:
         m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
     except ValueError:

@@ -105,6 +105,7 @@ class Q4Linear:
         # Inputs are checked against the whole layer here; a row chunk may hold
         # fewer rows than the exported minimum of M, so parts accept any M >= 1.
         self.parts = [Q4LinearGPU(ctx, dataclasses.replace(r, m_min=1)) for r in records]
+        self._rows = {}   # M -> rows per chunk
 
     def check_input(self, x: torch.Tensor) -> int:
         return check_input(self.rec, x)
@@ -112,7 +113,9 @@ class Q4Linear:
     def __call__(self, x: torch.Tensor) -> tuple:
         """y = x @ dequant(W)^T + b; returns (y, LinearCall) like Q4LinearGPU."""
         m = self.check_input(x)
-        rows = chunk_rows(self.rec, self.parts[0].rec, self.limits, m)   # parts[0] is the widest
+        rows = self._rows.get(m)
+        if rows is None:   # planned once per M: calls at a given M repeat (decode, fixed prompts)
+            rows = self._rows[m] = chunk_rows(self.rec, self.parts[0].rec, self.limits, m)   # parts[0] is the widest
         if len(self.parts) == 1 and rows >= m:
             return self.parts[0](x)
         flat = x.detach().reshape(m, self.rec.in_features)
