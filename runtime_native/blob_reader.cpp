@@ -1,0 +1,175 @@
+// See blob_reader.h. Check order and error words follow blob.py.
+#include "blob_reader.h"
+
+#include <cstring>
+
+#include "schema_generated.h"  // flatc --cpp backend/serialization/schema.fbs
+
+namespace wgq4_native {
+
+namespace {
+
+// Shape rules of the packed layout (blob.py: N_ALIGN, GROUP_ALIGN).
+constexpr uint32_t kNAlign = 16;
+constexpr uint32_t kGroupAlign = 32;
+constexpr int kKernelCount = 4;
+constexpr int kRouteSourceCount = 3;
+
+std::string quoted(const std::string& s) { return "'" + s + "'"; }
+
+std::string fb_string(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
+
+// check_record() of blob.py: every length and shape rule, before any use.
+std::string check_record(const LinearBlob& b) {
+  const uint64_t k = b.in_features, n = b.out_features, gs = b.group_size;
+  const std::string head = "delegate blob of layer " + quoted(b.name) + " is invalid: ";
+  if (k == 0 || n == 0)
+    return head + "in_features=" + std::to_string(k) + ", out_features=" + std::to_string(n) + " must be positive";
+  if (gs == 0 || gs % kGroupAlign || k % gs)
+    return head + "group_size=" + std::to_string(gs) + " must be a positive multiple of " +
+           std::to_string(kGroupAlign) + " dividing in_features=" + std::to_string(k);
+  const uint64_t n_stride = (n + kNAlign - 1) / kNAlign * kNAlign;
+  if (b.n_stride != n_stride)
+    return head + "n_stride=" + std::to_string(b.n_stride) + ", expected " + std::to_string(n_stride) +
+           " for out_features=" + std::to_string(n);
+  if (!(1 <= b.m_min && b.m_min <= b.m_max))
+    return head + "M range [" + std::to_string(b.m_min) + ", " + std::to_string(b.m_max) +
+           "] is empty or starts below 1";
+  if (b.qweight_words != k / 8 * n_stride)
+    return head + "qweight has " + std::to_string(b.qweight_words) + " words, expected " +
+           std::to_string(k / 8 * n_stride);
+  if (b.scales_count != k / gs * n_stride)
+    return head + "scales has " + std::to_string(b.scales_count) + " values, expected " +
+           std::to_string(k / gs * n_stride);
+  if (b.bias && b.bias_count != n)
+    return head + "bias has " + std::to_string(b.bias_count) + " values, expected " + std::to_string(n);
+  if (b.route.prefill_kernel == Kernel::Gemv)
+    return head + "route " + kernel_name(b.route.decode_kernel) + "/gemv is not a known kernel pair";
+  const auto& buckets = b.route.prefill_buckets;
+  for (size_t i = 0; i < buckets.size(); ++i) {
+    if (buckets[i].m_max < 2 || (i > 0 && buckets[i].m_max <= buckets[i - 1].m_max))
+      return head + "prefill bucket bounds must be >= 2 and strictly increasing";
+    if (buckets[i].kernel == Kernel::Gemv)
+      return head + "prefill buckets name a kernel that cannot run M > 1";
+  }
+  return "";
+}
+
+}  // namespace
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::Gemv: return "gemv";
+    case Kernel::Regtiled: return "regtiled";
+    case Kernel::Shmem: return "shmem";
+    case Kernel::Skinny: return "skinny";
+  }
+  return "?";
+}
+
+const char* route_source_name(uint8_t source) {
+  static const char* names[kRouteSourceCount] = {"default-rule", "forced", "route-table"};
+  return source < kRouteSourceCount ? names[source] : "?";
+}
+
+Kernel Route::kernel_for(uint64_t m) const {
+  if (m == 1) return decode_kernel;
+  for (const auto& bucket : prefill_buckets)
+    if (m <= bucket.m_max) return bucket.kernel;
+  return prefill_buckets.empty() ? prefill_kernel : prefill_buckets.back().kernel;
+}
+
+uint32_t crc32(const void* data, size_t size, uint32_t crc) {
+  static uint32_t table[256];
+  static const bool filled = [] {
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int j = 0; j < 8; ++j) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      table[i] = c;
+    }
+    return true;
+  }();
+  (void)filled;
+  const auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+  return ~crc;
+}
+
+std::string read_blob(const void* data, size_t size, LinearBlob* out) {
+  const auto* bytes = static_cast<const uint8_t*>(data);
+  if (size < 8)
+    return "delegate blob is truncated: " + std::to_string(size) + " bytes, a blob has at least 8";
+  if (std::memcmp(bytes + 4, wgq4::Q4LinearIdentifier(), 4) != 0)
+    return "not an executorch_wgpu blob: no magic 'WGQ4' at offset 4";
+  // Every offset, count and length against the blob's size before any accessor follows one.
+  if (size >= FLATBUFFERS_MAX_BUFFER_SIZE)
+    return "delegate blob is too large: " + std::to_string(size) + " bytes";
+  flatbuffers::Verifier verifier(bytes, size);
+  if (!wgq4::VerifyQ4LinearBuffer(verifier))
+    return "delegate blob is truncated or corrupted: the flatbuffer verifier rejects it";
+  const wgq4::Q4Linear* root = wgq4::GetQ4Linear(bytes);
+  if (root->schema_version() != WGQ4_SCHEMA_VERSION)
+    return "delegate blob has schema version " + std::to_string(root->schema_version()) +
+           "; this executorch_wgpu reads version " + std::to_string(WGQ4_SCHEMA_VERSION) +
+           " only: re-export the model with this version of executorch_wgpu";
+
+  const wgq4::Route* r = root->route();
+  if (!r) return "delegate blob is corrupted: it has no route record";
+  const int decode = static_cast<int>(r->decode_kernel()), prefill = static_cast<int>(r->prefill_kernel());
+  const int source = static_cast<int>(r->source());
+  if (decode < 0 || decode >= kKernelCount)
+    return "delegate blob is corrupted: unknown decode kernel enum value " + std::to_string(decode);
+  if (prefill < 0 || prefill >= kKernelCount)
+    return "delegate blob is corrupted: unknown prefill kernel enum value " + std::to_string(prefill);
+  if (source < 0 || source >= kRouteSourceCount)
+    return "delegate blob is corrupted: unknown route source enum value " + std::to_string(source);
+
+  LinearBlob b;
+  b.schema_version = root->schema_version();
+  b.route.decode_kernel = static_cast<Kernel>(decode);
+  b.route.prefill_kernel = static_cast<Kernel>(prefill);
+  b.route.source = static_cast<uint8_t>(source);
+  b.route.skinny_max_m = r->skinny_max_m();
+  b.route.shmem_min_mn = r->shmem_min_mn();
+  b.route.reason = fb_string(r->reason());
+  b.route.table = fb_string(r->table());
+  if (const auto* buckets = r->prefill_buckets()) {
+    for (const wgq4::RouteBucket* bucket : *buckets) {
+      const int kernel = static_cast<int>(bucket->kernel());
+      if (kernel < 0 || kernel >= kKernelCount)
+        return "delegate blob is corrupted: unknown prefill bucket kernel enum value " + std::to_string(kernel);
+      b.route.prefill_buckets.push_back({bucket->m_max(), static_cast<Kernel>(kernel)});
+    }
+  }
+  b.name = fb_string(root->name());
+  b.in_features = root->in_features();
+  b.out_features = root->out_features();
+  b.group_size = root->group_size();
+  b.n_stride = root->n_stride();
+  b.m_min = root->m_min();
+  b.m_max = root->m_max();
+  if (!root->qweight() || !root->scales())
+    return "delegate blob is corrupted: weight or scale vector is missing";
+  b.qweight = root->qweight()->data();
+  b.qweight_words = root->qweight()->size();
+  b.scales = root->scales()->data();
+  b.scales_count = root->scales()->size();
+  if (root->bias() && root->bias()->size() > 0) {
+    b.bias = root->bias()->data();
+    b.bias_count = root->bias()->size();
+  }
+  b.checksum = root->checksum();
+
+  std::string problem = check_record(b);
+  if (!problem.empty()) return problem;
+  uint32_t crc = crc32(b.qweight, b.qweight_words * 4);
+  crc = crc32(b.scales, b.scales_count * 4, crc);
+  if (b.bias) crc = crc32(b.bias, b.bias_count * 4, crc);
+  if (crc != b.checksum)
+    return "delegate blob of layer " + quoted(b.name) + " is corrupted: payload checksum mismatch";
+  *out = std::move(b);
+  return "";
+}
+
+}  // namespace wgq4_native

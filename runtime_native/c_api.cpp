@@ -1,0 +1,159 @@
+// See c_api.h.
+#include "c_api.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "blob_reader.h"
+#include "call_log.h"
+#include "gpu_device.h"
+#include "plan.h"
+#include "shaders.h"
+
+namespace wgq4_native {
+bool backend_registered();  // webgpu_backend.cpp
+}
+
+using namespace wgq4_native;
+
+namespace {
+
+std::string quote(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += char(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+char* give(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+std::string error_json(const std::string& message) { return "{\"error\": " + quote(message) + "}"; }
+
+std::string number(double v) {
+  std::ostringstream o;
+  o.precision(17);
+  o << v;
+  return o.str();
+}
+
+}  // namespace
+
+extern "C" {
+
+char* wgq4_native_info() {
+  std::string shaders;
+  for (int i = 0; i < kEmbeddedShaderCount; ++i) shaders += (i ? ", " : "") + quote(kEmbeddedShaders[i].file);
+  return give("{\"backend_id\": " + quote(WGQ4_BACKEND_ID) + ", \"schema_version\": " +
+              std::to_string(WGQ4_SCHEMA_VERSION) + ", \"registered\": " +
+              (backend_registered() ? "true" : "false") + ", \"shaders\": [" + shaders + "]}");
+}
+
+char* wgq4_native_adapter() {
+  std::string error;
+  GpuDevice* gpu = shared_gpu_device(&error);
+  if (!gpu) return give(error_json(error));
+  return give("{\"adapter\": " + quote(gpu->adapter_name) + ", \"timestamps\": " +
+              (gpu->has_timestamps ? "true" : "false") + ", \"max_binding_bytes\": " +
+              std::to_string(gpu->limits.max_binding_bytes) + ", \"max_workgroups_per_dim\": " +
+              std::to_string(gpu->limits.max_workgroups_per_dim) + "}");
+}
+
+char* wgq4_native_describe_blob(const void* data, size_t size) {
+  LinearBlob b;
+  std::string problem = read_blob(data, size, &b);
+  if (!problem.empty()) return give(error_json(problem));
+  const Route& r = b.route;
+  std::string buckets;
+  for (size_t i = 0; i < r.prefill_buckets.size(); ++i)
+    buckets += std::string(i ? ", " : "") + "[" + std::to_string(r.prefill_buckets[i].m_max) + ", " +
+               quote(kernel_name(r.prefill_buckets[i].kernel)) + "]";
+  auto vec = [](const void* p, size_t count) {
+    return "{\"length\": " + std::to_string(count) + ", \"crc32\": " + std::to_string(p ? crc32(p, count * 4) : 0) + "}";
+  };
+  std::string s = "{";
+  s += "\"schema_version\": " + std::to_string(b.schema_version);
+  s += ", \"name\": " + quote(b.name);
+  s += ", \"in_features\": " + std::to_string(b.in_features);
+  s += ", \"out_features\": " + std::to_string(b.out_features);
+  s += ", \"group_size\": " + std::to_string(b.group_size);
+  s += ", \"n_stride\": " + std::to_string(b.n_stride);
+  s += ", \"m_min\": " + std::to_string(b.m_min);
+  s += ", \"m_max\": " + std::to_string(b.m_max);
+  s += ", \"qweight\": " + vec(b.qweight, b.qweight_words);
+  s += ", \"scales\": " + vec(b.scales, b.scales_count);
+  s += ", \"bias\": " + (b.bias ? vec(b.bias, b.bias_count) : std::string("null"));
+  s += ", \"route\": {\"decode_kernel\": " + quote(kernel_name(r.decode_kernel));
+  s += ", \"prefill_kernel\": " + quote(kernel_name(r.prefill_kernel));
+  s += ", \"source\": " + quote(route_source_name(r.source));
+  s += ", \"skinny_max_m\": " + std::to_string(r.skinny_max_m);
+  s += ", \"shmem_min_mn\": " + std::to_string(r.shmem_min_mn);
+  s += ", \"reason\": " + quote(r.reason);
+  s += ", \"table\": " + quote(r.table);
+  s += ", \"prefill_buckets\": [" + buckets + "]}";
+  s += ", \"checksum\": " + std::to_string(b.checksum);
+  return give(s + "}");
+}
+
+char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+                       uint32_t max_groups) {
+  if (kernel < 0 || kernel > 3) return give(error_json("unknown kernel " + std::to_string(kernel)));
+  Plan p;
+  std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p);
+  if (!problem.empty()) return give(error_json(problem));
+  std::string dispatches;
+  for (size_t i = 0; i < p.dispatches.size(); ++i) {
+    const Dispatch& d = p.dispatches[i];
+    dispatches += std::string(i ? ", " : "") + "[" + quote(d.shader_file) + ", " + std::to_string(d.grid[0]) + ", " +
+                  std::to_string(d.grid[1]) + ", " + std::to_string(d.grid[2]) + "]";
+  }
+  return give("{\"kernel\": " + quote(kernel_name(p.kernel)) + ", \"m\": " + std::to_string(p.m) +
+              ", \"k_splits\": " + std::to_string(p.k_splits) + ", \"k_chunk\": " + std::to_string(p.k_chunk) +
+              ", \"partial_bytes\": " + std::to_string(p.partial_bytes) + ", \"dispatches\": [" + dispatches + "]}");
+}
+
+char* wgq4_native_take_calls() {
+  std::string s = "[";
+  bool first = true;
+  for (const CallRecord& c : take_calls()) {
+    s += first ? "" : ", ";
+    first = false;
+    s += "{\"name\": " + quote(c.name) + ", \"M\": " + std::to_string(c.m) + ", \"K\": " + std::to_string(c.k) +
+         ", \"N\": " + std::to_string(c.n) + ", \"kernel\": " + quote(c.kernel) + ", \"reason\": " + quote(c.reason) +
+         ", \"gpu_us\": " + (c.gpu_us < 0 ? std::string("null") : number(c.gpu_us)) +
+         ", \"wall_us\": " + number(c.wall_us) + ", \"upload_us\": " + number(c.upload_us) +
+         ", \"submit_us\": " + number(c.submit_us) + ", \"wait_us\": " + number(c.wait_us) +
+         ", \"readback_us\": " + number(c.readback_us) + "}";
+  }
+  return give(s + "]");
+}
+
+char* wgq4_native_shader_source(const char* file) {
+  const char* source = embedded_shader(file);
+  return source ? give(source) : nullptr;
+}
+
+void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim) {
+  set_limit_caps(max_binding_bytes, max_workgroups_per_dim);
+}
+
+void wgq4_native_free(char* s) { std::free(s); }
+}

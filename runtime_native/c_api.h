@@ -1,0 +1,32 @@
+// A small C API of the native library, for executorch_wgpu.native (ctypes):
+// what tests and the benchmark need to see inside the delegate. ExecuTorch
+// itself needs none of it -- it finds the backend through its registry.
+//
+// Every char* returned is a NUL-terminated JSON (or WGSL) string owned by the
+// caller: release it with wgq4_native_free.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+extern "C" {
+
+// {"backend_id", "schema_version", "registered", "shaders": [file names]}
+char* wgq4_native_info();
+// {"adapter", "timestamps", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
+char* wgq4_native_adapter();
+// Every field of a blob as this library's reader sees it (vectors as length
+// and CRC-32 of their bytes), or {"error": what is wrong with it}.
+char* wgq4_native_describe_blob(const void* data, size_t size);
+// The plan of a call (plan.h): {"kernel", "m", "k_splits", "k_chunk",
+// "partial_bytes", "dispatches": [[shader file, gx, gy, gz], ...]} or {"error"}.
+char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+                       uint32_t max_groups);
+// The calls since the last take, oldest first (call_log.h), as a JSON list.
+char* wgq4_native_take_calls();
+// The embedded text of shaders/<file>, or NULL.
+char* wgq4_native_shader_source(const char* file);
+// Caps on the limits layers loaded from now on are planned against (0: none).
+void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
+void wgq4_native_free(char* s);
+}

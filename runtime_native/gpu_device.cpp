@@ -1,0 +1,273 @@
+// See gpu_device.h.
+#include "gpu_device.h"
+
+#include <wgpu.h>
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include <executorch/runtime/platform/log.h>
+
+#include "shaders.h"
+
+namespace wgq4_native {
+
+namespace {
+
+// The seven resources every q4gsw shader binds a subset of (runtime_py/gpu.py _BINDINGS).
+const WGPUBufferBindingType kBindings[7] = {
+    WGPUBufferBindingType_Uniform,          // 0 Params
+    WGPUBufferBindingType_ReadOnlyStorage,  // 1 x
+    WGPUBufferBindingType_ReadOnlyStorage,  // 2 qweight
+    WGPUBufferBindingType_ReadOnlyStorage,  // 3 scales
+    WGPUBufferBindingType_ReadOnlyStorage,  // 4 bias
+    WGPUBufferBindingType_Storage,          // 5 y
+    WGPUBufferBindingType_Storage,          // 6 split-K partial sums
+};
+
+const char* kNoAdapterHelp =
+    "wgpu found no GPU adapter. On a machine without a GPU install Mesa's software Vulkan driver (lavapipe): "
+    "`apt-get install mesa-vulkan-drivers`; on a GPU machine check the Vulkan driver (`vulkaninfo --summary`).";
+
+WGPUStringView view(const char* s) { return WGPUStringView{s, WGPU_STRLEN}; }
+
+void on_uncaptured_error(WGPUDevice const*, WGPUErrorType type, WGPUStringView message, void* self, void*) {
+  std::string text = to_string(message);
+  ET_LOG(Error, "WebGPUBackend: wgpu error (type %d): %s", int(type), text.c_str());
+  static_cast<GpuDevice*>(self)->record_uncaptured_error(text);
+}
+
+void on_device_lost(WGPUDevice const*, WGPUDeviceLostReason reason, WGPUStringView message, void*, void*) {
+  if (reason != WGPUDeviceLostReason_Destroyed && reason != WGPUDeviceLostReason_CallbackCancelled)
+    ET_LOG(Error, "WebGPUBackend: GPU device lost (reason %d): %s", int(reason), to_string(message).c_str());
+}
+
+struct AdapterRequest {
+  bool done = false;
+  WGPUAdapter adapter = nullptr;
+  std::string message;
+};
+
+struct DeviceRequest {
+  bool done = false;
+  WGPUDevice device = nullptr;
+  std::string message;
+};
+
+std::string create_device(GpuDevice* g) {
+  g->instance = wgpuCreateInstance(nullptr);
+  if (!g->instance) return std::string(kNoAdapterHelp) + " (wgpuCreateInstance failed)";
+
+  WGPURequestAdapterOptions options = WGPU_REQUEST_ADAPTER_OPTIONS_INIT;
+  options.powerPreference = WGPUPowerPreference_HighPerformance;
+  AdapterRequest adapter_request;
+  WGPURequestAdapterCallbackInfo adapter_cb = WGPU_REQUEST_ADAPTER_CALLBACK_INFO_INIT;
+  adapter_cb.mode = WGPUCallbackMode_AllowProcessEvents;
+  adapter_cb.userdata1 = &adapter_request;
+  adapter_cb.callback = [](WGPURequestAdapterStatus status, WGPUAdapter adapter, WGPUStringView message, void* u, void*) {
+    auto* r = static_cast<AdapterRequest*>(u);
+    if (status == WGPURequestAdapterStatus_Success) r->adapter = adapter;
+    r->message = to_string(message);
+    r->done = true;
+  };
+  wgpuInstanceRequestAdapter(g->instance, &options, adapter_cb);
+  g->wait_for(&adapter_request.done);
+  if (!adapter_request.adapter)
+    return std::string(kNoAdapterHelp) + (adapter_request.message.empty() ? "" : " (" + adapter_request.message + ")");
+  g->adapter = adapter_request.adapter;
+
+  WGPUAdapterInfo info = WGPU_ADAPTER_INFO_INIT;
+  if (wgpuAdapterGetInfo(g->adapter, &info) == WGPUStatus_Success) {
+    g->adapter_name = to_string(info.device) + " (" + to_string(info.description) + ")";
+    wgpuAdapterInfoFreeMembers(info);
+  }
+  WGPULimits adapter_limits = WGPU_LIMITS_INIT;
+  if (wgpuAdapterGetLimits(g->adapter, &adapter_limits) != WGPUStatus_Success)
+    return "wgpu could not read the adapter's limits";
+  g->has_timestamps = wgpuAdapterHasFeature(g->adapter, WGPUFeatureName_TimestampQuery);
+
+  WGPULimits required = WGPU_LIMITS_INIT;  // defaults, but the largest bindings the adapter allows
+  required.maxStorageBufferBindingSize = adapter_limits.maxStorageBufferBindingSize;
+  required.maxBufferSize = adapter_limits.maxBufferSize;
+  WGPUFeatureName features[1] = {WGPUFeatureName_TimestampQuery};
+  WGPUDeviceDescriptor desc = WGPU_DEVICE_DESCRIPTOR_INIT;
+  desc.label = view("executorch_wgpu native");
+  desc.requiredFeatureCount = g->has_timestamps ? 1 : 0;
+  desc.requiredFeatures = features;
+  desc.requiredLimits = &required;
+  desc.deviceLostCallbackInfo.mode = WGPUCallbackMode_AllowProcessEvents;
+  desc.deviceLostCallbackInfo.callback = on_device_lost;
+  desc.uncapturedErrorCallbackInfo.callback = on_uncaptured_error;
+  desc.uncapturedErrorCallbackInfo.userdata1 = g;
+  DeviceRequest device_request;
+  WGPURequestDeviceCallbackInfo device_cb = WGPU_REQUEST_DEVICE_CALLBACK_INFO_INIT;
+  device_cb.mode = WGPUCallbackMode_AllowProcessEvents;
+  device_cb.userdata1 = &device_request;
+  device_cb.callback = [](WGPURequestDeviceStatus status, WGPUDevice device, WGPUStringView message, void* u, void*) {
+    auto* r = static_cast<DeviceRequest*>(u);
+    if (status == WGPURequestDeviceStatus_Success) r->device = device;
+    r->message = to_string(message);
+    r->done = true;
+  };
+  wgpuAdapterRequestDevice(g->adapter, &desc, device_cb);
+  g->wait_for(&device_request.done);
+  if (!device_request.device) return "wgpu could not create a device on " + g->adapter_name + ": " + device_request.message;
+  g->device = device_request.device;
+  g->queue = wgpuDeviceGetQueue(g->device);
+  if (g->has_timestamps) g->timestamp_period_ns = wgpuQueueGetTimestampPeriod(g->queue);
+
+  WGPULimits limits = WGPU_LIMITS_INIT;
+  if (wgpuDeviceGetLimits(g->device, &limits) != WGPUStatus_Success) return "wgpu could not read the device's limits";
+  g->limits.max_binding_bytes = std::min<uint64_t>(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+  g->limits.max_workgroups_per_dim = limits.maxComputeWorkgroupsPerDimension;
+
+  WGPUBindGroupLayoutEntry entries[7];
+  for (uint32_t i = 0; i < 7; ++i) {
+    entries[i] = WGPU_BIND_GROUP_LAYOUT_ENTRY_INIT;
+    entries[i].binding = i;
+    entries[i].visibility = WGPUShaderStage_Compute;
+    entries[i].buffer.type = kBindings[i];
+  }
+  return g->checked([&] {
+    WGPUBindGroupLayoutDescriptor bgl = WGPU_BIND_GROUP_LAYOUT_DESCRIPTOR_INIT;
+    bgl.label = view("q4gsw");
+    bgl.entryCount = 7;
+    bgl.entries = entries;
+    g->bind_group_layout = wgpuDeviceCreateBindGroupLayout(g->device, &bgl);
+    WGPUPipelineLayoutDescriptor pl = WGPU_PIPELINE_LAYOUT_DESCRIPTOR_INIT;
+    pl.label = view("q4gsw");
+    pl.bindGroupLayoutCount = 1;
+    pl.bindGroupLayouts = &g->bind_group_layout;
+    g->pipeline_layout = wgpuDeviceCreatePipelineLayout(g->device, &pl);
+  });
+}
+
+std::mutex caps_mutex;
+Limits caps{0, 0};
+
+}  // namespace
+
+void set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim) {
+  std::lock_guard<std::mutex> lock(caps_mutex);
+  caps = Limits{max_binding_bytes, max_workgroups_per_dim};
+}
+
+Limits GpuDevice::plan_limits() const {
+  std::lock_guard<std::mutex> lock(caps_mutex);
+  Limits out = limits;
+  if (caps.max_binding_bytes) out.max_binding_bytes = std::min(out.max_binding_bytes, caps.max_binding_bytes);
+  if (caps.max_workgroups_per_dim)
+    out.max_workgroups_per_dim = std::min(out.max_workgroups_per_dim, caps.max_workgroups_per_dim);
+  return out;
+}
+
+std::string to_string(WGPUStringView s) {
+  if (!s.data) return "";
+  return s.length == WGPU_STRLEN ? std::string(s.data) : std::string(s.data, s.length);
+}
+
+void GpuDevice::wait_for(const bool* done) {
+  // wgpu-native usually completes these requests inside the call; the loop
+  // covers a backend that does not (and gives up rather than hang).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!*done && std::chrono::steady_clock::now() < deadline) {
+    wgpuInstanceProcessEvents(instance);
+    if (!*done) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+}
+
+void GpuDevice::record_uncaptured_error(const std::string& message) {
+  std::lock_guard<std::mutex> lock(uncaptured_mutex_);
+  if (uncaptured_.empty()) uncaptured_ = message;
+}
+
+std::string GpuDevice::take_uncaptured_error() {
+  std::lock_guard<std::mutex> lock(uncaptured_mutex_);
+  std::string message;
+  message.swap(uncaptured_);
+  return message;
+}
+
+void GpuDevice::push_error_scopes() {
+  wgpuDevicePushErrorScope(device, WGPUErrorFilter_OutOfMemory);
+  wgpuDevicePushErrorScope(device, WGPUErrorFilter_Validation);
+}
+
+std::string GpuDevice::pop_error_scopes() {
+  struct Popped {
+    bool done = false;
+    std::string message;
+  };
+  std::string first;
+  for (int i = 0; i < 2; ++i) {
+    Popped popped;
+    WGPUPopErrorScopeCallbackInfo cb = WGPU_POP_ERROR_SCOPE_CALLBACK_INFO_INIT;
+    cb.mode = WGPUCallbackMode_AllowProcessEvents;
+    cb.userdata1 = &popped;
+    cb.callback = [](WGPUPopErrorScopeStatus status, WGPUErrorType type, WGPUStringView message, void* u, void*) {
+      auto* p = static_cast<Popped*>(u);
+      if (status == WGPUPopErrorScopeStatus_Success && type != WGPUErrorType_NoError)
+        p->message = "wgpu error: " + to_string(message);
+      p->done = true;
+    };
+    wgpuDevicePopErrorScope(device, cb);
+    wait_for(&popped.done);
+    if (first.empty()) first = popped.message;
+  }
+  return first;
+}
+
+WGPUComputePipeline GpuDevice::pipeline(const char* file, std::string* error) {
+  auto found = pipelines_.find(file);
+  if (found != pipelines_.end()) return found->second;
+  const char* source = embedded_shader(file);
+  if (!source) {
+    *error = std::string("the native delegate was built without shaders/") + file;
+    return nullptr;
+  }
+  WGPUComputePipeline pipeline = nullptr;
+  std::string problem = checked([&] {
+    WGPUShaderSourceWGSL wgsl = WGPU_SHADER_SOURCE_WGSL_INIT;
+    wgsl.code = view(source);
+    WGPUShaderModuleDescriptor module_desc = WGPU_SHADER_MODULE_DESCRIPTOR_INIT;
+    module_desc.nextInChain = &wgsl.chain;
+    module_desc.label = view(file);
+    WGPUShaderModule module = wgpuDeviceCreateShaderModule(device, &module_desc);
+    WGPUComputePipelineDescriptor desc = WGPU_COMPUTE_PIPELINE_DESCRIPTOR_INIT;
+    desc.label = view(file);
+    desc.layout = pipeline_layout;
+    desc.compute.module = module;
+    desc.compute.entryPoint = view("main");
+    pipeline = wgpuDeviceCreateComputePipeline(device, &desc);
+    wgpuShaderModuleRelease(module);
+  });
+  if (!problem.empty() || !pipeline) {
+    *error = std::string("shaders/") + file + " does not compile on " + adapter_name + ": " + problem;
+    if (pipeline) wgpuComputePipelineRelease(pipeline);
+    return nullptr;
+  }
+  pipelines_[file] = pipeline;
+  return pipeline;
+}
+
+GpuDevice* shared_gpu_device(std::string* error) {
+  static std::mutex creation;
+  static GpuDevice* device = nullptr;
+  static std::string failure;
+  std::lock_guard<std::mutex> lock(creation);
+  if (!device && failure.empty()) {
+    auto* g = new GpuDevice();
+    failure = create_device(g);
+    if (failure.empty()) {
+      device = g;
+      ET_LOG(Info, "WebGPUBackend: using adapter %s (timestamps: %s)", g->adapter_name.c_str(),
+             g->has_timestamps ? "yes" : "no");
+    }
+    // On failure g is leaked on purpose: wgpu objects it may hold are not safe to release half-made.
+  }
+  if (!device) *error = failure;
+  return device;
+}
+
+}  // namespace wgq4_native

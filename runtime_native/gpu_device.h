@@ -1,0 +1,78 @@
+// The process-wide wgpu-native device and the compiled q4gsw pipelines.
+//
+// The C++ twin of runtime_py/gpu.py: one adapter (high-performance) and one
+// device per process, created on first use, with timestamp queries when the
+// adapter has them and its full storage-binding and buffer-size limits; one
+// bind group layout (the seven bindings every q4gsw shader uses a subset of)
+// and one pipeline per shader, compiled on first use from the WGSL embedded
+// at build time. It lives until the process exits.
+//
+// wgpu-native would abort the process on an error nobody captures; every
+// error it reports goes to an uncaptured-error callback that logs it and
+// marks the device, so a failing call returns an error status instead.
+#pragma once
+
+#include <webgpu.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "plan.h"
+
+namespace wgq4_native {
+
+class GpuDevice {
+ public:
+  WGPUInstance instance = nullptr;
+  WGPUAdapter adapter = nullptr;
+  WGPUDevice device = nullptr;
+  WGPUQueue queue = nullptr;
+  bool has_timestamps = false;
+  Limits limits{};  // the device's own
+
+  // The limits layers created now are planned against: the device's, lowered by
+  // set_limit_caps() (tests run the split paths on small layers that way).
+  Limits plan_limits() const;
+  std::string adapter_name;
+  WGPUBindGroupLayout bind_group_layout = nullptr;
+  WGPUPipelineLayout pipeline_layout = nullptr;
+
+  // The pipeline of shaders/<file>; nullptr with *error set when it does not compile.
+  WGPUComputePipeline pipeline(const char* file, std::string* error);
+
+  // Runs fn inside a validation + out-of-memory error scope; returns "" or the first error wgpu reported.
+  template <typename Fn>
+  std::string checked(Fn&& fn) {
+    push_error_scopes();
+    fn();
+    return pop_error_scopes();
+  }
+
+  // Waits for a callback registered with WGPUCallbackMode_AllowProcessEvents to set *done.
+  void wait_for(const bool* done);
+
+  // Errors wgpu reported outside any scope since the last call (empty if none).
+  std::string take_uncaptured_error();
+  void record_uncaptured_error(const std::string& message);
+
+  float timestamp_period_ns = 1.0f;  // nanoseconds per timestamp tick
+  std::mutex mutex;  // one GPU call at a time in the process
+ private:
+  void push_error_scopes();
+  std::string pop_error_scopes();
+  std::map<std::string, WGPUComputePipeline> pipelines_;
+  std::mutex uncaptured_mutex_;
+  std::string uncaptured_;
+};
+
+// Caps on the limits layers created from now on are planned against (0: no cap).
+// Caps only lower limits (runtime_py/gpu.py capped_plan_limits).
+void set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
+
+// The shared device; nullptr with *error naming the problem (no adapter, ...).
+GpuDevice* shared_gpu_device(std::string* error);
+
+std::string to_string(WGPUStringView s);
+
+}  // namespace wgq4_native

@@ -1,0 +1,54 @@
+// How one call of a layer runs: which dispatches, on which grids.
+//
+// The C++ twin of runtime_py/q4_linear.py (plan_call, k_split_for,
+// gemv_k_split_for) and runtime_py/split_linear.py (column_parts,
+// chunk_rows). Grids follow the shader headers in shaders/. Both runtimes
+// must make the same plan for the same call -- tests/test_native.py compares
+// them over many shapes -- so results agree bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "blob_reader.h"
+
+namespace wgq4_native {
+
+// Shader files of the kernels (runtime_py/gpu.py SHADER_FILES).
+const char* shader_file(Kernel k);
+extern const char* const kSplitkReduceShader;
+
+struct Dispatch {
+  const char* shader_file;
+  uint32_t grid[3];
+};
+
+struct Plan {
+  Kernel kernel;
+  uint64_t m = 0;
+  uint32_t k_splits = 1;
+  uint32_t k_chunk = 0;
+  uint64_t partial_bytes = 0;  // split-K scratch the plan writes (0 without split K)
+  std::vector<Dispatch> dispatches;
+};
+
+// The plan for `kernel` at M = m on a layer (part) of K x N; "" or why it
+// cannot run (a grid beyond max_groups workgroups per dimension).
+std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+                      uint32_t max_groups, Plan* out);
+
+struct Limits {
+  uint64_t max_binding_bytes;   // largest storage buffer one binding may hold
+  uint32_t max_workgroups_per_dim;
+};
+
+// [n0, n1) column ranges (multiples of 16) a layer splits into so each fits the limits.
+std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<std::pair<uint32_t, uint32_t>>* out);
+
+// Most rows of M one call of every part can take (part_n, part_n_stride: the widest part).
+std::string chunk_rows(const LinearBlob& b, uint32_t part_n, uint32_t part_n_stride, const Limits& limits,
+                       uint64_t m, uint64_t* rows);
+
+}  // namespace wgq4_native

@@ -1,0 +1,139 @@
+// The ExecuTorch backend "WebGPUBackend": what a DelegateCall of a .pte runs
+// when the program is loaded by ExecuTorch's own runtime.
+//
+// init() reads and validates the blob (blob_reader.h) and uploads the layer
+// (q4_linear.h); execute() checks the input against the layer, resizes the
+// output to the call's M and runs it. Every problem is an error status plus
+// one ET_LOG line that names it -- never an abort.
+//
+// The backend registers itself when this library is loaded (a static
+// initializer), into the registry of libexecutorch.so: the same one the
+// executorch Python extension uses.
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/core/error.h>
+#include <executorch/runtime/core/evalue.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/platform/log.h>
+
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "blob_reader.h"
+#include "call_log.h"
+#include "gpu_device.h"
+#include "q4_linear.h"
+
+namespace wgq4_native {
+
+namespace {
+
+using executorch::runtime::ArrayRef;
+using executorch::runtime::Backend;
+using executorch::runtime::BackendExecutionContext;
+using executorch::runtime::BackendInitContext;
+using executorch::runtime::BackendInterface;
+using executorch::runtime::CompileSpec;
+using executorch::runtime::DelegateHandle;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+using executorch::runtime::FreeableBuffer;
+using executorch::runtime::Result;
+using executorch::runtime::Span;
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+
+Error fail(Error error, const std::string& message) {
+  ET_LOG(Error, "WebGPUBackend: %s", message.c_str());
+  return error;
+}
+
+std::string shape_of(const Tensor& t) {
+  std::string s = "(";
+  for (ssize_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+class WebGPUBackend final : public BackendInterface {
+ public:
+  bool is_available() const override {
+    std::string error;
+    if (shared_gpu_device(&error)) return true;
+    ET_LOG(Error, "WebGPUBackend: %s", error.c_str());
+    return false;
+  }
+
+  Result<DelegateHandle*> init(BackendInitContext& context, FreeableBuffer* processed,
+                               ArrayRef<CompileSpec> compile_specs) const override {
+    // The verifier reads the blob in place; copy it when the program did not align it.
+    const void* data = processed->data();
+    std::vector<uint64_t> aligned;
+    if (reinterpret_cast<uintptr_t>(data) % 8 != 0) {
+      aligned.resize((processed->size() + 7) / 8);
+      std::memcpy(aligned.data(), data, processed->size());
+      data = aligned.data();
+    }
+    LinearBlob blob;
+    std::string problem = read_blob(data, processed->size(), &blob);
+    if (!problem.empty()) {
+      const bool version = problem.find("schema version") != std::string::npos;
+      return fail(version ? Error::DelegateInvalidCompatibility : Error::InvalidProgram, problem);
+    }
+    GpuDevice* gpu = shared_gpu_device(&problem);
+    if (!gpu) return fail(Error::NotSupported, problem);
+    std::unique_ptr<Q4Layer> layer = Q4Layer::create(gpu, blob, &problem);
+    if (!layer) return fail(Error::Internal, problem);
+    processed->Free();  // the weights live on the GPU now
+    return layer.release();
+  }
+
+  Error execute(BackendExecutionContext& context, DelegateHandle* handle, Span<EValue*> args) const override {
+    auto* layer = static_cast<Q4Layer*>(handle);
+    const LayerInfo& L = layer->info();
+    const std::string who = "layer '" + L.name + "': ";
+    if (args.size() != 2 || !args[0]->isTensor() || !args[1]->isTensor())
+      return fail(Error::InvalidArgument, who + "takes 1 input tensor and 1 output tensor, the program passes " +
+                                              std::to_string(args.size()) + " values");
+    const Tensor& x = args[0]->toTensor();
+    Tensor& y = args[1]->toTensor();
+    if (x.scalar_type() != ScalarType::Float || y.scalar_type() != ScalarType::Float)
+      return fail(Error::InvalidArgument, who + "input and output must be float32");
+    if (x.dim() < 1 || x.size(x.dim() - 1) != ssize_t(L.in_features))
+      return fail(Error::InvalidArgument,
+                  who + "input shape " + shape_of(x) + " does not end in K=" + std::to_string(L.in_features));
+    if (!executorch::runtime::tensor_is_contiguous(x))
+      return fail(Error::InvalidArgument, who + "input is not contiguous");
+    const uint64_t m = uint64_t(x.numel()) / L.in_features;
+    if (m < L.m_min || m > L.m_max)
+      return fail(Error::InvalidArgument, who + "M=" + std::to_string(m) + " (product of leading dims of " +
+                                              shape_of(x) + ") is outside the exported range [" +
+                                              std::to_string(L.m_min) + ", " + std::to_string(L.m_max) + "]");
+    std::array<SizesType, executorch::runtime::kTensorDimensionLimit> sizes{};
+    for (ssize_t i = 0; i + 1 < x.dim(); ++i) sizes[i] = SizesType(x.size(i));
+    sizes[x.dim() - 1] = SizesType(L.out_features);
+    Error resized = executorch::runtime::resize_tensor(y, ArrayRef<SizesType>(sizes.data(), size_t(x.dim())));
+    if (resized != Error::Ok)
+      return fail(resized, who + "cannot resize the output to M=" + std::to_string(m) + " rows of N=" +
+                               std::to_string(L.out_features));
+    CallRecord call;
+    std::string problem = layer->run(x.const_data_ptr<float>(), m, y.mutable_data_ptr<float>(), &call);
+    if (!problem.empty()) return fail(Error::Internal, problem);
+    log_call(std::move(call));
+    return Error::Ok;
+  }
+
+  void destroy(DelegateHandle* handle) const override { delete static_cast<Q4Layer*>(handle); }
+};
+
+WebGPUBackend backend;
+const Error registered = executorch::runtime::register_backend(Backend{WGQ4_BACKEND_ID, &backend});
+
+}  // namespace
+
+// Whether this library's backend is the one registered under WGQ4_BACKEND_ID (c_api.cpp).
+bool backend_registered() {
+  return registered == Error::Ok || executorch::runtime::get_backend_class(WGQ4_BACKEND_ID) == &backend;
+}
+
+}  // namespace wgq4_native
