@@ -9,24 +9,27 @@
 #include <cstddef>
 #include <cstdint>
 
+// The library is built with hidden visibility; these are its exported symbols.
+#define WGQ4_API __attribute__((visibility("default")))
+
 extern "C" {
 
 // {"backend_id", "schema_version", "registered", "shaders": [file names]}
-char* wgq4_native_info();
+WGQ4_API char* wgq4_native_info();
 // {"adapter", "timestamps", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
-char* wgq4_native_adapter();
+WGQ4_API char* wgq4_native_adapter();
 // Every field of a blob as this library's reader sees it (vectors as length
 // and CRC-32 of their bytes), or {"error": what is wrong with it}.
-char* wgq4_native_describe_blob(const void* data, size_t size);
+WGQ4_API char* wgq4_native_describe_blob(const void* data, size_t size);
 // The plan of a call (plan.h): {"kernel", "m", "k_splits", "k_chunk",
 // "partial_bytes", "dispatches": [[shader file, gx, gy, gz], ...]} or {"error"}.
-char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+WGQ4_API char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                        uint32_t max_groups);
 // The calls since the last take, oldest first (call_log.h), as a JSON list.
-char* wgq4_native_take_calls();
+WGQ4_API char* wgq4_native_take_calls();
 // The embedded text of shaders/<file>, or NULL.
-char* wgq4_native_shader_source(const char* file);
+WGQ4_API char* wgq4_native_shader_source(const char* file);
 // Caps on the limits layers loaded from now on are planned against (0: none).
-void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
-void wgq4_native_free(char* s);
+WGQ4_API void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
+WGQ4_API void wgq4_native_free(char* s);
 }

@@ -1,0 +1,147 @@
+"""Load the native delegate into this process, so ExecuTorch's own runtime runs our .pte.
+
+    import executorch_wgpu.native
+    executorch_wgpu.native.load()
+    from executorch.runtime import Runtime
+    method = Runtime.get().load_program("model.pte").load_method("forward")
+    y, = method.execute([x])
+
+The library (libexecutorch_wgpu_native.so, built by CMakeLists.txt; `make
+setup` builds it into build/native/) registers the backend "WebGPUBackend"
+with ExecuTorch's registry when it is loaded. It links libexecutorch.so and
+wgpu-native from the installed executorch and wgpu packages; importing
+executorch's Python extension first makes both runtimes share one registry.
+
+Beyond registering, the library has a small C API (runtime_native/c_api.h)
+this module wraps for tests and the benchmark: its reading of a blob, its
+call plans, its route report, its embedded shaders.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pathlib
+from typing import Optional
+
+from executorch_wgpu.errors import WebGPUDelegateError
+
+LIBRARY_NAME = "libexecutorch_wgpu_native.so"
+# Where `make setup` builds it: the repository root is this package's directory.
+DEFAULT_BUILD_DIR = pathlib.Path(__file__).resolve().parent / "build" / "native"
+KERNEL_IDS = {"gemv": 0, "regtiled": 1, "shmem": 2, "skinny": 3}   # schema.fbs enum Kernel
+
+
+class NativeUnavailableError(WebGPUDelegateError):
+    """The native library is not built here, or cannot be loaded."""
+
+
+def library_path() -> pathlib.Path:
+    """$EXECUTORCH_WGPU_NATIVE_LIB, else build/native/ of this checkout."""
+    override = os.environ.get("EXECUTORCH_WGPU_NATIVE_LIB")
+    return pathlib.Path(override) if override else DEFAULT_BUILD_DIR / LIBRARY_NAME
+
+
+class NativeLibrary:
+    """The loaded library: its C API, with JSON answers decoded."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        # RTLD_GLOBAL is not needed: ExecuTorch finds the backend through the
+        # registry the library writes into when it loads.
+        self._lib = ctypes.CDLL(str(path))
+        lib = self._lib
+        for name in ("wgq4_native_info", "wgq4_native_adapter", "wgq4_native_take_calls"):
+            getattr(lib, name).restype = ctypes.c_void_p
+            getattr(lib, name).argtypes = []
+        lib.wgq4_native_describe_blob.restype = ctypes.c_void_p
+        lib.wgq4_native_describe_blob.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.wgq4_native_plan.restype = ctypes.c_void_p
+        lib.wgq4_native_plan.argtypes = [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_uint32] * 5
+        lib.wgq4_native_shader_source.restype = ctypes.c_void_p
+        lib.wgq4_native_shader_source.argtypes = [ctypes.c_char_p]
+        lib.wgq4_native_set_limit_caps.restype = None
+        lib.wgq4_native_set_limit_caps.argtypes = [ctypes.c_uint64, ctypes.c_uint32]
+        lib.wgq4_native_free.restype = None
+        lib.wgq4_native_free.argtypes = [ctypes.c_void_p]
+
+    def _text(self, pointer: Optional[int]) -> Optional[str]:
+        if not pointer:
+            return None
+        try:
+            return ctypes.string_at(pointer).decode("utf-8")
+        finally:
+            self._lib.wgq4_native_free(pointer)
+
+    def _json(self, pointer: Optional[int]):
+        text = self._text(pointer)
+        if text is None:
+            raise WebGPUDelegateError("the native library returned nothing (out of memory?)")
+        return json.loads(text)
+
+    def info(self) -> dict:
+        """{"backend_id", "schema_version", "registered", "shaders"}."""
+        return self._json(self._lib.wgq4_native_info())
+
+    def adapter(self) -> dict:
+        """The native runtime's adapter and limits, or {"error": ...}."""
+        return self._json(self._lib.wgq4_native_adapter())
+
+    def describe_blob(self, blob: bytes) -> dict:
+        """Every field of a blob as the C++ reader reads it, or {"error": ...}."""
+        blob = bytes(blob)
+        return self._json(self._lib.wgq4_native_describe_blob(blob, len(blob)))
+
+    def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int) -> dict:
+        """The C++ plan of a call (runtime_native/plan.h), or {"error": ...}."""
+        return self._json(self._lib.wgq4_native_plan(KERNEL_IDS[kernel], m, k, n, n_stride, group_size, max_groups))
+
+    def take_calls(self) -> list:
+        """The delegate calls since the last take: route report entries like Method.route_report()'s."""
+        return self._json(self._lib.wgq4_native_take_calls())
+
+    def shader_source(self, file: str) -> Optional[str]:
+        """The WGSL the library embedded for shaders/<file>."""
+        return self._text(self._lib.wgq4_native_shader_source(file.encode()))
+
+    def set_limit_caps(self, max_binding_bytes: int = 0, max_workgroups_per_dim: int = 0) -> None:
+        """Plan layers loaded from now on against lower limits (0: the device's own)."""
+        self._lib.wgq4_native_set_limit_caps(max_binding_bytes, max_workgroups_per_dim)
+
+
+_loaded: Optional[NativeLibrary] = None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why load() would fail here, or None when the library is built."""
+    path = library_path()
+    if not path.is_file():
+        return (f"the native delegate is not built: no {path} (run `make setup`, or "
+                f"`cmake -S . -B build/native -DPython3_EXECUTABLE=.venv/bin/python && cmake --build build/native`)")
+    return None
+
+
+def load() -> NativeLibrary:
+    """Load the native delegate once per process; ExecuTorch's runtime then runs WebGPUBackend delegates."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    reason = unavailable_reason()
+    if reason:
+        raise NativeUnavailableError(reason)
+    # The Python extension loads libexecutorch.so; ours then binds to that
+    # copy, so both use one backend registry.
+    import executorch.runtime  # noqa: F401
+    try:
+        lib = NativeLibrary(library_path())
+    except OSError as e:
+        raise NativeUnavailableError(f"cannot load the native delegate {library_path()}: {e}") from e
+    info = lib.info()
+    if not info["registered"]:
+        raise NativeUnavailableError(
+            f"{library_path()} loaded but could not register backend {info['backend_id']!r}: "
+            "another library registered that name first"
+        )
+    _loaded = lib
+    return lib
