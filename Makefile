@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # lavapipe complains on stderr when XDG_RUNTIME_DIR is unset; give it one.
 export XDG_RUNTIME_DIR ?= /tmp/executorch_wgpu-xdg
 
-.PHONY: demo test setup
+.PHONY: demo test setup native
 
 demo: setup
 	$(PY) -m executorch_wgpu demo
@@ -15,9 +15,19 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed native
 	@bash .ci/ensure_vulkan.sh
 	@mkdir -p -m 700 $(XDG_RUNTIME_DIR)
+
+# The native delegate (CMakeLists.txt -> build/native/libexecutorch_wgpu_native.so),
+# which executorch_wgpu.native loads so ExecuTorch's own runtime runs our .pte.
+# Where it cannot be built the Python runtime still works and the native tests
+# skip, saying why -- unless EXECUTORCH_WGPU_REQUIRE_NATIVE=1 (CI), which fails.
+native: $(VENV)/.installed
+	@{ bash .ci/ensure_build_tools.sh \
+	   && { [ -f build/native/CMakeCache.txt ] || cmake -S . -B build/native -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null; } \
+	   && cmake --build build/native -j 4 >/dev/null; } \
+	 || { echo "native delegate NOT built (see above); its tests will skip" >&2; [ "$${EXECUTORCH_WGPU_REQUIRE_NATIVE:-0}" != 1 ]; }
 
 # torch first and pinned: a looser request lets pip pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml

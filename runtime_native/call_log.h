@@ -25,6 +25,7 @@ struct CallRecord {
 constexpr size_t kMaxRecords = 4096;
 
 void log_call(CallRecord record);
-std::vector<CallRecord> take_calls();
+// Exported (the library hides everything else) for wgq4_run_pte and c_api.
+__attribute__((visibility("default"))) std::vector<CallRecord> take_calls();
 
 }  // namespace wgq4_native
