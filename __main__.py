@@ -3,6 +3,7 @@
   llama-bench  a Llama-shaped int4 decoder: prefill and decode tokens/s, time split
   bench  time every kernel on Llama-3.2-1B shapes against its ceilings
   tune   measure the kernels on this adapter and write a route table
+  native-bench  wall time per execute: our Python runtime vs ExecuTorch's runtime with the native delegate
 """
 
 import sys
@@ -15,6 +16,7 @@ def main(argv=None) -> None:
         "bench": "executorch_wgpu.bench",
         "tune": "executorch_wgpu.tune",
         "llama-bench": "executorch_wgpu.llama_bench",
+        "native-bench": "executorch_wgpu.native_bench",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: python -m executorch_wgpu {{{','.join(commands)}}} [options]  (--help after a command)")

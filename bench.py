@@ -397,6 +397,22 @@ def format_progress(row: dict) -> str:
     return " | ".join(parts)
 
 
+def one_linear_pte(k: int = 2048, n: int = 2048, m: int = 1) -> tuple:
+    """(.pte bytes, example x) of a torchao-quantized Linear(k, n, bias=False), gs 32, lowered with WebGPUPartitioner."""
+    from executorch.exir import to_edge_transform_and_lower
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from executorch_wgpu.backend.partitioner import WebGPUPartitioner
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval()
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    x = torch.randn(m, k)
+    ep = torch.export.export(model, (x,))
+    return to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch().buffer, x
+
+
 def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30) -> dict:
     """Host cost of one `execute` of a 1-linear program, split by phase (medians over `calls`).
 
@@ -405,19 +421,9 @@ def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, wa
     minus the delegate call's wall; the delegate call splits into upload,
     encode + submit, wait (GPU work + completion signal) and readback.
     """
-    from executorch.exir import to_edge_transform_and_lower
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
-    from executorch_wgpu.backend.partitioner import WebGPUPartitioner
     from executorch_wgpu.runtime import Runtime
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval()
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-    x = torch.randn(m, k)
-    ep = torch.export.export(model, (x,))
-    pte = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch().buffer
+    pte, x = one_linear_pte(k, n, m)
     method = Runtime.get().load_program(pte).load_method("forward")
     samples = []
     for i in range(warmup + calls):

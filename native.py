@@ -28,6 +28,7 @@ from typing import Optional
 from executorch_wgpu.errors import WebGPUDelegateError
 
 LIBRARY_NAME = "libexecutorch_wgpu_native.so"
+RUNNER_NAME = "wgq4_run_pte"   # runtime_native/run_pte.cpp: a .pte through ExecuTorch's C++ Module API
 # Where `make setup` builds it: the repository root is this package's directory.
 DEFAULT_BUILD_DIR = pathlib.Path(__file__).resolve().parent / "build" / "native"
 KERNEL_IDS = {"gemv": 0, "regtiled": 1, "shmem": 2, "skinny": 3}   # schema.fbs enum Kernel
@@ -41,6 +42,11 @@ def library_path() -> pathlib.Path:
     """$EXECUTORCH_WGPU_NATIVE_LIB, else build/native/ of this checkout."""
     override = os.environ.get("EXECUTORCH_WGPU_NATIVE_LIB")
     return pathlib.Path(override) if override else DEFAULT_BUILD_DIR / LIBRARY_NAME
+
+
+def runner_path() -> pathlib.Path:
+    """wgq4_run_pte, built beside the library."""
+    return library_path().parent / RUNNER_NAME
 
 
 class NativeLibrary:

@@ -1,0 +1,167 @@
+"""Wall time per execute of one .pte in our Python runtime and in ExecuTorch's runtime with the native delegate.
+
+    python -m executorch_wgpu native-bench [--k 2048 --n 2048 --m 1] [--calls 300] [--warmup 30]
+                                           [--rounds 3] [--out DIR]
+
+The same torchao-quantized 1-linear program (bench.one_linear_pte) runs three ways:
+
+  python      our runtime (executorch_wgpu.runtime): Python interpreter, delegate through wgpu-native's C API
+  et-python   ExecuTorch's runtime driven from Python (executorch.runtime) with the native delegate loaded
+  et-cpp      ExecuTorch's C++ Module API in its own process, no Python (build/native/wgq4_run_pte)
+
+Each runs `calls` timed executes after `warmup`, in `rounds` interleaved rounds;
+the best round's medians are reported: execute wall, the delegate's own wall
+and GPU time (timestamp queries), and the host time above the GPU. Outputs of
+the three are checked equal (max relative difference <= 1e-5) before anything
+is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from executorch_wgpu import native
+from executorch_wgpu.bench import one_linear_pte
+
+AGREEMENT = 1e-5
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def time_python_runtime(pte: bytes, x: torch.Tensor, calls: int, warmup: int) -> tuple:
+    from executorch_wgpu.runtime import Runtime
+
+    method = Runtime.get().load_program(pte).load_method("forward")
+    walls, delegate, gpu = [], [], []
+    for i in range(warmup + calls):
+        start = time.perf_counter()
+        y, = method.execute([x])
+        wall = (time.perf_counter() - start) * 1e6
+        if i >= warmup:
+            call = method.route_report()[0]
+            walls.append(wall)
+            delegate.append(call["wall_us"])
+            gpu.append(call["gpu_us"] or 0.0)
+    return summary(walls, delegate, gpu, method.route_report()[0]["kernel"]), y
+
+
+def time_executorch_python(lib: native.NativeLibrary, pte_path: pathlib.Path, x: torch.Tensor, calls: int,
+                           warmup: int) -> tuple:
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(pte_path).load_method("forward")
+    lib.take_calls()
+    walls = []
+    for i in range(warmup + calls):
+        if i == warmup:
+            lib.take_calls()
+        start = time.perf_counter()
+        y, = method.execute([x])
+        walls.append((time.perf_counter() - start) * 1e6)
+    timed = lib.take_calls()
+    walls = walls[warmup:]
+    return summary(walls, [c["wall_us"] for c in timed], [c["gpu_us"] or 0.0 for c in timed],
+                   timed[-1]["kernel"]), y.clone()
+
+
+def time_executorch_cpp(pte_path: pathlib.Path, x: torch.Tensor, calls: int, warmup: int) -> tuple:
+    runner = native.runner_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        x_path, y_path = pathlib.Path(tmp, "x.f32"), pathlib.Path(tmp, "y.f32")
+        x.contiguous().numpy().astype("<f4").tofile(x_path)
+        shape = "x".join(str(d) for d in x.shape)
+        done = subprocess.run(
+            [str(runner), str(pte_path), "--shape", shape, "--input", str(x_path), "--output", str(y_path),
+             "--warmup", str(warmup), "--iters", str(calls)],
+            capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{runner} failed ({done.returncode}): {done.stderr.strip()}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        y = torch.from_numpy(np.fromfile(y_path, dtype="<f4")).reshape(result["output_shape"])
+    out = {
+        "execute_us": result["execute_us"], "delegate_us": result["delegate_us"], "gpu_us": result["gpu_us"],
+        "kernel": "+".join(result["kernels"]),
+    }
+    out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
+    out["outside_delegate_us"] = out["execute_us"] - out["delegate_us"]
+    return out, y
+
+
+def summary(walls, delegate, gpu, kernel: str) -> dict:
+    out = {"execute_us": float(np.median(walls)), "delegate_us": float(np.median(delegate)),
+           "gpu_us": float(np.median(gpu)), "kernel": kernel}
+    out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
+    out["outside_delegate_us"] = out["execute_us"] - out["delegate_us"]
+    return out
+
+
+def compare_runtimes(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30,
+                     rounds: int = 3) -> dict:
+    """The three runtimes' medians (best round each) and the output agreement; raises if outputs differ."""
+    lib = native.load()
+    pte, x = one_linear_pte(k, n, m)
+    best: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pte_path = pathlib.Path(tmp, "linear.pte")
+        pte_path.write_bytes(pte)
+        for _ in range(rounds):
+            results = {
+                "python": time_python_runtime(pte, x, calls, warmup),
+                "et-python": time_executorch_python(lib, pte_path, x, calls, warmup),
+                "et-cpp": time_executorch_cpp(pte_path, x, calls, warmup),
+            }
+            reference = results["python"][1]
+            for name, (stats, y) in results.items():
+                diff = rel_diff(y, reference)
+                if diff > AGREEMENT:
+                    raise RuntimeError(f"{name} output differs from the Python runtime's by {diff:.2e} (> {AGREEMENT})")
+                stats["rel_diff_vs_python"] = diff
+                if name not in best or stats["execute_us"] < best[name]["execute_us"]:
+                    best[name] = stats
+    return {"K": k, "N": n, "M": m, "calls": calls, "warmup": warmup, "rounds": rounds,
+            "adapter": lib.adapter().get("adapter", "?"), "date": date.today().isoformat(), "runtimes": best}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"1 linear {result['K']}->{result['N']}, M = {result['M']}, {result['adapter']}, {result['date']}: "
+             f"medians of {result['calls']} executes, best of {result['rounds']} rounds",
+             "", "| runtime | execute µs | delegate µs | GPU µs | above GPU µs | outside delegate µs | kernel |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, s in result["runtimes"].items():
+        lines.append(f"| {name} | {s['execute_us']:.1f} | {s['delegate_us']:.1f} | {s['gpu_us']:.1f} | "
+                     f"{s['above_gpu_us']:.1f} | {s['outside_delegate_us']:.1f} | {s['kernel']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m executorch_wgpu native-bench", description=__doc__.split("\n")[0])
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--n", type=int, default=2048)
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=pathlib.Path, help="folder for native_bench.json / .md")
+    args = p.parse_args(argv)
+    result = compare_runtimes(args.k, args.n, args.m, args.calls, args.warmup, args.rounds)
+    result["command"] = "python -m executorch_wgpu native-bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    table = markdown(result)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "native_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "native_bench.md").write_text(table)
