@@ -1,7 +1,7 @@
 """Wall time per execute of one .pte in our Python runtime and in ExecuTorch's runtime with the native delegate.
 
     python -m executorch_wgpu native-bench [--k 2048 --n 2048 --m 1] [--calls 300] [--warmup 30]
-                                           [--rounds 3] [--out DIR]
+                                           [--rounds 3] [--runtimes python,et-python,et-cpp] [--out DIR]
 
 The same torchao-quantized 1-linear program (bench.one_linear_pte) runs three ways:
 
@@ -11,9 +11,14 @@ The same torchao-quantized 1-linear program (bench.one_linear_pte) runs three wa
 
 Each runs `calls` timed executes after `warmup`, in `rounds` interleaved rounds;
 the best round's medians are reported: execute wall, the delegate's own wall
-and GPU time (timestamp queries), and the host time above the GPU. Outputs of
-the three are checked equal (max relative difference <= 1e-5) before anything
-is reported.
+and GPU time (timestamp queries), and the host time above the GPU. Outputs
+are checked equal to the Python runtime's (max relative difference <= 1e-5)
+before anything is reported.
+
+--runtimes picks a subset: executorch's Python extension needs the torch it was
+built against (2.13.0); in an image with another torch, `et-python` fails
+inside the extension ("tensor does not have a device") while `et-cpp`, which
+involves no torch, still runs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from executorch_wgpu import native
 from executorch_wgpu.bench import one_linear_pte
 
 AGREEMENT = 1e-5
+RUNTIMES = ("python", "et-python", "et-cpp")
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,17 +52,15 @@ def time_python_runtime(pte: bytes, x: torch.Tensor, calls: int, warmup: int) ->
     from executorch_wgpu.runtime import Runtime
 
     method = Runtime.get().load_program(pte).load_method("forward")
-    walls, delegate, gpu = [], [], []
+    walls, timed = [], []
     for i in range(warmup + calls):
         start = time.perf_counter()
         y, = method.execute([x])
         wall = (time.perf_counter() - start) * 1e6
         if i >= warmup:
-            call = method.route_report()[0]
             walls.append(wall)
-            delegate.append(call["wall_us"])
-            gpu.append(call["gpu_us"] or 0.0)
-    return summary(walls, delegate, gpu, method.route_report()[0]["kernel"]), y
+            timed.append(method.route_report()[0])
+    return summary(walls, timed), y
 
 
 def time_executorch_python(lib: native.NativeLibrary, pte_path: pathlib.Path, x: torch.Tensor, calls: int,
@@ -73,9 +77,7 @@ def time_executorch_python(lib: native.NativeLibrary, pte_path: pathlib.Path, x:
         y, = method.execute([x])
         walls.append((time.perf_counter() - start) * 1e6)
     timed = lib.take_calls()
-    walls = walls[warmup:]
-    return summary(walls, [c["wall_us"] for c in timed], [c["gpu_us"] or 0.0 for c in timed],
-                   timed[-1]["kernel"]), y.clone()
+    return summary(walls[warmup:], timed), y.clone()
 
 
 def time_executorch_cpp(pte_path: pathlib.Path, x: torch.Tensor, calls: int, warmup: int) -> tuple:
@@ -92,26 +94,32 @@ def time_executorch_cpp(pte_path: pathlib.Path, x: torch.Tensor, calls: int, war
             raise RuntimeError(f"{runner} failed ({done.returncode}): {done.stderr.strip()}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         y = torch.from_numpy(np.fromfile(y_path, dtype="<f4")).reshape(result["output_shape"])
-    out = {
-        "execute_us": result["execute_us"], "delegate_us": result["delegate_us"], "gpu_us": result["gpu_us"],
-        "kernel": "+".join(result["kernels"]),
-    }
+    out = {key: result[key] for key in ("execute_us", "delegate_us", "gpu_us") + SPLIT}
+    out["kernel"] = "+".join(result["kernels"])
     out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
     out["outside_delegate_us"] = out["execute_us"] - out["delegate_us"]
     return out, y
 
 
-def summary(walls, delegate, gpu, kernel: str) -> dict:
-    out = {"execute_us": float(np.median(walls)), "delegate_us": float(np.median(delegate)),
-           "gpu_us": float(np.median(gpu)), "kernel": kernel}
+SPLIT = ("upload_us", "submit_us", "wait_us", "readback_us")   # the delegate call's host phases
+
+
+def summary(walls: list, calls: list) -> dict:
+    """Medians of execute walls and of the route-report entries of the same calls."""
+    def median(key):
+        return float(np.median([c[key] or 0.0 for c in calls]))
+
+    out = {"execute_us": float(np.median(walls)), "delegate_us": median("wall_us"), "gpu_us": median("gpu_us")}
+    out.update({key: median(key) for key in SPLIT})
+    out["kernel"] = calls[-1]["kernel"]
     out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
     out["outside_delegate_us"] = out["execute_us"] - out["delegate_us"]
     return out
 
 
 def compare_runtimes(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30,
-                     rounds: int = 3) -> dict:
-    """The three runtimes' medians (best round each) and the output agreement; raises if outputs differ."""
+                     rounds: int = 3, runtimes: Sequence[str] = RUNTIMES) -> dict:
+    """The runtimes' medians (best round each) and the output agreement; raises if outputs differ."""
     lib = native.load()
     pte, x = one_linear_pte(k, n, m)
     best: dict = {}
@@ -119,11 +127,12 @@ def compare_runtimes(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300,
         pte_path = pathlib.Path(tmp, "linear.pte")
         pte_path.write_bytes(pte)
         for _ in range(rounds):
-            results = {
-                "python": time_python_runtime(pte, x, calls, warmup),
-                "et-python": time_executorch_python(lib, pte_path, x, calls, warmup),
-                "et-cpp": time_executorch_cpp(pte_path, x, calls, warmup),
+            timers = {
+                "python": lambda: time_python_runtime(pte, x, calls, warmup),
+                "et-python": lambda: time_executorch_python(lib, pte_path, x, calls, warmup),
+                "et-cpp": lambda: time_executorch_cpp(pte_path, x, calls, warmup),
             }
+            results = {name: timers[name]() for name in dict.fromkeys(("python", *runtimes))}  # python: the reference
             reference = results["python"][1]
             for name, (stats, y) in results.items():
                 diff = rel_diff(y, reference)
@@ -139,11 +148,13 @@ def compare_runtimes(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300,
 def markdown(result: dict) -> str:
     lines = [f"1 linear {result['K']}->{result['N']}, M = {result['M']}, {result['adapter']}, {result['date']}: "
              f"medians of {result['calls']} executes, best of {result['rounds']} rounds",
-             "", "| runtime | execute µs | delegate µs | GPU µs | above GPU µs | outside delegate µs | kernel |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "", "| runtime | execute µs | above GPU µs | outside delegate µs | delegate µs | upload | submit | wait "
+                 "| readback | GPU µs | kernel |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in result["runtimes"].items():
-        lines.append(f"| {name} | {s['execute_us']:.1f} | {s['delegate_us']:.1f} | {s['gpu_us']:.1f} | "
-                     f"{s['above_gpu_us']:.1f} | {s['outside_delegate_us']:.1f} | {s['kernel']} |")
+        lines.append(f"| {name} | {s['execute_us']:.1f} | {s['above_gpu_us']:.1f} | {s['outside_delegate_us']:.1f} | "
+                     f"{s['delegate_us']:.1f} | " + " | ".join(f"{s[k]:.1f}" for k in SPLIT) +
+                     f" | {s['gpu_us']:.1f} | {s['kernel']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,9 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ",".join(RUNTIMES))
     p.add_argument("--out", type=pathlib.Path, help="folder for native_bench.json / .md")
     args = p.parse_args(argv)
-    result = compare_runtimes(args.k, args.n, args.m, args.calls, args.warmup, args.rounds)
+    runtimes = args.runtimes.split(",")
+    unknown = set(runtimes) - set(RUNTIMES)
+    if unknown:
+        p.error(f"unknown runtimes {sorted(unknown)}; choose from {list(RUNTIMES)}")
+    result = compare_runtimes(args.k, args.n, args.m, args.calls, args.warmup, args.rounds, runtimes)
     result["command"] = "python -m executorch_wgpu native-bench " + " ".join(sys.argv[1:] if argv is None else argv)
     table = markdown(result)
     print(table)

@@ -118,12 +118,16 @@ int main(int argc, char** argv) {
       for (ssize_t d = 0; d < out.dim(); ++d) y_shape.push_back(long(out.size(d)));
     }
   }
-  std::vector<double> delegate_us, gpu_us;
+  std::vector<double> delegate_us, gpu_us, upload_us, submit_us, wait_us, readback_us;
   std::set<std::string> kernels;
   auto calls = wgq4_native::take_calls();
   for (const auto& c : calls) {
     delegate_us.push_back(c.wall_us);
     if (c.gpu_us >= 0) gpu_us.push_back(c.gpu_us);
+    upload_us.push_back(c.upload_us);
+    submit_us.push_back(c.submit_us);
+    wait_us.push_back(c.wait_us);
+    readback_us.push_back(c.readback_us);
     kernels.insert(c.kernel);
   }
   if (!output_path.empty()) {
@@ -136,8 +140,11 @@ int main(int argc, char** argv) {
   const double calls_per_forward = iters ? double(calls.size()) / iters : 0;
   std::printf("{\"execute_us\": %.3f, \"execute_p10_us\": %.3f, \"execute_p90_us\": %.3f, \"iters\": %d, "
               "\"delegate_calls_per_execute\": %.3f, \"delegate_us\": %.3f, \"gpu_us\": %.3f, "
+              "\"upload_us\": %.3f, \"submit_us\": %.3f, \"wait_us\": %.3f, \"readback_us\": %.3f, "
               "\"output_shape\": [%s], \"kernels\": [%s]}\n",
               percentile(wall_us, 0.5), percentile(wall_us, 0.1), percentile(wall_us, 0.9), iters, calls_per_forward,
-              percentile(delegate_us, 0.5), percentile(gpu_us, 0.5), out_shape.c_str(), kernel_list.c_str());
+              percentile(delegate_us, 0.5), percentile(gpu_us, 0.5), percentile(upload_us, 0.5),
+              percentile(submit_us, 0.5), percentile(wait_us, 0.5), percentile(readback_us, 0.5), out_shape.c_str(),
+              kernel_list.c_str());
   return 0;
 }
