@@ -18,6 +18,8 @@ constexpr WGPUBufferUsage kStorage = WGPUBufferUsage_Storage | WGPUBufferUsage_C
 // How long a call polls without blocking before it sleeps in wgpuDevicePoll:
 // a decode call's GPU work takes tens of µs, less than a blocking wait's wake-up.
 constexpr auto kSpin = std::chrono::milliseconds(2);
+// A map that never completes (a hung or lost device) ends the call with an error, not a hang.
+constexpr auto kMapTimeout = std::chrono::seconds(120);
 
 double us_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
@@ -232,8 +234,12 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
     static_cast<Mapped*>(u)->message = to_string(message);
   };
   wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, read_bytes, map_cb);
-  const auto spin_until = Clock::now() + kSpin;
-  while (mapped.status == 0) wgpuDevicePoll(gpu_->device, Clock::now() > spin_until, nullptr);
+  const auto spin_until = Clock::now() + kSpin, give_up = Clock::now() + kMapTimeout;
+  while (mapped.status == 0) {
+    const auto now = Clock::now();
+    if (now > give_up) return "layer '" + name_ + "': the GPU did not finish the call within 120 s";
+    wgpuDevicePoll(gpu_->device, now > spin_until, nullptr);
+  }
   const auto t3 = Clock::now();
   std::string gpu_error = gpu_->take_uncaptured_error();
   if (mapped.status != WGPUMapAsyncStatus_Success || !gpu_error.empty()) {
