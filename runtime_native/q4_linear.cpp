@@ -222,16 +222,14 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   wgpuCommandEncoderRelease(encoder);
   const auto t2 = Clock::now();
 
-  struct Mapped {
-    WGPUMapAsyncStatus status = WGPUMapAsyncStatus(0);
-    std::string message;
-  } mapped;
+  MapState& mapped = map_state_;  // a member: a callback after a timed-out call must not write to a dead frame
+  mapped = MapState();
   WGPUBufferMapCallbackInfo map_cb = WGPU_BUFFER_MAP_CALLBACK_INFO_INIT;
   map_cb.mode = WGPUCallbackMode_AllowProcessEvents;
   map_cb.userdata1 = &mapped;
   map_cb.callback = [](WGPUMapAsyncStatus status, WGPUStringView message, void* u, void*) {
-    static_cast<Mapped*>(u)->status = status;
-    static_cast<Mapped*>(u)->message = to_string(message);
+    static_cast<MapState*>(u)->status = status;
+    static_cast<MapState*>(u)->message = to_string(message);
   };
   wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, read_bytes, map_cb);
   const auto spin_until = Clock::now() + kSpin, give_up = Clock::now() + kMapTimeout;
