@@ -19,6 +19,42 @@ std::string quoted(const std::string& s) { return "'" + s + "'"; }
 
 std::string fb_string(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
 
+template <typename T>
+bool load(const uint8_t* bytes, size_t size, uint64_t at, T* out) {
+  if (at + sizeof(T) > size) return false;
+  std::memcpy(out, bytes + at, sizeof(T));
+  return true;
+}
+
+// Q4Linear.schema_version (field 0 of the root table), read with every offset
+// bounds-checked but nothing else verified yet. False: the header is unreadable.
+bool read_schema_version(const uint8_t* bytes, size_t size, uint32_t* version) {
+  uint32_t root = 0;
+  int32_t to_vtable = 0;
+  uint16_t vtable_size = 0, field = 0;
+  if (!load(bytes, size, 0, &root) || !load(bytes, size, root, &to_vtable)) return false;
+  const int64_t vtable = int64_t(root) - to_vtable;
+  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size)) return false;
+  *version = 0;  // an absent field holds its default
+  if (vtable_size < 6) return true;
+  if (!load(bytes, size, uint64_t(vtable) + 4, &field)) return false;
+  return field == 0 || load(bytes, size, uint64_t(root) + field, version);
+}
+
+// Python's repr of the bucket bounds / buckets, so messages read as blob.py's.
+std::string bounds_repr(const std::vector<RouteBucket>& buckets) {
+  std::string s = "[";
+  for (size_t i = 0; i < buckets.size(); ++i) s += (i ? ", " : "") + std::to_string(buckets[i].m_max);
+  return s + "]";
+}
+
+std::string buckets_repr(const std::vector<RouteBucket>& buckets) {
+  std::string s = "(";
+  for (size_t i = 0; i < buckets.size(); ++i)
+    s += (i ? ", " : "") + std::string("(") + std::to_string(buckets[i].m_max) + ", '" + kernel_name(buckets[i].kernel) + "')";
+  return s + (buckets.size() == 1 ? ",)" : ")");
+}
+
 // check_record() of blob.py: every length and shape rule, before any use.
 std::string check_record(const LinearBlob& b) {
   const uint64_t k = b.in_features, n = b.out_features, gs = b.group_size;
@@ -46,12 +82,12 @@ std::string check_record(const LinearBlob& b) {
   if (b.route.prefill_kernel == Kernel::Gemv)
     return head + "route " + kernel_name(b.route.decode_kernel) + "/gemv is not a known kernel pair";
   const auto& buckets = b.route.prefill_buckets;
-  for (size_t i = 0; i < buckets.size(); ++i) {
+  for (size_t i = 0; i < buckets.size(); ++i)
     if (buckets[i].m_max < 2 || (i > 0 && buckets[i].m_max <= buckets[i - 1].m_max))
-      return head + "prefill bucket bounds must be >= 2 and strictly increasing";
-    if (buckets[i].kernel == Kernel::Gemv)
-      return head + "prefill buckets name a kernel that cannot run M > 1";
-  }
+      return head + "prefill bucket bounds " + bounds_repr(buckets) + " must be >= 2 and strictly increasing";
+  for (const auto& bucket : buckets)
+    if (bucket.kernel == Kernel::Gemv)
+      return head + "prefill buckets " + buckets_repr(buckets) + " name a kernel that cannot run M > 1";
   return "";
 }
 
@@ -102,6 +138,14 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
     return "delegate blob is truncated: " + std::to_string(size) + " bytes, a blob has at least 8";
   if (std::memcmp(bytes + 4, wgq4::Q4LinearIdentifier(), 4) != 0)
     return "not an executorch_wgpu blob: no magic 'WGQ4' at offset 4";
+  // The version first, as blob.py does, so a blob of another version is named
+  // as such even when this reader could not verify the rest of it.
+  uint32_t version = 0;
+  if (!read_schema_version(bytes, size, &version))
+    return "delegate blob is truncated or corrupted: cannot read its header";
+  if (version != WGQ4_SCHEMA_VERSION)
+    return "delegate blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads version " +
+           std::to_string(WGQ4_SCHEMA_VERSION) + " only: re-export the model with this version of executorch_wgpu";
   // Every offset, count and length against the blob's size before any accessor follows one.
   if (size >= FLATBUFFERS_MAX_BUFFER_SIZE)
     return "delegate blob is too large: " + std::to_string(size) + " bytes";
@@ -109,10 +153,6 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (!wgq4::VerifyQ4LinearBuffer(verifier))
     return "delegate blob is truncated or corrupted: the flatbuffer verifier rejects it";
   const wgq4::Q4Linear* root = wgq4::GetQ4Linear(bytes);
-  if (root->schema_version() != WGQ4_SCHEMA_VERSION)
-    return "delegate blob has schema version " + std::to_string(root->schema_version()) +
-           "; this executorch_wgpu reads version " + std::to_string(WGQ4_SCHEMA_VERSION) +
-           " only: re-export the model with this version of executorch_wgpu";
 
   const wgq4::Route* r = root->route();
   if (!r) return "delegate blob is corrupted: it has no route record";
@@ -126,7 +166,7 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
     return "delegate blob is corrupted: unknown route source enum value " + std::to_string(source);
 
   LinearBlob b;
-  b.schema_version = root->schema_version();
+  b.schema_version = version;
   b.route.decode_kernel = static_cast<Kernel>(decode);
   b.route.prefill_kernel = static_cast<Kernel>(prefill);
   b.route.source = static_cast<uint8_t>(source);

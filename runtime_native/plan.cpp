@@ -56,6 +56,8 @@ const char* shader_file(Kernel k) {
 
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                       uint32_t max_groups, Plan* out) {
+  if (m == 0 || k == 0 || n == 0 || n_stride == 0 || group_size == 0 || max_groups == 0)
+    return "cannot plan a call with M, K, N, n_stride, group size or max workgroups of 0";
   Plan p;
   p.kernel = kernel;
   p.m = m;
