@@ -41,6 +41,47 @@ bool read_schema_version(const uint8_t* bytes, size_t size, uint32_t* version) {
   return field == 0 || load(bytes, size, uint64_t(root) + field, version);
 }
 
+// What fbverify.py checks of a table beyond what flatbuffers' Verifier does:
+// its vtable size is even and >= 4, its inline size >= 4 and within the buffer.
+// Holding the C++ reader to the same rules keeps the two readers' verdicts equal.
+bool table_header_ok(const uint8_t* bytes, size_t size, const void* table) {
+  const uint64_t pos = static_cast<const uint8_t*>(table) - bytes;
+  int32_t to_vtable = 0;
+  uint16_t vtable_size = 0, table_size = 0;
+  if (!load(bytes, size, pos, &to_vtable)) return false;
+  const int64_t vtable = int64_t(pos) - to_vtable;
+  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size) ||
+      !load(bytes, size, uint64_t(vtable) + 2, &table_size))
+    return false;
+  return vtable_size >= 4 && vtable_size % 2 == 0 && table_size >= 4 && pos + table_size <= size;
+}
+
+// Strict UTF-8 as Python decodes it: no overlong forms, no surrogates, nothing above U+10FFFF.
+bool valid_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const auto* end = p + s.size();
+  while (p < end) {
+    const unsigned char c = *p;
+    int extra;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c < 0x80) { ++p; continue; }
+    if (c >= 0xC2 && c <= 0xDF) extra = 1;
+    else if (c == 0xE0) extra = 2, lo = 0xA0;
+    else if (c == 0xED) extra = 2, hi = 0x9F;
+    else if (c >= 0xE1 && c <= 0xEF) extra = 2;
+    else if (c == 0xF0) extra = 3, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3) extra = 3;
+    else if (c == 0xF4) extra = 3, hi = 0x8F;
+    else return false;
+    if (end - p <= extra) return false;
+    if (p[1] < lo || p[1] > hi) return false;
+    for (int i = 2; i <= extra; ++i)
+      if (p[i] < 0x80 || p[i] > 0xBF) return false;
+    p += extra + 1;
+  }
+  return true;
+}
+
 // Python's repr of the bucket bounds / buckets, so messages read as blob.py's.
 std::string bounds_repr(const std::vector<RouteBucket>& buckets) {
   std::string s = "[";
@@ -153,6 +194,12 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (!wgq4::VerifyQ4LinearBuffer(verifier))
     return "delegate blob is truncated or corrupted: the flatbuffer verifier rejects it";
   const wgq4::Q4Linear* root = wgq4::GetQ4Linear(bytes);
+  if (!table_header_ok(bytes, size, root) || (root->route() && !table_header_ok(bytes, size, root->route())))
+    return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
+  if (root->route() && root->route()->prefill_buckets())
+    for (const wgq4::RouteBucket* bucket : *root->route()->prefill_buckets())
+      if (!table_header_ok(bytes, size, bucket))
+        return "delegate blob is truncated or corrupted: a prefill bucket's vtable or size is invalid";
 
   const wgq4::Route* r = root->route();
   if (!r) return "delegate blob is corrupted: it has no route record";
@@ -183,6 +230,8 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
     }
   }
   b.name = fb_string(root->name());
+  for (const std::string* text : {&b.name, &b.route.reason, &b.route.table})
+    if (!valid_utf8(*text)) return "delegate blob is truncated or corrupted: a string is not valid UTF-8";
   b.in_features = root->in_features();
   b.out_features = root->out_features();
   b.group_size = root->group_size();

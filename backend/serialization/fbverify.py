@@ -9,6 +9,9 @@ anything is unpacked:
 
   * every table's vtable, every field, every offset, every vector and string
     (length prefix, elements, a string's NUL terminator) lies inside the buffer;
+  * every scalar, offset, length prefix and vtable is aligned to its size
+    (relative to the buffer's start), as the C++ verifier requires -- the
+    native delegate's C++ reader uses that verifier, so both refuse the same;
   * union type tags name a member of the union;
   * nesting is at most ``max_depth`` tables deep;
   * the objects reached claim no more bytes than the buffer holds. Writers of
@@ -151,6 +154,10 @@ class _Verifier:
         if pos < 0 or nbytes < 0 or pos + nbytes > self.size:
             self.fail(f"{what} at offset {pos} ({nbytes} bytes) lies outside the {self.size}-byte buffer")
 
+    def aligned(self, pos: int, nbytes: int, what: str) -> None:
+        if pos % nbytes:
+            self.fail(f"{what} at offset {pos} is not aligned to {nbytes} bytes")
+
     def claim(self, nbytes: int, what: str) -> None:
         self.claimed += nbytes
         if self.claimed > self.size:
@@ -173,17 +180,22 @@ class _Verifier:
 
     def offset_target(self, pos: int, what: str) -> int:
         self.need(pos, 4, what + " offset")
+        self.aligned(pos, 4, what + " offset")
         self.note("uoffset", pos, 4, what)
+        if self.u32(pos) == 0:   # the C++ verifier's rule too: an offset never points at itself
+            self.fail(f"{what} offset at {pos} is 0")
         return pos + self.u32(pos)
 
     def table(self, pos: int, type_name: str, depth: int, path: str) -> None:
         if depth > self.max_depth:
             self.fail(f"{path}: tables nest more than {self.max_depth} deep")
         self.need(pos, 4, f"{path} ({type_name} table)")
+        self.aligned(pos, 4, f"{path} ({type_name} table)")
         self.claim(4, path)
         self.note("soffset", pos, 4, path)
         vtable = pos - self.i32(pos)
         self.need(vtable, 4, f"{path} vtable")
+        self.aligned(vtable, 2, f"{path} vtable")
         self.note("vtable_size", vtable, 2, path)
         self.note("table_size", vtable + 2, 2, path)
         vsize, tsize = self.u16(vtable), self.u16(vtable + 2)
@@ -207,6 +219,7 @@ class _Verifier:
             self.note("voffset", vtable + entry, 2, where)
             if f.kind == "scalar":
                 self.need(fpos, f.size, where)
+                self.aligned(fpos, f.size, where)
                 self.note("scalar", fpos, f.size, where)
                 if f.name.endswith("_type") and slot + 1 < len(fields) and fields[slot + 1].kind == "union":
                     union_tag = self.u8(fpos)
@@ -226,6 +239,7 @@ class _Verifier:
 
     def string(self, pos: int, path: str) -> None:
         self.need(pos, 4, f"{path} (string length)")
+        self.aligned(pos, 4, f"{path} (string length)")
         self.note("length", pos, 4, path)
         length = self.u32(pos)
         self.need(pos + 4, length + 1, f"{path} (string of {length} bytes)")
@@ -235,6 +249,7 @@ class _Verifier:
 
     def vector(self, pos: int, f: Field, depth: int, path: str) -> None:
         self.need(pos, 4, f"{path} (vector length)")
+        self.aligned(pos, 4, f"{path} (vector length)")
         self.note("length", pos, 4, path)
         count = self.u32(pos)
         elem_bytes = f.size if f.elem_kind == "scalar" else 4
