@@ -43,17 +43,21 @@ void on_device_lost(WGPUDevice const*, WGPUDeviceLostReason reason, WGPUStringVi
     ET_LOG(Error, "WebGPUBackend: GPU device lost (reason %d): %s", int(reason), to_string(message).c_str());
 }
 
-struct AdapterRequest {
+// An adapter or device request in flight; its callback fills it.
+template <typename Handle>
+struct Pending {
   bool done = false;
-  WGPUAdapter adapter = nullptr;
+  Handle handle = nullptr;
   std::string message;
 };
 
-struct DeviceRequest {
-  bool done = false;
-  WGPUDevice device = nullptr;
-  std::string message;
-};
+template <typename Handle, typename Status, Status kSuccess>
+void on_request_done(Status status, Handle handle, WGPUStringView message, void* pending, void*) {
+  auto* p = static_cast<Pending<Handle>*>(pending);
+  if (status == kSuccess) p->handle = handle;
+  p->message = to_string(message);
+  p->done = true;
+}
 
 std::string create_device(GpuDevice* g) {
   g->instance = wgpuCreateInstance(nullptr);
@@ -61,21 +65,16 @@ std::string create_device(GpuDevice* g) {
 
   WGPURequestAdapterOptions options = WGPU_REQUEST_ADAPTER_OPTIONS_INIT;
   options.powerPreference = WGPUPowerPreference_HighPerformance;
-  AdapterRequest adapter_request;
+  Pending<WGPUAdapter> adapter_request;
   WGPURequestAdapterCallbackInfo adapter_cb = WGPU_REQUEST_ADAPTER_CALLBACK_INFO_INIT;
   adapter_cb.mode = WGPUCallbackMode_AllowProcessEvents;
   adapter_cb.userdata1 = &adapter_request;
-  adapter_cb.callback = [](WGPURequestAdapterStatus status, WGPUAdapter adapter, WGPUStringView message, void* u, void*) {
-    auto* r = static_cast<AdapterRequest*>(u);
-    if (status == WGPURequestAdapterStatus_Success) r->adapter = adapter;
-    r->message = to_string(message);
-    r->done = true;
-  };
+  adapter_cb.callback = on_request_done<WGPUAdapter, WGPURequestAdapterStatus, WGPURequestAdapterStatus_Success>;
   wgpuInstanceRequestAdapter(g->instance, &options, adapter_cb);
   g->wait_for(&adapter_request.done);
-  if (!adapter_request.adapter)
+  if (!adapter_request.handle)
     return std::string(kNoAdapterHelp) + (adapter_request.message.empty() ? "" : " (" + adapter_request.message + ")");
-  g->adapter = adapter_request.adapter;
+  g->adapter = adapter_request.handle;
 
   WGPUAdapterInfo info = WGPU_ADAPTER_INFO_INIT;
   if (wgpuAdapterGetInfo(g->adapter, &info) == WGPUStatus_Success) {
@@ -100,20 +99,15 @@ std::string create_device(GpuDevice* g) {
   desc.deviceLostCallbackInfo.callback = on_device_lost;
   desc.uncapturedErrorCallbackInfo.callback = on_uncaptured_error;
   desc.uncapturedErrorCallbackInfo.userdata1 = g;
-  DeviceRequest device_request;
+  Pending<WGPUDevice> device_request;
   WGPURequestDeviceCallbackInfo device_cb = WGPU_REQUEST_DEVICE_CALLBACK_INFO_INIT;
   device_cb.mode = WGPUCallbackMode_AllowProcessEvents;
   device_cb.userdata1 = &device_request;
-  device_cb.callback = [](WGPURequestDeviceStatus status, WGPUDevice device, WGPUStringView message, void* u, void*) {
-    auto* r = static_cast<DeviceRequest*>(u);
-    if (status == WGPURequestDeviceStatus_Success) r->device = device;
-    r->message = to_string(message);
-    r->done = true;
-  };
+  device_cb.callback = on_request_done<WGPUDevice, WGPURequestDeviceStatus, WGPURequestDeviceStatus_Success>;
   wgpuAdapterRequestDevice(g->adapter, &desc, device_cb);
   g->wait_for(&device_request.done);
-  if (!device_request.device) return "wgpu could not create a device on " + g->adapter_name + ": " + device_request.message;
-  g->device = device_request.device;
+  if (!device_request.handle) return "wgpu could not create a device on " + g->adapter_name + ": " + device_request.message;
+  g->device = device_request.handle;
   g->queue = wgpuDeviceGetQueue(g->device);
   if (g->has_timestamps) g->timestamp_period_ns = wgpuQueueGetTimestampPeriod(g->queue);
 
