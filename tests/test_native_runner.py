@@ -98,3 +98,15 @@ def test_native_bench_compares_three_runtimes_on_one_program(tmp_path):
         assert stats["kernel"] == "gemv", name
         assert stats["execute_us"] >= stats["delegate_us"] > 0, name
     assert "| et-cpp |" in (tmp_path / "native_bench.md").read_text()
+
+
+def test_no_adapter_is_an_error_naming_the_fix_not_a_crash(tmp_path):
+    """No Vulkan driver (and no EGL fallback): loading the program fails with the lavapipe hint in the log."""
+    pte = lower(single_linear(64, 16), torch.randn(2, 64))
+    (tmp_path / "m.pte").write_bytes(pte)
+    env = dict(os.environ, VK_ICD_FILENAMES="/nonexistent/icd.json", VK_DRIVER_FILES="/nonexistent/icd.json",
+               __EGL_VENDOR_LIBRARY_FILENAMES="/nonexistent/egl.json")
+    done = subprocess.run([str(native.runner_path()), str(tmp_path / "m.pte"), "--shape", "2x64", "--warmup", "0",
+                           "--iters", "1"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "WebGPUBackend: wgpu found no GPU adapter" in done.stderr and "mesa-vulkan-drivers" in done.stderr
