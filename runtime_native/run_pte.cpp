@@ -4,6 +4,7 @@
 //   wgq4_run_pte model.pte --shape 1x2048 [--input x.f32] [--output y.f32]
 //                [--warmup 30] [--iters 300]
 //
+// The program is loaded with full flatbuffer verification (InternalConsistency).
 // One float32 input of the given shape (read from --input, raw little-endian
 // floats, else a fixed pseudo-random fill); writes the first output to
 // --output (raw floats). Prints one JSON line: the median / p10 / p90 wall
@@ -93,7 +94,10 @@ int main(int argc, char** argv) {
   }
 
   Module module(pte);
-  if (module.load_forward() != executorch::runtime::Error::Ok) {
+  // Verify the whole program flatbuffer first (ExecuTorch's default, Minimal,
+  // trusts the file: a corrupted .pte can crash its loader).
+  if (module.load(executorch::runtime::Program::Verification::InternalConsistency) != executorch::runtime::Error::Ok ||
+      module.load_forward() != executorch::runtime::Error::Ok) {
     std::fprintf(stderr, "wgq4_run_pte: cannot load forward() of %s\n", pte.c_str());
     return 1;
   }
