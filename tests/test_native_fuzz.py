@@ -202,7 +202,8 @@ def test_mutated_blobs_in_a_pte_are_an_error_naming_the_problem_or_run_correctly
             assert re.search(r"WebGPUBackend: .*(blob|outside the exported range)", log), \
                 f"case {i}: {r['outcome']} without a WebGPUBackend line naming the problem:\n{log}\n{r['error']}"
             if r["outcome"] == "refused-load":
-                problem = re.search(r"WebGPUBackend: (.*(?:blob|outside).{0,0})", log).group(1)
+                line = next(l for l in log.splitlines() if re.search(r"WebGPUBackend: .*(blob|outside)", l))
+                problem = line.split("WebGPUBackend: ", 1)[1]
                 count(test, "refused-load: " + re.sub(r"\d+|'[^']*'", "#", problem)[:60])
 
 
