@@ -40,7 +40,7 @@ if _UNAVAILABLE is not None:
 
 import executorch_wgpu.backend.serialization.blob as blob_module  # noqa: E402
 from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear  # noqa: E402
-from executorch_wgpu.errors import BlobFormatError  # noqa: E402
+from executorch_wgpu.errors import BlobFormatError, ProgramFormatError  # noqa: E402
 from executorch_wgpu.runtime import Runtime  # noqa: E402
 from executorch_wgpu.runtime.pte_checks import parse_pte, program_schema  # noqa: E402
 
@@ -224,39 +224,33 @@ def run_cpp(tmp_path, data: bytes) -> tuple:
     return done.returncode, done.stdout, done.stderr
 
 
-def test_mutated_pte_files_in_executorchs_cpp_runtime_are_an_error_or_run(tmp_path, tiny_pte):
-    """Mutations anywhere in the .pte, run by ExecuTorch's C++ Module API (wgq4_run_pte), one process per case.
+def test_mutated_segments_in_executorchs_cpp_runtime_are_an_error_or_run(tmp_path, tiny_pte):
+    """Mutations of the .pte's segment data (the blob and what surrounds it), run by ExecuTorch's C++ Module API.
 
-    Not through the Python extension: executorch 1.5.1's Python log hook decodes
-    ExecuTorch's own log lines as UTF-8 and aborts the process (std::terminate from
-    a pybind11 UnicodeDecodeError) when a corrupted .pte puts other bytes in one
-    (e.g. "Program identifier 'ET0\\xd2' != expected 'ET12'"). That is upstream and
-    not about our delegate; docs/RELIABILITY.md records it.
+    One wgq4_run_pte process per case. The program flatbuffer itself is left
+    alone: ExecuTorch 1.5.1 crashes on some corrupted programs its own verifier
+    passes (a compile spec with an empty vtable: SIGSEGV in BackendDelegate::Init;
+    an operator index out of range: logged, then executed through a bad pointer),
+    and its Python extension aborts when one of its log lines is not UTF-8. Those
+    are upstream, before or beside our delegate; docs/RELIABILITY.md records them
+    with reproducers (docs/upstream/).
     """
     pte, golden, blob_at, blob_len = tiny_pte
-    program_size = int.from_bytes(pte[16:24], "little")
-    sites = structure(program_schema(), pte[:program_size])
-    sites += structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at)
-    fixed = [("identifier", 4, 4, "file_identifier"), ("eh_magic", 8, 4, "extended header magic"),
-             ("eh_length", 12, 4, "extended header length"), ("eh_program_size", 16, 8, "program_size"),
-             ("eh_segment_base", 24, 8, "segment_base_offset"), ("eh_segment_size", 32, 8, "segment_data_size")]
+    base = int.from_bytes(pte[24:32], "little")   # segment_base_offset: where segment data starts
+    tail = pte[base:]
+    sites = structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at - base)
     PTE_X.numpy().astype("<f4").tofile(tmp_path / "x.f32")
-    original = parse_pte(pte).program
-    test = "pte anywhere, C++ runtime"
-    for i, data in enumerate(draw_cases(mutated(pte, sites, fixed), n_cases(100, 0.2))):
+    test = "pte segments, C++ runtime"
+    tails = draw_cases(mutated(tail, sites, []), n_cases(150, 0.2))
+    for i, data in enumerate(splice(pte, base, len(tail), t) for t in tails):
         code, out, err = run_cpp(tmp_path, data)
         if code != 0:
             assert code == 1 and "wgq4_run_pte:" in err, f"case {i}: exit {code}\n{err[-2000:]}"
-            count(test, "refused (ExecuTorch error)")
-            if "WebGPUBackend: " in err:
-                count(test, "refused by our delegate")
+            # The program is intact, so what refused the file is our delegate, saying why.
+            assert re.search(r"WebGPUBackend: .*(blob|outside)", err), f"case {i}: no line naming the problem\n{err}"
+            count(test, "refused by our delegate, naming the problem")
             continue
         count(test, "ran")
-        try:
-            unchanged = parse_pte(data).program == original
-        except Exception:   # our stricter loader refuses what ExecuTorch ran: no claim about the output
-            unchanged = False
-        if unchanged and data[blob_at:blob_at + blob_len] == pte[blob_at:blob_at + blob_len]:
-            y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype="<f4"))
-            assert torch.equal(y, golden.reshape(-1)), f"case {i}: an unchanged program computes something else"
-            count(test, "ran, unchanged program, same output")
+        # The program is the original; a blob that still loads holds the original payload.
+        y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype="<f4"))
+        assert torch.allclose(y, golden.reshape(-1), rtol=1e-5, atol=1e-5), f"case {i}: computes something else"
