@@ -134,14 +134,14 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
   return "";
 }
 
-std::string chunk_rows(const LinearBlob& b, uint32_t part_n, uint32_t part_n_stride, const Limits& limits,
-                       uint64_t m, uint64_t* rows_out) {
-  const uint64_t k = b.in_features;
+std::string chunk_rows(const std::string& name, uint32_t k32, uint32_t group_size, const Route& route, uint32_t part_n,
+                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows_out) {
+  const uint64_t k = k32;
   uint64_t rows = std::min({m, limits.max_binding_bytes / (k * 4), limits.max_binding_bytes / (uint64_t(part_n_stride) * 4),
                             uint64_t(limits.max_workgroups_per_dim) * kMinRowsPerWorkgroup});
   while (rows > 1) {
     Plan plan;
-    if (plan_call(b.route.kernel_for(rows), rows, b.in_features, part_n, part_n_stride, b.group_size,
+    if (plan_call(route.kernel_for(rows), rows, k32, part_n, part_n_stride, group_size,
                   limits.max_workgroups_per_dim, &plan).empty() &&
         plan.partial_bytes <= limits.max_binding_bytes) {
       *rows_out = rows;
@@ -150,7 +150,7 @@ std::string chunk_rows(const LinearBlob& b, uint32_t part_n, uint32_t part_n_str
     rows /= 2;
   }
   if (rows < 1 || k * 4 > limits.max_binding_bytes)
-    return "layer '" + b.name + "': one row of x (K=" + std::to_string(k) + ") exceeds the " +
+    return "layer '" + name + "': one row of x (K=" + std::to_string(k) + ") exceeds the " +
            std::to_string(limits.max_binding_bytes) + "-byte binding limit";
   *rows_out = 1;
   return "";

@@ -47,8 +47,9 @@ struct Limits {
 // [n0, n1) column ranges (multiples of 16) a layer splits into so each fits the limits.
 std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<std::pair<uint32_t, uint32_t>>* out);
 
-// Most rows of M one call of every part can take (part_n, part_n_stride: the widest part).
-std::string chunk_rows(const LinearBlob& b, uint32_t part_n, uint32_t part_n_stride, const Limits& limits,
-                       uint64_t m, uint64_t* rows);
+// Most rows of M one call of every part of a layer (name, K, group size, route)
+// can take; part_n, part_n_stride: the widest part.
+std::string chunk_rows(const std::string& name, uint32_t k, uint32_t group_size, const Route& route, uint32_t part_n,
+                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows);
 
 }  // namespace wgq4_native

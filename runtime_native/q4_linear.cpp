@@ -299,9 +299,8 @@ std::string Q4Layer::run(const float* x, uint64_t m, float* y, CallRecord* call)
   auto found = rows_.find(m);
   if (found == rows_.end()) {  // planned once per M: calls at a given M repeat (decode, fixed prompts)
     uint64_t rows = 0;
-    std::string problem = chunk_rows(LinearBlob{0, L.name, L.in_features, L.out_features, L.group_size, L.n_stride,
-                                                L.m_min, L.m_max, nullptr, 0, nullptr, 0, nullptr, 0, L.route, 0},
-                                     parts_[0]->out_features(), parts_[0]->n_stride(), limits_, m, &rows);
+    std::string problem = chunk_rows(L.name, L.in_features, L.group_size, L.route, parts_[0]->out_features(),
+                                     parts_[0]->n_stride(), limits_, m, &rows);
     if (!problem.empty()) return problem;
     found = rows_.emplace(m, rows).first;
   }
