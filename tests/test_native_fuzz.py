@@ -40,12 +40,9 @@ if _UNAVAILABLE is not None:
 
 import executorch_wgpu.backend.serialization.blob as blob_module  # noqa: E402
 from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear  # noqa: E402
-from executorch_wgpu.errors import BlobFormatError, ProgramFormatError  # noqa: E402
-from executorch_wgpu.runtime import Runtime  # noqa: E402
-from executorch_wgpu.runtime.pte_checks import parse_pte, program_schema  # noqa: E402
+from executorch_wgpu.errors import BlobFormatError  # noqa: E402
 
-from helpers import lower, quantize_q4  # noqa: E402
-from test_fuzz import PTE_X, TinyModel, fuzz_settings, make_record, mutated, n_cases, structure  # noqa: E402
+from test_fuzz import PTE_X, fuzz_settings, make_record, mutated, n_cases, pte_case, structure  # noqa: E402,F401
 from test_native import python_description  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "native_fuzz_worker.py")
@@ -112,12 +109,9 @@ def test_cpp_and_python_readers_refuse_or_accept_the_same_mutated_blobs(lib, bia
 # -- 2. .pte files through ExecuTorch's runtime, in a worker process --
 
 @pytest.fixture(scope="module")
-def tiny_pte():
-    """(.pte bytes, our runtime's output, the blob's offset and length inside the .pte)."""
-    torch.manual_seed(0)
-    model = quantize_q4(TinyModel().eval())
-    pte = lower(model, torch.randn(1, 6, 128), {1: (1, 16)})
-    (golden,) = Runtime.get().load_program(pte).load_method("forward").execute([PTE_X])
+def tiny_pte(pte_case):
+    """test_fuzz's TinyModel .pte: (bytes, our runtime's output, the blob's offset and length inside it)."""
+    pte, golden = pte_case[:2]
     base = int.from_bytes(pte[24:32], "little")
     blob_at = pte.index(blob_module.FILE_IDENTIFIER, base) - 4
     blob_len = len(serialize_q4linear(deserialize_q4linear(pte[blob_at:])))   # the writer is deterministic
