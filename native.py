@@ -58,6 +58,8 @@ class NativeLibrary:
         # registry the library writes into when it loads.
         self._lib = ctypes.CDLL(str(path))
         lib = self._lib
+        lib.wgq4_native_submit_roundtrip.restype = ctypes.c_void_p
+        lib.wgq4_native_submit_roundtrip.argtypes = [ctypes.c_int]
         for name in ("wgq4_native_info", "wgq4_native_adapter", "wgq4_native_take_calls"):
             getattr(lib, name).restype = ctypes.c_void_p
             getattr(lib, name).argtypes = []
@@ -102,6 +104,10 @@ class NativeLibrary:
     def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int) -> dict:
         """The C++ plan of a call (runtime_native/plan.h), or {"error": ...}."""
         return self._json(self._lib.wgq4_native_plan(KERNEL_IDS[kernel], m, k, n, n_stride, group_size, max_groups))
+
+    def submit_roundtrip(self, iters: int = 300) -> dict:
+        """The floor of a call's round trip: a 4-byte write and a tiny copy submitted, mapped, waited for (µs)."""
+        return self._json(self._lib.wgq4_native_submit_roundtrip(iters))
 
     def take_calls(self) -> list:
         """The delegate calls since the last take: route report entries like Method.route_report()'s."""

@@ -11,7 +11,9 @@ The same torchao-quantized 1-linear program (bench.one_linear_pte) runs three wa
 
 Each runs `calls` timed executes after `warmup`, in `rounds` interleaved rounds;
 the best round's medians are reported: execute wall, the delegate's own wall
-and GPU time (timestamp queries), and the host time above the GPU. Outputs
+and GPU time (timestamp queries), and the host time above the GPU; and the
+floor of any delegate call: the round trip of a 4-byte write and a 256-byte
+copy submitted, mapped and waited for on the native library's device. Outputs
 are checked equal to the Python runtime's (max relative difference <= 1e-5)
 before anything is reported.
 
@@ -142,7 +144,8 @@ def compare_runtimes(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300,
                 if name not in best or stats["execute_us"] < best[name]["execute_us"]:
                     best[name] = stats
     return {"K": k, "N": n, "M": m, "calls": calls, "warmup": warmup, "rounds": rounds,
-            "adapter": lib.adapter().get("adapter", "?"), "date": date.today().isoformat(), "runtimes": best}
+            "adapter": lib.adapter().get("adapter", "?"), "date": date.today().isoformat(), "runtimes": best,
+            "submit_roundtrip": lib.submit_roundtrip(calls)}
 
 
 def markdown(result: dict) -> str:
@@ -155,6 +158,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {s['execute_us']:.1f} | {s['above_gpu_us']:.1f} | {s['outside_delegate_us']:.1f} | "
                      f"{s['delegate_us']:.1f} | " + " | ".join(f"{s[k]:.1f}" for k in SPLIT) +
                      f" | {s['gpu_us']:.1f} | {s['kernel']} |")
+    floor = result.get("submit_roundtrip", {})
+    if "median_us" in floor:
+        lines += ["", f"Round-trip floor (native device: write 4 bytes, submit a 256-byte copy, map, wait): "
+                      f"{floor['median_us']:.1f} µs median (p10 {floor['p10_us']:.1f}, p90 {floor['p90_us']:.1f})"]
     return "\n".join(lines) + "\n"
 
 

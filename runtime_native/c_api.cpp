@@ -1,10 +1,15 @@
 // See c_api.h.
 #include "c_api.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <vector>
+
+#include <wgpu.h>  // wgpuDevicePoll
 
 #include "blob_reader.h"
 #include "call_log.h"
@@ -149,6 +154,50 @@ char* wgq4_native_take_calls() {
 char* wgq4_native_shader_source(const char* file) {
   const char* source = embedded_shader(file);
   return source ? give(source) : nullptr;
+}
+
+char* wgq4_native_submit_roundtrip(int iters) {
+  std::string error;
+  GpuDevice* gpu = shared_gpu_device(&error);
+  if (!gpu) return give(error_json(error));
+  if (iters < 1) return give(error_json("iters must be >= 1"));
+  std::lock_guard<std::mutex> lock(gpu->mutex);
+  using Clock = std::chrono::steady_clock;
+  WGPUBufferDescriptor desc = WGPU_BUFFER_DESCRIPTOR_INIT;
+  desc.size = 256;
+  desc.usage = WGPUBufferUsage_CopySrc | WGPUBufferUsage_CopyDst;
+  WGPUBuffer src = wgpuDeviceCreateBuffer(gpu->device, &desc);
+  desc.usage = WGPUBufferUsage_MapRead | WGPUBufferUsage_CopyDst;
+  WGPUBuffer staging = wgpuDeviceCreateBuffer(gpu->device, &desc);
+  const int warmup = std::min(iters, 20);
+  std::vector<double> us;
+  for (int i = 0; i < warmup + iters; ++i) {
+    const auto start = Clock::now();
+    const uint32_t word = uint32_t(i);
+    wgpuQueueWriteBuffer(gpu->queue, src, 0, &word, 4);
+    WGPUCommandEncoder encoder = wgpuDeviceCreateCommandEncoder(gpu->device, nullptr);
+    wgpuCommandEncoderCopyBufferToBuffer(encoder, src, 0, staging, 0, 256);
+    WGPUCommandBuffer commands = wgpuCommandEncoderFinish(encoder, nullptr);
+    wgpuQueueSubmit(gpu->queue, 1, &commands);
+    wgpuCommandBufferRelease(commands);
+    wgpuCommandEncoderRelease(encoder);
+    WGPUMapAsyncStatus status = WGPUMapAsyncStatus(0);
+    WGPUBufferMapCallbackInfo cb = WGPU_BUFFER_MAP_CALLBACK_INFO_INIT;
+    cb.mode = WGPUCallbackMode_AllowProcessEvents;
+    cb.userdata1 = &status;
+    cb.callback = [](WGPUMapAsyncStatus s, WGPUStringView, void* u, void*) { *static_cast<WGPUMapAsyncStatus*>(u) = s; };
+    wgpuBufferMapAsync(staging, WGPUMapMode_Read, 0, 256, cb);
+    const auto spin_until = Clock::now() + std::chrono::milliseconds(2);
+    while (status == 0) wgpuDevicePoll(gpu->device, Clock::now() > spin_until, nullptr);
+    if (status == WGPUMapAsyncStatus_Success) wgpuBufferUnmap(staging);
+    if (i >= warmup) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - start).count());
+  }
+  wgpuBufferRelease(src);
+  wgpuBufferRelease(staging);
+  std::sort(us.begin(), us.end());
+  auto at = [&](double q) { return us[size_t(q * double(us.size() - 1) + 0.5)]; };
+  return give("{\"median_us\": " + number(at(0.5)) + ", \"p10_us\": " + number(at(0.1)) + ", \"p90_us\": " +
+              number(at(0.9)) + ", \"iters\": " + std::to_string(iters) + "}");
 }
 
 void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim) {

@@ -29,6 +29,11 @@ WGQ4_API char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, 
 WGQ4_API char* wgq4_native_take_calls();
 // The embedded text of shaders/<file>, or NULL.
 WGQ4_API char* wgq4_native_shader_source(const char* file);
+// The floor of any delegate call's round trip: write 4 bytes, submit one
+// 256-byte copy, map the copy's destination and wait, `iters` times after a
+// warm-up, with the same spin-then-block poll as a call. {"median_us",
+// "p10_us", "p90_us", "iters"} or {"error"}.
+WGQ4_API char* wgq4_native_submit_roundtrip(int iters);
 // Caps on the limits layers loaded from now on are planned against (0: none).
 WGQ4_API void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
 WGQ4_API void wgq4_native_free(char* s);

@@ -98,6 +98,8 @@ def test_native_bench_compares_three_runtimes_on_one_program(tmp_path):
         assert stats["kernel"] == "gemv", name
         assert stats["execute_us"] >= stats["delegate_us"] > 0, name
     assert "| et-cpp |" in (tmp_path / "native_bench.md").read_text()
+    floor = result["submit_roundtrip"]
+    assert 0 < floor["p10_us"] <= floor["median_us"] <= floor["p90_us"]
 
 
 def test_no_adapter_is_an_error_naming_the_fix_not_a_crash(tmp_path):
