@@ -1,6 +1,7 @@
 // See blob_reader.h. Check order and error words follow blob.py.
 #include "blob_reader.h"
 
+#include <cstdio>
 #include <cstring>
 
 #include "schema_generated.h"  // flatc --cpp backend/serialization/schema.fbs
@@ -15,7 +16,6 @@ constexpr uint32_t kGroupAlign = 32;
 constexpr int kKernelCount = 4;
 constexpr int kRouteSourceCount = 3;
 
-std::string quoted(const std::string& s) { return "'" + s + "'"; }
 
 std::string fb_string(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
 
@@ -99,7 +99,7 @@ std::string buckets_repr(const std::vector<RouteBucket>& buckets) {
 // check_record() of blob.py: every length and shape rule, before any use.
 std::string check_record(const LinearBlob& b) {
   const uint64_t k = b.in_features, n = b.out_features, gs = b.group_size;
-  const std::string head = "delegate blob of layer " + quoted(b.name) + " is invalid: ";
+  const std::string head = "delegate blob of layer " + py_repr(b.name) + " is invalid: ";
   if (k == 0 || n == 0)
     return head + "in_features=" + std::to_string(k) + ", out_features=" + std::to_string(n) + " must be positive";
   if (gs == 0 || gs % kGroupAlign || k % gs)
@@ -133,6 +133,26 @@ std::string check_record(const LinearBlob& b) {
 }
 
 }  // namespace
+
+std::string py_repr(const std::string& s) {
+  const char quote = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
+  std::string out(1, quote);
+  for (unsigned char c : s) {
+    if (c == '\\') out += "\\\\";
+    else if (c == quote) out += std::string("\\") + char(c);
+    else if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+      out += buf;
+    } else {
+      out += char(c);  // printable ASCII, or a byte of a (validated) UTF-8 character
+    }
+  }
+  return out + quote;
+}
 
 const char* kernel_name(Kernel k) {
   switch (k) {
@@ -256,7 +276,7 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   crc = crc32(b.scales, b.scales_count * 4, crc);
   if (b.bias) crc = crc32(b.bias, b.bias_count * 4, crc);
   if (crc != b.checksum)
-    return "delegate blob of layer " + quoted(b.name) + " is corrupted: payload checksum mismatch";
+    return "delegate blob of layer " + py_repr(b.name) + " is corrupted: payload checksum mismatch";
   *out = std::move(b);
   return "";
 }

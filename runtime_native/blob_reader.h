@@ -63,6 +63,11 @@ struct LinearBlob {
 // wrong with it. `data` must stay valid while *out is used.
 std::string read_blob(const void* data, size_t size, LinearBlob* out);
 
+// A layer name as Python's repr() writes it ('name', control characters and
+// backslashes escaped), so messages match blob.py's and a NUL or newline in a
+// corrupted name cannot cut or split a log line.
+std::string py_repr(const std::string& s);
+
 // zlib's CRC-32 (what Python's zlib.crc32 computes), continuing from crc.
 uint32_t crc32(const void* data, size_t size, uint32_t crc = 0);
 

@@ -125,7 +125,7 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
   const uint64_t step = width >= 128 ? 128 : kQwBlock;
   width = width / step * step;
   if (width < kQwBlock)
-    return "layer '" + b.name + "': 16 columns of K=" + std::to_string(k) + " (" +
+    return "layer " + py_repr(b.name) + ": 16 columns of K=" + std::to_string(k) + " (" +
            std::to_string(kQwBlock * bytes_per_column) + " bytes) exceed the " +
            std::to_string(limits.max_binding_bytes) + "-byte binding limit";
   out->clear();
@@ -150,7 +150,7 @@ std::string chunk_rows(const std::string& name, uint32_t k32, uint32_t group_siz
     rows /= 2;
   }
   if (rows < 1 || k * 4 > limits.max_binding_bytes)
-    return "layer '" + name + "': one row of x (K=" + std::to_string(k) + ") exceeds the " +
+    return "layer " + py_repr(name) + ": one row of x (K=" + std::to_string(k) + ") exceeds the " +
            std::to_string(limits.max_binding_bytes) + "-byte binding limit";
   *rows_out = 1;
   return "";

@@ -62,7 +62,7 @@ std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits&
   const uint64_t k8 = blob.in_features / 8, groups = blob.in_features / blob.group_size;
   const uint64_t qweight_bytes = k8 * p->n_stride_ * 4, scales_bytes = groups * p->n_stride_ * 4;
   if (std::max(qweight_bytes, scales_bytes) > limits.max_binding_bytes) {
-    *error = "layer '" + p->name_ + "': a " + std::to_string(std::max(qweight_bytes, scales_bytes)) +
+    *error = "layer " + py_repr(p->name_) + ": a " + std::to_string(std::max(qweight_bytes, scales_bytes)) +
              "-byte weight buffer exceeds the " + std::to_string(limits.max_binding_bytes) + "-byte binding limit";
     return nullptr;
   }
@@ -89,7 +89,7 @@ std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits&
     }
   });
   if (!problem.empty() || !p->qweight_ || !p->scales_ || !p->bias_ || !p->params_) {
-    *error = "layer '" + p->name_ + "': uploading its weights failed: " + (problem.empty() ? "no buffer" : problem);
+    *error = "layer " + py_repr(p->name_) + ": uploading its weights failed: " + (problem.empty() ? "no buffer" : problem);
     return nullptr;
   }
   return p;
@@ -162,7 +162,7 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
   });
   if (!problem.empty() || !x_ || !y_ || !staging_ || !partial_ || !bind_group_) {
     capacity_rows_ = 0;  // rebuilt on the next call
-    return "layer '" + name_ + "': allocating buffers for M=" + std::to_string(m) + " failed: " +
+    return "layer " + py_repr(name_) + ": allocating buffers for M=" + std::to_string(m) + " failed: " +
            (problem.empty() ? "no buffer" : problem);
   }
   return "";
@@ -235,19 +235,19 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   const auto spin_until = Clock::now() + kSpin, give_up = Clock::now() + kMapTimeout;
   while (mapped.status == 0) {
     const auto now = Clock::now();
-    if (now > give_up) return "layer '" + name_ + "': the GPU did not finish the call within 120 s";
+    if (now > give_up) return "layer " + py_repr(name_) + ": the GPU did not finish the call within 120 s";
     wgpuDevicePoll(gpu_->device, now > spin_until, nullptr);
   }
   const auto t3 = Clock::now();
   std::string gpu_error = gpu_->take_uncaptured_error();
   if (mapped.status != WGPUMapAsyncStatus_Success || !gpu_error.empty()) {
     if (mapped.status == WGPUMapAsyncStatus_Success) wgpuBufferUnmap(staging_);
-    return "layer '" + name_ + "': the GPU call failed: " + (gpu_error.empty() ? mapped.message : gpu_error);
+    return "layer " + py_repr(name_) + ": the GPU call failed: " + (gpu_error.empty() ? mapped.message : gpu_error);
   }
   const auto* bytes = static_cast<const uint8_t*>(wgpuBufferGetConstMappedRange(staging_, 0, read_bytes));
   if (!bytes) {
     wgpuBufferUnmap(staging_);
-    return "layer '" + name_ + "': the mapped result is not readable";
+    return "layer " + py_repr(name_) + ": the mapped result is not readable";
   }
   if (y_row_stride == n_) {
     std::memcpy(y, bytes, y_bytes);

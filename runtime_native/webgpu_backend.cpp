@@ -91,7 +91,7 @@ class WebGPUBackend final : public BackendInterface {
   Error execute(BackendExecutionContext& context, DelegateHandle* handle, Span<EValue*> args) const override {
     auto* layer = static_cast<Q4Layer*>(handle);
     const LayerInfo& L = layer->info();
-    const std::string who = "layer '" + L.name + "': ";
+    const std::string who = "layer " + py_repr(L.name) + ": ";
     if (args.size() != 2 || !args[0]->isTensor() || !args[1]->isTensor())
       return fail(Error::InvalidArgument, who + "takes 1 input tensor and 1 output tensor, the program passes " +
                                               std::to_string(args.size()) + " values");
@@ -102,6 +102,11 @@ class WebGPUBackend final : public BackendInterface {
     if (x.dim() < 1 || x.size(x.dim() - 1) != ssize_t(L.in_features))
       return fail(Error::InvalidArgument,
                   who + "input shape " + shape_of(x) + " does not end in K=" + std::to_string(L.in_features));
+    // The blob's N against the program's output: without a bias the payload's CRC
+    // ties N only to its 16-column block, so a corrupted N can pass the reader.
+    if (y.dim() != x.dim() || y.size(y.dim() - 1) != ssize_t(L.out_features))
+      return fail(Error::InvalidProgram, who + "the blob has N=" + std::to_string(L.out_features) +
+                                             " output columns, the program's output tensor is " + shape_of(y));
     if (!executorch::runtime::tensor_is_contiguous(x))
       return fail(Error::InvalidArgument, who + "input is not contiguous");
     const uint64_t m = uint64_t(x.numel()) / L.in_features;

@@ -462,3 +462,43 @@ def test_c_api_refuses_to_plan_with_a_zero_dimension_instead_of_crashing(lib):
     for args in [("gemv", 1, 256, 16, 16, 0, 65535), ("shmem", 0, 256, 16, 16, 32, 65535),
                  ("regtiled", 4, 256, 16, 16, 32, 0)]:
         assert "of 0" in lib.plan(*args)["error"]
+
+
+def with_blob(pte: bytes, rewrite) -> bytes:
+    """pte with its (single) blob re-serialized through rewrite(record) -> record; the blob's length must not change."""
+    at = pte.index(blob_module.FILE_IDENTIFIER, int.from_bytes(pte[24:32], "little")) - 4
+    old = blob_module.serialize_q4linear(deserialize_q4linear(pte[at:]))
+    new = blob_module.serialize_q4linear(rewrite(deserialize_q4linear(old)))
+    assert len(new) == len(old)
+    return pte[:at] + new + pte[at + len(old):]
+
+
+def test_a_blob_whose_n_disagrees_with_the_program_is_refused_not_run_into_a_wrong_shape(lib, capfd):
+    """Without a bias the payload CRC ties N only to its 16-column block: N=60 of a 64-column layer passes the reader.
+
+    Found by fuzzing: the native delegate resized the output to the blob's N,
+    returning (M, 60) where the program declares (M, 64). Our Python runtime
+    refuses it at load (pte_checks); the native one at execute.
+    """
+    model, pte = layer("default-rule-knobs")   # K=256, N=64, no bias
+    bad = with_blob(pte, lambda rec: dataclasses.replace(rec, out_features=60))
+    with pytest.raises(WebGPUDelegateError):
+        py_method(bad)
+    method = et_method(bad)
+    capfd.readouterr()
+    with pytest.raises(RuntimeError):
+        method.execute([torch.randn(3, 256)])
+    err = capfd.readouterr().err
+    assert "WebGPUBackend: layer" in err and "the blob has N=60 output columns" in err, err
+
+
+def test_control_characters_in_a_layer_name_are_escaped_as_python_does(lib):
+    """A NUL in a corrupted name cut the native log line before the problem; names are now written as repr() does."""
+    (blob,) = blobs_in(layer("default-rule")[1])
+    rec = deserialize_q4linear(blob)
+    for name in ("a\x00b", "line\nbreak", "it's", 'both \' and "', "tab\there\\"):
+        named = bytearray(blob_module.serialize_q4linear(dataclasses.replace(rec, name=name)))
+        named[len(named) // 2] ^= 0xFF   # inside the weights: a checksum mismatch, whose message quotes the name
+        message = lib.describe_blob(bytes(named)).get("error", "")
+        assert message == python_error(bytes(named)), name
+        assert "\x00" not in message and "\n" not in message
