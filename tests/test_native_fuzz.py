@@ -145,10 +145,10 @@ def run_worker(tmp_path, cases: list) -> tuple:
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__)] + env.get("PYTHONPATH", "").split(os.pathsep))
     try:
         done = subprocess.run([sys.executable, WORKER, str(tmp_path / "cases.npz"), str(tmp_path / "x.npy")],
-                              capture_output=True, text=True, timeout=WORKER_SECONDS, env=env)
+                              capture_output=True, text=True, errors="replace", timeout=WORKER_SECONDS, env=env)
     except subprocess.TimeoutExpired as e:
-        last = re.findall(r"=== case (\d+)", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes)
-                          else (e.stderr or ""))
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        last = re.findall(r"=== case (\d+)", stderr)
         pytest.fail(f"the worker hung (> {WORKER_SECONDS} s), in case {last[-1] if last else '?'}")
     logs = {int(m.group(1)): text for m, text in
             zip(re.finditer(r"=== case (\d+)\n", done.stderr), re.split(r"=== case \d+\n", done.stderr)[1:])}
