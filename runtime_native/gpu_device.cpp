@@ -1,7 +1,7 @@
 // See gpu_device.h.
 #include "gpu_device.h"
 
-#include <wgpu.h>
+#include <wgpu.h>  // wgpuDevicePoll
 
 #include <algorithm>
 #include <chrono>
@@ -169,6 +169,32 @@ void GpuDevice::wait_for(const bool* done) {
     wgpuInstanceProcessEvents(instance);
     if (!*done) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
+}
+
+std::string GpuDevice::map_for_reading(WGPUBuffer buffer, uint64_t bytes, MapState* state) {
+  using Clock = std::chrono::steady_clock;
+  *state = MapState();
+  WGPUBufferMapCallbackInfo cb = WGPU_BUFFER_MAP_CALLBACK_INFO_INIT;
+  cb.mode = WGPUCallbackMode_AllowProcessEvents;
+  cb.userdata1 = state;
+  cb.callback = [](WGPUMapAsyncStatus status, WGPUStringView message, void* u, void*) {
+    static_cast<MapState*>(u)->status = status;
+    static_cast<MapState*>(u)->message = to_string(message);
+  };
+  wgpuBufferMapAsync(buffer, WGPUMapMode_Read, 0, bytes, cb);
+  const auto spin_until = Clock::now() + std::chrono::milliseconds(2);
+  const auto give_up = Clock::now() + std::chrono::seconds(120);
+  while (state->status == 0) {
+    const auto now = Clock::now();
+    if (now > give_up) return "the GPU did not finish the call within 120 s";
+    wgpuDevicePoll(device, now > spin_until, nullptr);
+  }
+  std::string gpu_error = take_uncaptured_error();
+  if (state->status != WGPUMapAsyncStatus_Success || !gpu_error.empty()) {
+    if (state->status == WGPUMapAsyncStatus_Success) wgpuBufferUnmap(buffer);
+    return "the GPU call failed: " + (gpu_error.empty() ? state->message : gpu_error);
+  }
+  return "";
 }
 
 void GpuDevice::record_uncaptured_error(const std::string& message) {

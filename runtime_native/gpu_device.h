@@ -52,6 +52,18 @@ class GpuDevice {
   // Waits for a callback registered with WGPUCallbackMode_AllowProcessEvents to set *done.
   void wait_for(const bool* done);
 
+  // The state of one readback map. It must outlive a wait that gave up: its
+  // callback may still run later, so callers keep it with the buffer.
+  struct MapState {
+    WGPUMapAsyncStatus status = WGPUMapAsyncStatus(0);  // 0 until the map completes
+    std::string message;
+  };
+  // Maps [0, bytes) of `buffer` for reading and waits: polls without blocking
+  // for a short spin (a decode call's GPU work takes tens of µs, less than a
+  // blocking wait's wake-up), then blocks; gives up after 120 s instead of
+  // hanging. "" when mapped, else what went wrong (the map is not held then).
+  std::string map_for_reading(WGPUBuffer buffer, uint64_t bytes, MapState* state);
+
   // Errors wgpu reported outside any scope since the last call (empty if none).
   std::string take_uncaptured_error();
   void record_uncaptured_error(const std::string& message);

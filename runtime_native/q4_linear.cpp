@@ -15,11 +15,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr uint64_t kTimestampBytes = 16;  // two u64 ticks
 constexpr WGPUBufferUsage kStorage = WGPUBufferUsage_Storage | WGPUBufferUsage_CopyDst;
-// How long a call polls without blocking before it sleeps in wgpuDevicePoll:
-// a decode call's GPU work takes tens of µs, less than a blocking wait's wake-up.
-constexpr auto kSpin = std::chrono::milliseconds(2);
-// A map that never completes (a hung or lost device) ends the call with an error, not a hang.
-constexpr auto kMapTimeout = std::chrono::seconds(120);
 
 double us_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
@@ -222,28 +217,9 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   wgpuCommandEncoderRelease(encoder);
   const auto t2 = Clock::now();
 
-  MapState& mapped = map_state_;  // a member: a callback after a timed-out call must not write to a dead frame
-  mapped = MapState();
-  WGPUBufferMapCallbackInfo map_cb = WGPU_BUFFER_MAP_CALLBACK_INFO_INIT;
-  map_cb.mode = WGPUCallbackMode_AllowProcessEvents;
-  map_cb.userdata1 = &mapped;
-  map_cb.callback = [](WGPUMapAsyncStatus status, WGPUStringView message, void* u, void*) {
-    static_cast<MapState*>(u)->status = status;
-    static_cast<MapState*>(u)->message = to_string(message);
-  };
-  wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, read_bytes, map_cb);
-  const auto spin_until = Clock::now() + kSpin, give_up = Clock::now() + kMapTimeout;
-  while (mapped.status == 0) {
-    const auto now = Clock::now();
-    if (now > give_up) return "layer " + py_repr(name_) + ": the GPU did not finish the call within 120 s";
-    wgpuDevicePoll(gpu_->device, now > spin_until, nullptr);
-  }
+  problem = gpu_->map_for_reading(staging_, read_bytes, &map_state_);
   const auto t3 = Clock::now();
-  std::string gpu_error = gpu_->take_uncaptured_error();
-  if (mapped.status != WGPUMapAsyncStatus_Success || !gpu_error.empty()) {
-    if (mapped.status == WGPUMapAsyncStatus_Success) wgpuBufferUnmap(staging_);
-    return "layer " + py_repr(name_) + ": the GPU call failed: " + (gpu_error.empty() ? mapped.message : gpu_error);
-  }
+  if (!problem.empty()) return "layer " + py_repr(name_) + ": " + problem;
   const auto* bytes = static_cast<const uint8_t*>(wgpuBufferGetConstMappedRange(staging_, 0, read_bytes));
   if (!bytes) {
     wgpuBufferUnmap(staging_);

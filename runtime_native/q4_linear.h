@@ -66,10 +66,7 @@ class Q4LinearPart {
   uint64_t capacity_rows_ = 0, partial_size_ = 0, y_capacity_bytes_ = 0, ts_offset_ = 0;
   uint64_t params_for_[3] = {0, 0, 0};  // the (M, k_splits, k_chunk) params_ holds
   std::map<std::pair<int, uint64_t>, Plan> plans_;
-  struct MapState {
-    WGPUMapAsyncStatus status = WGPUMapAsyncStatus(0);  // 0 until the readback map completes
-    std::string message;
-  } map_state_;
+  GpuDevice::MapState map_state_;  // the readback's; kept here, see map_for_reading
 };
 
 class Q4Layer {
