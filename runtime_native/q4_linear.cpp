@@ -96,14 +96,20 @@ Q4LinearPart::~Q4LinearPart() {
   for (WGPUBuffer* b : {&qweight_, &scales_, &bias_, &params_, &x_, &y_, &staging_, &partial_, &resolve_}) release(*b);
 }
 
-std::string Q4LinearPart::plan(Kernel kernel, uint64_t m, const Plan** out) {
+std::string Q4LinearPart::plan(Kernel kernel, uint64_t m, const PlannedCall** out) {
   auto key = std::make_pair(int(kernel), m);
   auto found = plans_.find(key);
   if (found == plans_.end()) {
-    Plan p;
-    std::string problem = plan_call(kernel, m, k_, n_, n_stride_, group_size_, limits_.max_workgroups_per_dim, &p);
+    PlannedCall call;
+    std::string problem =
+        plan_call(kernel, m, k_, n_, n_stride_, group_size_, limits_.max_workgroups_per_dim, &call.plan);
     if (!problem.empty()) return problem;
-    found = plans_.emplace(key, std::move(p)).first;
+    for (const Dispatch& d : call.plan.dispatches) {
+      WGPUComputePipeline pipeline = gpu_->pipeline(d.shader_file, &problem);
+      if (!pipeline) return problem;
+      call.pipelines.push_back(pipeline);
+    }
+    found = plans_.emplace(key, std::move(call)).first;
   }
   *out = &found->second;
   return "";
@@ -165,16 +171,11 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
 
 std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_row_stride, CallRecord* call) {
   const Kernel kernel = route_.kernel_for(m);
-  const Plan* p = nullptr;
-  std::string problem = plan(kernel, m, &p);
+  const PlannedCall* planned = nullptr;
+  std::string problem = plan(kernel, m, &planned);
+  const Plan* p = planned ? &planned->plan : nullptr;
   if (problem.empty()) problem = ensure_buffers(m, p->partial_bytes);
   if (!problem.empty()) return problem;
-  std::vector<WGPUComputePipeline> pipelines;
-  for (const Dispatch& d : p->dispatches) {
-    WGPUComputePipeline pipeline = gpu_->pipeline(d.shader_file, &problem);
-    if (!pipeline) return problem;
-    pipelines.push_back(pipeline);
-  }
   WGPUQueue queue = gpu_->queue;
   if (params_for_[0] != m || params_for_[1] != p->k_splits || params_for_[2] != p->k_chunk) {
     const uint32_t params[8] = {uint32_t(m), k_, n_, n_stride_, group_size_, p->k_splits, p->k_chunk, 0};
@@ -198,7 +199,7 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   wgpuComputePassEncoderSetBindGroup(pass, 0, bind_group_, 0, nullptr);
   for (size_t i = 0; i < p->dispatches.size(); ++i) {
     const auto& g = p->dispatches[i].grid;
-    wgpuComputePassEncoderSetPipeline(pass, pipelines[i]);
+    wgpuComputePassEncoderSetPipeline(pass, planned->pipelines[i]);
     wgpuComputePassEncoderDispatchWorkgroups(pass, g[0], g[1], g[2]);
   }
   wgpuComputePassEncoderEnd(pass);
@@ -259,6 +260,9 @@ std::unique_ptr<Q4Layer> Q4Layer::create(GpuDevice* gpu, const LinearBlob& blob,
   std::vector<std::pair<uint32_t, uint32_t>> ranges;
   *error = column_parts(blob, layer->limits_, &ranges);
   if (!error->empty()) return nullptr;
+  const std::string why = std::string(" (") + route_source_name(blob.route.source) + "); " + blob.route.reason;
+  layer->reasons_[0] = "M == 1: decode route" + why;
+  layer->reasons_[1] = "M > 1: prefill route" + why;
   std::lock_guard<std::mutex> lock(gpu->mutex);
   for (auto [n0, n1] : ranges) {
     auto part = Q4LinearPart::create(gpu, layer->limits_, blob, n0, n1, error);
@@ -281,8 +285,7 @@ std::string Q4Layer::run(const float* x, uint64_t m, float* y, CallRecord* call)
     found = rows_.emplace(m, rows).first;
   }
   const uint64_t rows = found->second;
-  const std::string phase = m == 1 ? "M == 1: decode route" : "M > 1: prefill route";
-  const std::string reason = phase + " (" + route_source_name(L.route.source) + "); " + L.route.reason;
+  const std::string& reason = reasons_[m == 1 ? 0 : 1];
   if (parts_.size() == 1 && rows >= m) {
     std::string problem = parts_[0]->run(x, m, y, L.out_features, call);
     call->reason = reason;

@@ -50,7 +50,12 @@ class Q4LinearPart {
 
  private:
   Q4LinearPart() = default;
-  std::string plan(Kernel kernel, uint64_t m, const Plan** out);
+  // A plan with the pipelines of its dispatches, made once per (kernel, M).
+  struct PlannedCall {
+    Plan plan;
+    std::vector<WGPUComputePipeline> pipelines;
+  };
+  std::string plan(Kernel kernel, uint64_t m, const PlannedCall** out);
   std::string ensure_buffers(uint64_t m, uint64_t partial_bytes);
 
   GpuDevice* gpu_ = nullptr;
@@ -65,7 +70,7 @@ class Q4LinearPart {
   WGPUBindGroup bind_group_ = nullptr;
   uint64_t capacity_rows_ = 0, partial_size_ = 0, y_capacity_bytes_ = 0, ts_offset_ = 0;
   uint64_t params_for_[3] = {0, 0, 0};  // the (M, k_splits, k_chunk) params_ holds
-  std::map<std::pair<int, uint64_t>, Plan> plans_;
+  std::map<std::pair<int, uint64_t>, PlannedCall> plans_;
   GpuDevice::MapState map_state_;  // the readback's; kept here, see map_for_reading
 };
 
@@ -84,6 +89,7 @@ class Q4Layer {
   LayerInfo info_;
   std::vector<std::unique_ptr<Q4LinearPart>> parts_;
   std::map<uint64_t, uint64_t> rows_;  // M -> rows per chunk, planned once per M
+  std::string reasons_[2];             // route-report reason of a decode (M == 1) and a prefill call
 };
 
 }  // namespace wgq4_native

@@ -91,27 +91,27 @@ class WebGPUBackend final : public BackendInterface {
   Error execute(BackendExecutionContext& context, DelegateHandle* handle, Span<EValue*> args) const override {
     auto* layer = static_cast<Q4Layer*>(handle);
     const LayerInfo& L = layer->info();
-    const std::string who = "layer " + py_repr(L.name) + ": ";
+    auto who = [&L] { return "layer " + py_repr(L.name) + ": "; };  // built only for an error message
     if (args.size() != 2 || !args[0]->isTensor() || !args[1]->isTensor())
-      return fail(Error::InvalidArgument, who + "takes 1 input tensor and 1 output tensor, the program passes " +
+      return fail(Error::InvalidArgument, who() + "takes 1 input tensor and 1 output tensor, the program passes " +
                                               std::to_string(args.size()) + " values");
     const Tensor& x = args[0]->toTensor();
     Tensor& y = args[1]->toTensor();
     if (x.scalar_type() != ScalarType::Float || y.scalar_type() != ScalarType::Float)
-      return fail(Error::InvalidArgument, who + "input and output must be float32");
+      return fail(Error::InvalidArgument, who() + "input and output must be float32");
     if (x.dim() < 1 || x.size(x.dim() - 1) != ssize_t(L.in_features))
       return fail(Error::InvalidArgument,
-                  who + "input shape " + shape_of(x) + " does not end in K=" + std::to_string(L.in_features));
+                  who() + "input shape " + shape_of(x) + " does not end in K=" + std::to_string(L.in_features));
     // The blob's N against the program's output: without a bias the payload's CRC
     // ties N only to its 16-column block, so a corrupted N can pass the reader.
     if (y.dim() != x.dim() || y.size(y.dim() - 1) != ssize_t(L.out_features))
-      return fail(Error::InvalidProgram, who + "the blob has N=" + std::to_string(L.out_features) +
+      return fail(Error::InvalidProgram, who() + "the blob has N=" + std::to_string(L.out_features) +
                                              " output columns, the program's output tensor is " + shape_of(y));
     if (!executorch::runtime::tensor_is_contiguous(x))
-      return fail(Error::InvalidArgument, who + "input is not contiguous");
+      return fail(Error::InvalidArgument, who() + "input is not contiguous");
     const uint64_t m = uint64_t(x.numel()) / L.in_features;
     if (m < L.m_min || m > L.m_max)
-      return fail(Error::InvalidArgument, who + "M=" + std::to_string(m) + " (product of leading dims of " +
+      return fail(Error::InvalidArgument, who() + "M=" + std::to_string(m) + " (product of leading dims of " +
                                               shape_of(x) + ") is outside the exported range [" +
                                               std::to_string(L.m_min) + ", " + std::to_string(L.m_max) + "]");
     std::array<SizesType, executorch::runtime::kTensorDimensionLimit> sizes{};
@@ -119,7 +119,7 @@ class WebGPUBackend final : public BackendInterface {
     sizes[x.dim() - 1] = SizesType(L.out_features);
     Error resized = executorch::runtime::resize_tensor(y, ArrayRef<SizesType>(sizes.data(), size_t(x.dim())));
     if (resized != Error::Ok)
-      return fail(resized, who + "cannot resize the output to M=" + std::to_string(m) + " rows of N=" +
+      return fail(resized, who() + "cannot resize the output to M=" + std::to_string(m) + " rows of N=" +
                                std::to_string(L.out_features));
     CallRecord call;
     std::string problem = layer->run(x.const_data_ptr<float>(), m, y.mutable_data_ptr<float>(), &call);
