@@ -23,6 +23,8 @@ import ctypes
 import json
 import os
 import pathlib
+import subprocess
+import tempfile
 from typing import Optional
 
 from executorch_wgpu.errors import WebGPUDelegateError
@@ -47,6 +49,28 @@ def library_path() -> pathlib.Path:
 def runner_path() -> pathlib.Path:
     """wgq4_run_pte, built beside the library."""
     return library_path().parent / RUNNER_NAME
+
+
+def run_pte_in_cpp(pte_path, x, warmup: int = 1, iters: int = 1, timeout: float = 600) -> tuple:
+    """(the runner's JSON result, its first output) of wgq4_run_pte on pte_path with the float32 input x.
+
+    A process of its own with no Python: ExecuTorch's C++ Module API and this
+    library. Raises RuntimeError with the runner's stderr when it fails.
+    """
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        x_path, y_path = pathlib.Path(tmp, "x.f32"), pathlib.Path(tmp, "y.f32")
+        x.detach().contiguous().numpy().astype("<f4").tofile(x_path)
+        args = [str(runner_path()), str(pte_path), "--shape", "x".join(str(d) for d in x.shape), "--input",
+                str(x_path), "--output", str(y_path), "--warmup", str(warmup), "--iters", str(iters)]
+        done = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{runner_path()} failed ({done.returncode}): {done.stderr.strip()}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        y = torch.from_numpy(np.fromfile(y_path, dtype="<f4")).reshape(result["output_shape"])
+    return result, y
 
 
 class NativeLibrary:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,19 +82,7 @@ def time_executorch_python(lib: native.NativeLibrary, pte_path: pathlib.Path, x:
 
 
 def time_executorch_cpp(pte_path: pathlib.Path, x: torch.Tensor, calls: int, warmup: int) -> tuple:
-    runner = native.runner_path()
-    with tempfile.TemporaryDirectory() as tmp:
-        x_path, y_path = pathlib.Path(tmp, "x.f32"), pathlib.Path(tmp, "y.f32")
-        x.contiguous().numpy().astype("<f4").tofile(x_path)
-        shape = "x".join(str(d) for d in x.shape)
-        done = subprocess.run(
-            [str(runner), str(pte_path), "--shape", shape, "--input", str(x_path), "--output", str(y_path),
-             "--warmup", str(warmup), "--iters", str(calls)],
-            capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"{runner} failed ({done.returncode}): {done.stderr.strip()}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        y = torch.from_numpy(np.fromfile(y_path, dtype="<f4")).reshape(result["output_shape"])
+    result, y = native.run_pte_in_cpp(pte_path, x, warmup=warmup, iters=calls)
     out = {key: result[key] for key in ("execute_us", "delegate_us", "gpu_us") + SPLIT}
     out["kernel"] = "+".join(result["kernels"])
     out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]

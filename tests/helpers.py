@@ -56,3 +56,31 @@ def lower(model: torch.nn.Module, example: torch.Tensor, dynamic_dims: Optional[
 def single_linear(k: int, n: int, bias: bool = True, group_size: int = 32, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return quantize_q4(torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias)).eval(), group_size)
+
+
+def blobs_in(pte: bytes):
+    """Every delegate blob of a .pte, found through ExecuTorch's own deserializer."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte).program
+    return [program.backend_delegate_data[d.processed.index].data for d in program.execution_plan[0].delegates]
+
+
+def require_native_or_skip_module() -> None:
+    """At a test module's top: skip it, saying why, when the native delegate is not built here.
+
+    Fails instead when EXECUTORCH_WGPU_REQUIRE_NATIVE=1 (CI, which builds it): a
+    skip there would hide a broken build.
+    """
+    import os
+
+    import pytest
+
+    from executorch_wgpu import native
+
+    reason = native.unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("EXECUTORCH_WGPU_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"EXECUTORCH_WGPU_REQUIRE_NATIVE=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)

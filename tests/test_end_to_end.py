@@ -9,20 +9,12 @@ from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX
 from executorch_wgpu.backend.serialization.blob import FILE_IDENTIFIER, deserialize_q4linear
 from executorch_wgpu.runtime import Runtime
 
-from helpers import golden_linear, lower, quantize_q4, rel_err, single_linear
+from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear
 
 
 def run(pte: bytes, *inputs):
     method = Runtime.get().load_program(pte).load_method("forward")
     return method.execute(list(inputs)), method
-
-
-def blobs_in(pte: bytes):
-    """Every delegate blob of a .pte, found through ExecuTorch's own deserializer."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    program = deserialize_pte_binary(pte).program
-    return [program.backend_delegate_data[d.processed.index].data for d in program.execution_plan[0].delegates]
 
 
 @pytest.mark.parametrize("gs", [32, 64, 128])

@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import importlib.resources
 import itertools
-import os
 import re
 import zlib
 
@@ -33,11 +32,9 @@ import torch
 
 import executorch_wgpu.native as native
 
-_UNAVAILABLE = native.unavailable_reason()
-if _UNAVAILABLE is not None:
-    if os.environ.get("EXECUTORCH_WGPU_REQUIRE_NATIVE") == "1":
-        pytest.fail(f"EXECUTORCH_WGPU_REQUIRE_NATIVE=1 but {_UNAVAILABLE}", pytrace=False)
-    pytest.skip(_UNAVAILABLE, allow_module_level=True)
+from helpers import require_native_or_skip_module  # noqa: E402
+
+require_native_or_skip_module()
 
 from executorch.runtime import Runtime as EtRuntime  # noqa: E402
 
@@ -50,7 +47,7 @@ from executorch_wgpu.runtime import Runtime as PyRuntime  # noqa: E402
 from executorch_wgpu.runtime.gpu import SHADER_FILES, capped_plan_limits  # noqa: E402
 from executorch_wgpu.runtime.q4_linear import plan_call  # noqa: E402
 
-from helpers import golden_linear, lower, quantize_q4, rel_err, single_linear  # noqa: E402
+from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +56,6 @@ def lib():
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-def blobs_in(pte: bytes):
-    """Every delegate blob of a .pte, found through ExecuTorch's own deserializer."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    program = deserialize_pte_binary(pte).program
-    return [program.backend_delegate_data[d.processed.index].data for d in program.execution_plan[0].delegates]
 
 
 def route_table(k, n, decode, prefill, name="native-test"):

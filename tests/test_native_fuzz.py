@@ -32,11 +32,9 @@ from hypothesis import given
 
 import executorch_wgpu.native as native
 
-_UNAVAILABLE = native.unavailable_reason()
-if _UNAVAILABLE is not None:
-    if os.environ.get("EXECUTORCH_WGPU_REQUIRE_NATIVE") == "1":
-        pytest.fail(f"EXECUTORCH_WGPU_REQUIRE_NATIVE=1 but {_UNAVAILABLE}", pytrace=False)
-    pytest.skip(_UNAVAILABLE, allow_module_level=True)
+from helpers import require_native_or_skip_module  # noqa: E402
+
+require_native_or_skip_module()
 
 import executorch_wgpu.backend.serialization.blob as blob_module  # noqa: E402
 from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear  # noqa: E402

@@ -11,33 +11,22 @@ import json
 import os
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
 import executorch_wgpu.native as native
 from executorch_wgpu.runtime import Runtime
 
-from helpers import golden_linear, lower, quantize_q4, rel_err, single_linear
+from helpers import golden_linear, lower, quantize_q4, rel_err, require_native_or_skip_module, single_linear
 
-REASON = native.unavailable_reason()
-if REASON and os.environ.get("EXECUTORCH_WGPU_REQUIRE_NATIVE") == "1":
-    raise RuntimeError(f"EXECUTORCH_WGPU_REQUIRE_NATIVE=1 but {REASON}")
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+require_native_or_skip_module()
 
 
 def run_cpp(tmp_path, pte: bytes, x: torch.Tensor, iters: int = 2) -> tuple:
     """(output, the runner's JSON line) of wgq4_run_pte on pte with input x."""
-    pte_path, x_path, y_path = tmp_path / "m.pte", tmp_path / "x.f32", tmp_path / "y.f32"
-    pte_path.write_bytes(pte)
-    x.numpy().astype("<f4").tofile(x_path)
-    shape = "x".join(str(d) for d in x.shape)
-    done = subprocess.run([str(native.runner_path()), str(pte_path), "--shape", shape, "--input", str(x_path),
-                           "--output", str(y_path), "--warmup", "1", "--iters", str(iters)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return torch.from_numpy(np.fromfile(y_path, dtype="<f4")).reshape(result["output_shape"]), result
+    (tmp_path / "m.pte").write_bytes(pte)
+    result, y = native.run_pte_in_cpp(tmp_path / "m.pte", x, warmup=1, iters=iters, timeout=300)
+    return y, result
 
 
 def run_python(pte: bytes, x: torch.Tensor) -> tuple:
