@@ -12,11 +12,11 @@ import sys
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "demo": "executorch_wgpu.demo",
-        "bench": "executorch_wgpu.bench",
-        "tune": "executorch_wgpu.tune",
-        "llama-bench": "executorch_wgpu.llama_bench",
-        "native-bench": "executorch_wgpu.native_bench",
+        "demo": "executorch_wgpu.tools.demo",
+        "bench": "executorch_wgpu.tools.bench",
+        "tune": "executorch_wgpu.tools.tune",
+        "llama-bench": "executorch_wgpu.tools.llama_bench",
+        "native-bench": "executorch_wgpu.tools.native_bench",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: python -m executorch_wgpu {{{','.join(commands)}}} [options]  (--help after a command)")

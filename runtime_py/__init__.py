@@ -1,5 +1,4 @@
-"""Python runtime: loads a .pte and runs it, delegate blobs on wgpu, other ops on the CPU."""
+"""Python runtime: loads a .pte and runs it, delegate blobs on wgpu, other ops on the CPU.
 
-from executorch_wgpu.runtime.program import Method, Program, Runtime
-
-__all__ = ["Runtime", "Program", "Method"]
+Users import it as `executorch_wgpu.runtime` (runtime.py), shaped like `executorch.runtime`.
+"""

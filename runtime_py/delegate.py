@@ -11,9 +11,9 @@ from typing import List, Sequence
 
 from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear
 from executorch_wgpu.errors import ProgramFormatError
-from executorch_wgpu.runtime.gpu import gpu_context
-from executorch_wgpu.runtime.q4_linear import LinearCall
-from executorch_wgpu.runtime.split_linear import Q4Linear
+from executorch_wgpu.runtime_py.gpu import gpu_context
+from executorch_wgpu.runtime_py.q4_linear import LinearCall
+from executorch_wgpu.runtime_py.split_linear import Q4Linear
 
 
 class WebGPUDelegate:

@@ -21,8 +21,8 @@ import torch
 from executorch.exir import schema as et
 
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
-from executorch_wgpu.runtime.delegate import load_delegate
-from executorch_wgpu.runtime.operators import (
+from executorch_wgpu.runtime_py.delegate import load_delegate
+from executorch_wgpu.runtime_py.operators import (
     CompiledKernelCall,
     compile_kernel_call,
     convert_int,
@@ -30,8 +30,8 @@ from executorch_wgpu.runtime.operators import (
     resolve_operator,
     run_kernel_call,
 )
-from executorch_wgpu.runtime.pte_checks import check_delegate_io, check_outputs, check_plan, max_steps, parse_pte
-from executorch_wgpu.runtime.q4_linear import LinearCall
+from executorch_wgpu.runtime_py.pte_checks import check_delegate_io, check_outputs, check_plan, max_steps, parse_pte
+from executorch_wgpu.runtime_py.q4_linear import LinearCall
 
 
 @dataclass

@@ -21,8 +21,8 @@ import wgpu
 
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
-from executorch_wgpu.runtime.direct_calls import DirectCalls
-from executorch_wgpu.runtime.gpu import GPUContext
+from executorch_wgpu.runtime_py.direct_calls import DirectCalls
+from executorch_wgpu.runtime_py.gpu import GPUContext
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
 _TIMESTAMP_BYTES = 16   # two u64 ticks

@@ -30,8 +30,8 @@ import torch
 
 from executorch_wgpu.backend.serialization.blob import QW_BLOCK, Q4LinearRecord
 from executorch_wgpu.errors import WebGPUDelegateError
-from executorch_wgpu.runtime.gpu import GPUContext, PlanLimits
-from executorch_wgpu.runtime.q4_linear import LinearCall, Q4LinearGPU, check_input, plan_call
+from executorch_wgpu.runtime_py.gpu import GPUContext, PlanLimits
+from executorch_wgpu.runtime_py.q4_linear import LinearCall, Q4LinearGPU, check_input, plan_call
 
 # Rows of M one workgroup row covers, per kernel (grid y = ceil(M / rows)); the
 # smallest bounds how many rows a chunk may hold under the grid limit.

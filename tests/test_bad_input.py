@@ -13,7 +13,7 @@ from executorch_wgpu.errors import (
     ProgramFormatError,
 )
 from executorch_wgpu.runtime import Runtime
-import executorch_wgpu.runtime.gpu as gpu_module
+import executorch_wgpu.runtime_py.gpu as gpu_module
 
 from helpers import golden_linear, lower, rel_err, single_linear
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from executorch_wgpu import bench
+from executorch_wgpu.tools import bench
 
 
 def test_quick_bench_checks_every_kernel_against_the_golden_and_writes_reports(tmp_path):
@@ -39,7 +39,7 @@ def test_bench_rejects_an_unknown_shape_name(tmp_path, capsys):
 def test_golden_rows_are_computed_in_column_blocks_without_changing_the_answer():
     import torch
 
-    from executorch_wgpu.runtime.gpu import gpu_context
+    from executorch_wgpu.runtime_py.gpu import gpu_context
 
     layer = bench.make_layer(gpu_context(), "t", 64, 40, 32)
     x = torch.randn(3, 64)

@@ -46,8 +46,8 @@ from executorch_wgpu.errors import (
     UnsupportedOperatorError,
 )
 from executorch_wgpu.runtime import Runtime
-from executorch_wgpu.runtime.delegate import WebGPUDelegate
-from executorch_wgpu.runtime.pte_checks import parse_pte, program_schema
+from executorch_wgpu.runtime_py.delegate import WebGPUDelegate
+from executorch_wgpu.runtime_py.pte_checks import parse_pte, program_schema
 
 from helpers import lower, quantize_q4
 

@@ -5,8 +5,8 @@ import torch
 
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights, unpack_q4gsw_weights
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, Route, round_up
-from executorch_wgpu.runtime.gpu import gpu_context
-from executorch_wgpu.runtime.q4_linear import Q4LinearGPU, plan_call
+from executorch_wgpu.runtime_py.gpu import gpu_context
+from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU, plan_call
 
 from helpers import rel_err
 

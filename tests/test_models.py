@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from executorch_wgpu import demo, llama_bench, models
+from executorch_wgpu.tools import demo, llama_bench, models
 from executorch_wgpu.runtime import Runtime
 
 SENTENCES = demo.SENTENCES
@@ -231,7 +231,7 @@ def test_llama_bench_falls_back_to_an_fp32_lm_head_when_the_runtime_refuses_it(t
     """An adapter whose limits the lm_head exceeds makes the delegate refuse it at load; the bench goes on."""
     from executorch_wgpu.backend.serialization.blob import deserialize_q4linear
     from executorch_wgpu.errors import WebGPUDelegateError
-    from executorch_wgpu.runtime import program
+    from executorch_wgpu.runtime_py import program
 
     load_delegate = program.load_delegate
 

@@ -44,8 +44,8 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, de
 from executorch_wgpu.backend.serialization.generated.wgq4.Q4Linear import Q4Linear as FbQ4Linear  # noqa: E402
 from executorch_wgpu.errors import WebGPUDelegateError  # noqa: E402
 from executorch_wgpu.runtime import Runtime as PyRuntime  # noqa: E402
-from executorch_wgpu.runtime.gpu import SHADER_FILES, capped_plan_limits  # noqa: E402
-from executorch_wgpu.runtime.q4_linear import plan_call  # noqa: E402
+from executorch_wgpu.runtime_py.gpu import SHADER_FILES, capped_plan_limits  # noqa: E402
+from executorch_wgpu.runtime_py.q4_linear import plan_call  # noqa: E402
 
 from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear  # noqa: E402
 

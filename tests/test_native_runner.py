@@ -76,7 +76,7 @@ def test_cpp_runner_refuses_a_wrong_input_shape_with_an_error_not_a_crash(tmp_pa
 
 
 def test_native_bench_compares_three_runtimes_on_one_program(tmp_path):
-    from executorch_wgpu import native_bench
+    from executorch_wgpu.tools import native_bench
 
     native_bench.main(["--k", "64", "--n", "32", "--calls", "3", "--warmup", "1", "--rounds", "1",
                        "--out", str(tmp_path)])

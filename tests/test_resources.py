@@ -21,7 +21,7 @@ import pytest
 import torch
 import wgpu
 
-import executorch_wgpu.runtime.gpu as gpu_module
+import executorch_wgpu.runtime_py.gpu as gpu_module
 from executorch_wgpu.runtime import Runtime
 
 from helpers import golden_linear, lower, rel_err, single_linear

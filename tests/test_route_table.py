@@ -17,7 +17,7 @@ from executorch_wgpu.backend.serialization.blob import (
     serialize_q4linear,
 )
 from executorch_wgpu.runtime import Runtime
-from executorch_wgpu.tune import LAST_BUCKET_M_MAX, TuneError, main as tune_main, table_from_bench
+from executorch_wgpu.tools.tune import LAST_BUCKET_M_MAX, TuneError, main as tune_main, table_from_bench
 
 from helpers import golden_linear, lower, rel_err, single_linear
 

@@ -12,8 +12,8 @@ import torch
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, Route, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
-from executorch_wgpu.runtime.gpu import capped_plan_limits, gpu_context
-from executorch_wgpu.runtime.split_linear import Q4Linear, column_parts
+from executorch_wgpu.runtime_py.gpu import capped_plan_limits, gpu_context
+from executorch_wgpu.runtime_py.split_linear import Q4Linear, column_parts
 
 from helpers import rel_err
 

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from executorch_wgpu import models
+from executorch_wgpu.tools import models
 
 
 def _int_list(text: str) -> List[int]:
@@ -221,7 +221,7 @@ def markdown(result: Dict[str, object]) -> str:
 def run(args: argparse.Namespace) -> Dict[str, object]:
     from executorch_wgpu.errors import WebGPUDelegateError
     from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.runtime.gpu import gpu_context
+    from executorch_wgpu.runtime_py.gpu import gpu_context
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def summary(entry: RouteTableEntry) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from executorch_wgpu.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, select_shapes
+    from executorch_wgpu.tools.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, select_shapes
 
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu tune", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from executorch_wgpu.bench import BenchConfig, bench
+    from executorch_wgpu.tools.bench import BenchConfig, bench
 
     # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
     cfg = BenchConfig(args.shapes, args.m, group_size=args.group_size, reps=args.reps, warmup=args.warmup,

@@ -53,7 +53,7 @@ def ffn_main(argv=None) -> None:
 
     from executorch_wgpu import WebGPUPartitioner
     from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.runtime.gpu import gpu_context
+    from executorch_wgpu.runtime_py.gpu import gpu_context
 
     parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo --ffn", description=ffn_main.__doc__)
     parser.add_argument("--dim", type=int, default=512)
@@ -141,9 +141,9 @@ def format_matrices(left: torch.Tensor, right: torch.Tensor, left_title: str, ri
 
 
 def minilm_main(argv=None) -> None:
-    from executorch_wgpu import models
+    from executorch_wgpu.tools import models
     from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.runtime.gpu import gpu_context
+    from executorch_wgpu.runtime_py.gpu import gpu_context
 
     parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

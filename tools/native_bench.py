@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from executorch_wgpu import native
-from executorch_wgpu.bench import one_linear_pte
+from executorch_wgpu.tools.bench import one_linear_pte
 
 AGREEMENT = 1e-5
 RUNTIMES = ("python", "et-python", "et-cpp")

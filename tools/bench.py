@@ -40,8 +40,8 @@ from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import RouteOptions, decide_route
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
-from executorch_wgpu.runtime.gpu import GPUContext, gpu_context, read_shader
-from executorch_wgpu.runtime.q4_linear import Q4LinearGPU
+from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context, read_shader
+from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results = bench(cfg, progress=lambda s: log.info("%s", s))
     results["command"] = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)
     results["wall_s"] = round(time.perf_counter() - start, 1)
-    from executorch_wgpu.bench_report import write_reports
+    from executorch_wgpu.tools.bench_report import write_reports
 
     for path in write_reports(results, args.out):
         log.info("wrote %s", path)
