@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from executorch_wgpu.backend.serialization.blob import KERNELS, Route
+from executorch_wgpu.backend.serialization.blob import Route
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
 FORMAT = "executorch_wgpu-route-table"
 VERSION = 1
@@ -122,10 +123,10 @@ class RouteTable:
                 k, n, gs = int(e["K"]), int(e["N"]), int(e["group_size"])
                 prefill = tuple((int(b["m_max"]), str(b["kernel"])) for b in e["prefill"])
                 decode = str(e["decode"])
-                if decode not in KERNELS:
-                    fail(f"entry {i}: decode kernel {decode!r} is not one of {KERNELS}")
-                if not prefill or any(kern not in KERNELS[1:] for _, kern in prefill):
-                    fail(f"entry {i}: prefill buckets {prefill} must name kernels of {KERNELS[1:]}")
+                if decode not in DECODE_KERNELS:
+                    fail(f"entry {i}: decode kernel {decode!r} is not one of {DECODE_KERNELS}")
+                if not prefill or any(kern not in PREFILL_KERNELS for _, kern in prefill):
+                    fail(f"entry {i}: prefill buckets {prefill} must name kernels of {PREFILL_KERNELS}")
                 bounds = [m for m, _ in prefill]
                 if any(b <= a for a, b in zip(bounds, bounds[1:])) or bounds[0] < 2:
                     fail(f"entry {i}: prefill bucket bounds {bounds} must be >= 2 and strictly increasing")

@@ -20,7 +20,8 @@ from typing import List, Optional, Tuple
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, describe_buckets
-from executorch_wgpu.backend.serialization.blob import KERNELS, Route
+from executorch_wgpu.backend.serialization.blob import Route
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
 # Measured on an NVIDIA H100, 2026-11-25 (docs/PERFORMANCE.md, "Default rule, revisited
 # with data"): the skinny kernel is fastest while M <= 32 or while M*N is small, where
@@ -28,8 +29,6 @@ from executorch_wgpu.backend.serialization.blob import KERNELS, Route
 # shared-memory GEMM is fastest on the q/gate/down/lm_head shapes.
 DEFAULT_SKINNY_MAX_M = 32
 DEFAULT_SHMEM_MIN_MN = 1 << 18
-PREFILL_KERNELS = ("regtiled", "shmem", "skinny")
-DECODE_KERNELS = KERNELS
 
 # The blob stores skinny_max_m as a uint and shmem_min_mn as a ulong.
 UINT32_LIMIT = 1 << 32
@@ -40,8 +39,8 @@ UINT64_LIMIT = 1 << 64
 class RouteOptions:
     """Per-lowering routing knobs, carried from the partitioner to preprocess as compile specs."""
 
-    prefill_route: Optional[str] = None   # force "regtiled", "shmem" or "skinny" for M > 1
-    decode_route: Optional[str] = None    # force any kernel for M == 1
+    prefill_route: Optional[str] = None   # force one of registry.PREFILL_KERNELS for M > 1
+    decode_route: Optional[str] = None    # force one of registry.DECODE_KERNELS for M == 1
     skinny_max_m: int = DEFAULT_SKINNY_MAX_M   # default rule: skinny for every M <= this ...
     shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN   # ... and while M*N < this; shmem above
     route_table: Optional[RouteTable] = None   # measured routes (from `tune`); shapes it lacks use the rule

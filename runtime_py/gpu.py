@@ -1,58 +1,33 @@
-"""The process-wide wgpu device and the compiled q4gsw kernels.
+"""The process-wide wgpu device and the compiled kernels.
 
 One adapter and one device per process, shared by every loaded program:
 created on first use, with timestamp queries when the adapter offers them.
+Pipelines and bind group layouts are built from the kernel registry
+(shaders/registry.py), once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import wgpu
+from wgpu.backends.wgpu_native import lib as wgpu_native
 
 from executorch_wgpu.errors import NoAdapterError
+from executorch_wgpu.shaders import registry
+from executorch_wgpu.shaders.registry import Binding
 
 log = logging.getLogger(__name__)
-
-# Shader name -> WGSL file in shaders/. The first four are the kernels a
-# blob routes to (blob.KERNELS); splitk_reduce is the shmem GEMM's epilogue.
-SHADER_FILES = {
-    "gemv": "q4gsw_gemv.wgsl",
-    "regtiled": "q4gsw_gemm_regtiled.wgsl",
-    "shmem": "q4gsw_gemm_shmem.wgsl",
-    "skinny": "q4gsw_gemm_skinny.wgsl",
-    "splitk_reduce": "q4gsw_splitk_reduce.wgsl",
-    "stream_read": "stream_read.wgsl",     # the bench's bandwidth probe, not a model kernel
-}
-
-# Every q4gsw shader binds a subset of the same seven resources (see the
-# shader headers), so one explicit layout serves all pipelines and one bind
-# group per layer works with whichever kernel a call routes to.
-_READ = wgpu.BufferBindingType.read_only_storage
-_BINDINGS = (
-    (0, wgpu.BufferBindingType.uniform),   # Params
-    (1, _READ),                            # x
-    (2, _READ),                            # qweight
-    (3, _READ),                            # scales
-    (4, _READ),                            # bias
-    (5, wgpu.BufferBindingType.storage),   # y
-    (6, wgpu.BufferBindingType.storage),   # partial sums of a split-K GEMM
-)
 
 NO_ADAPTER_HELP = (
     "wgpu found no GPU adapter. On a machine without a GPU install Mesa's software Vulkan "
     "driver (lavapipe): `apt-get install mesa-vulkan-drivers`; on a GPU machine check the "
     "Vulkan driver (`vulkaninfo --summary`)."
 )
-
-
-def read_shader(name: str) -> str:
-    return importlib.resources.files("executorch_wgpu.shaders").joinpath(SHADER_FILES[name]).read_text()
 
 
 @dataclass(frozen=True)
@@ -91,14 +66,21 @@ class GPUContext:
     adapter: wgpu.GPUAdapter
     device: wgpu.GPUDevice
     has_timestamps: bool
-    bind_group_layout: wgpu.GPUBindGroupLayout
-    pipeline_layout: wgpu.GPUPipelineLayout
+    # Nanoseconds per timestamp tick (wgpu-native's queue period): 1 on NVIDIA,
+    # other values on some AMD, Intel and Apple GPUs.
+    timestamp_period_ns: float = 1.0
+    _layouts: Dict[Tuple[Binding, ...], Tuple[wgpu.GPUBindGroupLayout, wgpu.GPUPipelineLayout]] = \
+        field(default_factory=dict)
     _pipelines: Dict[str, wgpu.GPUComputePipeline] = field(default_factory=dict)
 
     @property
     def adapter_name(self) -> str:
         info = self.adapter.info
         return f"{info.get('device', '?')} ({info.get('backend_type', '?')}, {info.get('description', '')})"
+
+    def ticks_to_us(self, begin: int, end: int) -> Optional[float]:
+        """Microseconds between two timestamp ticks of this device; None when they run backwards."""
+        return (end - begin) * self.timestamp_period_ns / 1000.0 if end >= begin else None
 
     def plan_limits(self) -> PlanLimits:
         """The device's binding and grid limits, lowered by any capped_plan_limits() in force."""
@@ -110,12 +92,27 @@ class GPUContext:
             max_workgroups_per_dim=min(groups, _limit_caps.get("max_workgroups_per_dim", groups)),
         )
 
+    def bind_group_layout(self, kernel: str) -> wgpu.GPUBindGroupLayout:
+        """The bind group layout of a kernel (shared by every kernel with the same layout)."""
+        return self._layout_objects(registry.kernel(kernel).layout)[0]
+
+    def _layout_objects(self, layout: Tuple[Binding, ...]) -> tuple:
+        if layout not in self._layouts:
+            group = self.device.create_bind_group_layout(entries=[
+                {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": b.kind}}
+                for i, b in enumerate(layout)
+            ])
+            self._layouts[layout] = (group, self.device.create_pipeline_layout(bind_group_layouts=[group]))
+        return self._layouts[layout]
+
     def pipeline(self, name: str) -> wgpu.GPUComputePipeline:
-        """The compute pipeline of a shader, compiled once per process."""
+        """The compute pipeline of a registry kernel, compiled once per process."""
         if name not in self._pipelines:
-            module = self.device.create_shader_module(label=SHADER_FILES[name], code=read_shader(name))
+            kernel = registry.kernel(name)
+            module = self.device.create_shader_module(label=kernel.wgsl, code=registry.wgsl_source(name))
             self._pipelines[name] = self.device.create_compute_pipeline(
-                label=name, layout=self.pipeline_layout, compute={"module": module, "entry_point": "main"}
+                label=name, layout=self._layout_objects(kernel.layout)[1],
+                compute={"module": module, "entry_point": "main"},
             )
         return self._pipelines[name]
 
@@ -150,13 +147,8 @@ def _create_context() -> GPUContext:
             "max-buffer-size": limits["max-buffer-size"],
         },
     )
-    bind_group_layout = device.create_bind_group_layout(
-        label="q4gsw",
-        entries=[
-            {"binding": b, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": t}} for b, t in _BINDINGS
-        ],
-    )
-    pipeline_layout = device.create_pipeline_layout(label="q4gsw", bind_group_layouts=[bind_group_layout])
-    ctx = GPUContext(adapter, device, has_timestamps, bind_group_layout, pipeline_layout)
-    log.info("executorch_wgpu: using adapter %s (timestamps: %s)", ctx.adapter_name, has_timestamps)
+    period = wgpu_native.wgpuQueueGetTimestampPeriod(device.queue._internal) if has_timestamps else 1.0
+    ctx = GPUContext(adapter, device, has_timestamps, timestamp_period_ns=float(period))
+    log.info("executorch_wgpu: using adapter %s (timestamps: %s, %g ns per tick)", ctx.adapter_name, has_timestamps,
+             ctx.timestamp_period_ns)
     return ctx

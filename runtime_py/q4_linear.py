@@ -23,10 +23,11 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.direct_calls import DirectCalls
 from executorch_wgpu.runtime_py.gpu import GPUContext
+from executorch_wgpu.shaders import registry
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
 _TIMESTAMP_BYTES = 16   # two u64 ticks
-_PARAMS = struct.Struct("<8I")
+_PARAMS = struct.Struct("<" + "I" * len(registry.Q4_PARAMS))   # the kernels' Params uniform
 
 
 @dataclass
@@ -52,12 +53,14 @@ class LinearCall:
         return dict(self.__dict__)
 
 
-# The shmem GEMM splits K over extra workgroups when its 128 x 128 tiles alone
-# would leave most of a large GPU idle (see q4gsw_gemm_shmem.wgsl).
-SPLITK_TARGET_WORKGROUPS = 256
-SPLITK_MIN_CHUNK = 256        # never split K finer than this many k per workgroup
-SPLITK_MAX_SPLITS = 8
 MAX_GROUPS_PER_DIM = 65535    # WebGPU's maxComputeWorkgroupsPerDimension default
+
+GEMV = registry.kernel("gemv")
+SKINNY = registry.kernel("skinny")
+REGTILED = registry.kernel("regtiled")
+SHMEM = registry.kernel("shmem")
+REDUCE = registry.kernel("splitk_reduce")
+COLUMNS_PER_WORKGROUP = 4 * GEMV.constants["QUADS"]   # gemv and skinny: one workgroup per 16-column block
 
 
 def use_direct_calls() -> bool:
@@ -66,9 +69,9 @@ def use_direct_calls() -> bool:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """One compute dispatch of a call: which shader, on which grid."""
+    """One compute dispatch of a call: which kernel, on which grid."""
 
-    shader: str
+    kernel: str
     grid: tuple
 
 
@@ -90,24 +93,22 @@ class Plan:
 
 
 def k_split_for(m: int, k: int, n_stride: int, max_groups: int = MAX_GROUPS_PER_DIM) -> tuple:
-    """(k_splits, k_chunk) for the shmem GEMM: enough workgroups to fill the GPU, chunks a multiple of 16."""
-    tiles = math.ceil(n_stride / 128) * math.ceil(m / 128)
-    splits = min(SPLITK_MAX_SPLITS, max_groups, max(1, k // SPLITK_MIN_CHUNK),
-                 math.ceil(SPLITK_TARGET_WORKGROUPS / tiles))
+    """(k_splits, k_chunk) for the shmem GEMM: when its tiles alone would leave most of a
+    large GPU idle, split K over extra workgroups (chunks a multiple of its K tile)."""
+    c, p = SHMEM.constants, SHMEM.plan
+    tiles = math.ceil(n_stride / c["TN"]) * math.ceil(m / c["TM"])
+    splits = min(p["MAX_K_SPLITS"], max_groups, max(1, k // p["SPLITK_MIN_CHUNK"]),
+                 math.ceil(p["SPLITK_TARGET_WORKGROUPS"] / tiles))
     if splits <= 1:
         return 1, k
-    chunk = math.ceil(math.ceil(k / splits) / 16) * 16
+    chunk = math.ceil(math.ceil(k / splits) / c["TK"]) * c["TK"]
     return math.ceil(k / chunk), chunk
-
-
-GEMV_SLICES = 64         # K slices inside a GEMV workgroup (q4gsw_gemv.wgsl)
-GEMV_MAX_SPLITS = 8
 
 
 def gemv_k_split_for(k: int, group_size: int, max_groups: int = MAX_GROUPS_PER_DIM) -> tuple:
     """(k_splits, k_chunk) for the GEMV: one quantization group per thread when K is long."""
     groups = k // group_size
-    splits = max(1, min(GEMV_MAX_SPLITS, max_groups, groups // GEMV_SLICES))
+    splits = max(1, min(GEMV.plan["MAX_K_SPLITS"], max_groups, groups // GEMV.constants["SLICES"]))
     if splits == 1:
         return 1, k
     chunk = math.ceil(groups / splits) * group_size
@@ -122,24 +123,27 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     in a dimension (split_linear.py sizes parts and row chunks so it does not).
     """
     k_splits, k_chunk = 1, k
+    reduce_rows = m
     if kernel == "gemv":
         if m != 1:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
         k_splits, k_chunk = gemv_k_split_for(k, group_size, max_groups)
-        dispatches = (Dispatch("gemv", (n_stride // 16, 1, k_splits)),)
-        if k_splits > 1:
-            dispatches += (Dispatch("splitk_reduce", (math.ceil(n / 256), 1, 1)),)
+        dispatches = (Dispatch("gemv", (n_stride // COLUMNS_PER_WORKGROUP, 1, k_splits)),)
     elif kernel == "regtiled":
-        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / 32), math.ceil(m / 32), 1)),)
+        c = REGTILED.constants
+        dispatches = (Dispatch("regtiled", (math.ceil(n_stride / c["TILE_N"]), math.ceil(m / c["TILE_M"]), 1)),)
     elif kernel == "skinny":
-        dispatches = (Dispatch("skinny", (math.ceil(n_stride / 16), math.ceil(m / 4), 1)),)
+        rows = SKINNY.constants["ROWS"]
+        dispatches = (Dispatch("skinny", (math.ceil(n_stride / COLUMNS_PER_WORKGROUP), math.ceil(m / rows), 1)),)
     elif kernel == "shmem":
+        c = SHMEM.constants
         k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups)
-        dispatches = (Dispatch("shmem", (math.ceil(n_stride / 128), math.ceil(m / 128), k_splits)),)
-        if k_splits > 1:
-            dispatches += (Dispatch("splitk_reduce", (math.ceil(m * n / 256), 1, 1)),)
+        dispatches = (Dispatch("shmem", (math.ceil(n_stride / c["TN"]), math.ceil(m / c["TM"]), k_splits)),)
     else:
         raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
+    if k_splits > 1:
+        threads = REDUCE.workgroup_size[0]
+        dispatches += (Dispatch("splitk_reduce", (math.ceil(reduce_rows * n / threads), 1, 1)),)
     for d in dispatches:
         if max(d.grid) > max_groups:
             raise WebGPUDelegateError(
@@ -236,13 +240,14 @@ class Q4LinearGPU:
             )
             grown = True
         if grown:
-            buffers = (self.params, self.x, self.qweight, self.scales, self.bias, self.y, self.partial)
+            buffers = {"params": self.params, "x": self.x, "qweight": self.qweight, "scales": self.scales,
+                       "bias": self.bias, "y": self.y, "partial": self.partial}
             self.bind_group = dev.create_bind_group(
                 label=rec.name,
-                layout=self.ctx.bind_group_layout,
+                layout=self.ctx.bind_group_layout("gemv"),   # the layout every q4gsw linear kernel shares
                 entries=[
-                    {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
-                    for i, b in enumerate(buffers)
+                    {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
+                    for i, b in enumerate(registry.Q4_LINEAR_LAYOUT)
                 ],
             )
 
@@ -256,11 +261,9 @@ class Q4LinearGPU:
         key = (m, plan.k_splits, plan.k_chunk)
         if self.params_for != key:
             rec = self.rec
-            self.ctx.device.queue.write_buffer(
-                self.params, 0,
-                _PARAMS.pack(m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size,
-                             plan.k_splits, plan.k_chunk, 0),
-            )
+            values = {"M": m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
+                      "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
+            self.ctx.device.queue.write_buffer(self.params, 0, _PARAMS.pack(*(values[f] for f in registry.Q4_PARAMS)))
             self.params_for = key
         return plan
 
@@ -269,7 +272,7 @@ class Q4LinearGPU:
         cpass = encoder.begin_compute_pass(**({"timestamp_writes": timestamp_writes} if timestamp_writes else {}))
         cpass.set_bind_group(0, self.bind_group)
         for d in plan.dispatches:
-            cpass.set_pipeline(self.ctx.pipeline(d.shader))
+            cpass.set_pipeline(self.ctx.pipeline(d.kernel))
             cpass.dispatch_workgroups(*d.grid)
         cpass.end()
 
@@ -281,16 +284,14 @@ class Q4LinearGPU:
         plan = self.prepare(kernel, m)
         x_np = x.detach().contiguous().numpy()
         if self.direct is not None:
-            pipelines = [self.ctx.pipeline(d.shader) for d in plan.dispatches]
+            pipelines = [self.ctx.pipeline(d.kernel) for d in plan.dispatches]
             y, ticks = self.direct.run(x_np, self.x, self.bind_group, pipelines, [d.grid for d in plan.dispatches],
                                        self.y, m * rec.out_features * 4, self.staging, self.query_resolve,
                                        self.ts_offset)
             split = self.direct.last_split_us
         else:
             y, ticks, split = self._run_through_wgpu_py(x_np, plan)
-        gpu_us = None
-        if ticks is not None and ticks[1] >= ticks[0]:
-            gpu_us = (ticks[1] - ticks[0]) / 1000.0
+        gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
         phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
         reason = f"{phase} ({rec.route.source}); {rec.route.reason}"

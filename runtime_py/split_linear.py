@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -32,10 +32,11 @@ from executorch_wgpu.backend.serialization.blob import QW_BLOCK, Q4LinearRecord
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, PlanLimits
 from executorch_wgpu.runtime_py.q4_linear import LinearCall, Q4LinearGPU, check_input, plan_call
+from executorch_wgpu.shaders import registry
 
 # Rows of M one workgroup row covers, per kernel (grid y = ceil(M / rows)); the
 # smallest bounds how many rows a chunk may hold under the grid limit.
-MIN_ROWS_PER_WORKGROUP = 4    # skinny
+MIN_ROWS_PER_WORKGROUP = registry.kernel("skinny").constants["ROWS"]
 
 
 def column_parts(rec: Q4LinearRecord, limits: PlanLimits) -> List[Tuple[int, int]]:
@@ -105,7 +106,7 @@ class Q4Linear:
         # Inputs are checked against the whole layer here; a row chunk may hold
         # fewer rows than the exported minimum of M, so parts accept any M >= 1.
         self.parts = [Q4LinearGPU(ctx, dataclasses.replace(r, m_min=1)) for r in records]
-        self._rows = {}   # M -> rows per chunk
+        self._rows: Dict[int, int] = {}   # M -> rows per chunk
 
     def check_input(self, x: torch.Tensor) -> int:
         return check_input(self.rec, x)

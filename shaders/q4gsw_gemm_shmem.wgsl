@@ -20,43 +20,12 @@
 // Split K exists for occupancy: at M = 512 a 2048-wide layer has only 64
 // tiles of 128 x 128, fewer than the GPU has multiprocessors.
 //
-// Layout (see backend/serialization/schema.fbs):
-//   x       [M][K] fp32, read as vec4
-//   qweight [n_stride/16][K/8][16] u32: nibble j of word (k8, n) = code(8*k8 + j, n) + 8
-//   scales  [n_stride/16][K/gs][16] fp32
-//   bias    [n_stride] fp32 (zeros when the layer has none)
-//   y       [M][N] fp32
-//   partial [k_splits][M][N] fp32 (only read/written when k_splits > 1)
-// Preconditions: gs % 32 == 0, K % gs == 0, n_stride = N rounded up to 16,
-// k_chunk % 16 == 0, k_splits = ceil(K / k_chunk).
+// Preconditions: k_chunk % TK == 0, k_splits = ceil(K / k_chunk).
 // Partial tiles: rows >= M stage zeros, columns >= n_stride stage zero weights; neither is stored.
 // Dispatch: (ceil(n_stride / 128), ceil(M / 128), k_splits). Workgroup memory: 16 KiB.
 
-struct Params {
-    M: u32,
-    K: u32,
-    N: u32,
-    n_stride: u32,
-    group_size: u32,
-    k_splits: u32,
-    k_chunk: u32,
-    _pad: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> qweight: array<u32>;
-@group(0) @binding(3) var<storage, read> scales: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> y: array<f32>;
-@group(0) @binding(6) var<storage, read_write> partial: array<f32>;
-
-const TM: u32 = 128u;
-const TN: u32 = 128u;
-const TK: u32 = 16u;
-
-var<workgroup> xs: array<vec4<f32>, 512>;   // [TK][TM / 4]: xs[k * 32 + r4][i] = x[row 4*r4 + i, k]
-var<workgroup> ws: array<vec4<f32>, 512>;   // [TK][TN / 4]: ws[k * 32 + c4][i] = W[k, column 4*c4 + i]
+var<workgroup> xs: array<vec4<f32>, TK * TM / 4u>;   // [TK][TM / 4]: xs[k * 32 + r4][i] = x[row 4*r4 + i, k]
+var<workgroup> ws: array<vec4<f32>, TK * TN / 4u>;   // [TK][TN / 4]: ws[k * 32 + c4][i] = W[k, column 4*c4 + i]
 
 // One thread's share of a K tile's global data, held in registers between
 // the load and the store to workgroup memory.
@@ -99,25 +68,18 @@ fn store_tile(st: Staged, t: u32) {
     let col = t % TN;
     let k_local = 8u * (t / TN);
     for (var j = 0u; j < 8u; j++) {
-        // 2^23 + q as a float, minus 2^23 + 8: the code without an int-to-float convert.
-        let code = bitcast<f32>(((st.w >> (4u * j)) & 0xFu) | 0x4B000000u) - 8388616.0;
-        ws[(k_local + j) * 32u + col / 4u][col % 4u] = code * st.s;
+        ws[(k_local + j) * 32u + col / 4u][col % 4u] = nib(st.w, 4u * j) * st.s;
     }
 }
 
-fn store_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
-    if (m >= params.M || n4 >= params.n_stride / 4u) {
+// Row m of quad n4: finished (bias added, into y) without split K; into this split's partial sums with it.
+fn store_tile_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
+    if (n4 >= params.n_stride / 4u) {
         return;
     }
     if (params.k_splits == 1u) {
-        let r = v + bias[n4];
-        for (var c = 0u; c < 4u; c++) {
-            let n = 4u * n4 + c;
-            if (n < params.N) {
-                y[m * params.N + n] = r[c];
-            }
-        }
-    } else {
+        store_row(m, n4, v + bias[n4]);
+    } else if (m < params.M) {
         let base = (z * params.M + m) * params.N;
         for (var c = 0u; c < 4u; c++) {
             let n = 4u * n4 + c;
@@ -128,7 +90,7 @@ fn store_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(16, 16, 1)
+@compute @workgroup_size(WORKGROUP_X, WORKGROUP_Y, WORKGROUP_Z)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) t: u32) {
@@ -177,12 +139,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     let m1 = tile_m + 64u + 4u * ty;
     let n0 = tile_n / 4u + tx;
     let n1 = n0 + 16u;
-    store_row(z, m0, n0, c00); store_row(z, m0, n1, c01);
-    store_row(z, m0 + 1u, n0, c10); store_row(z, m0 + 1u, n1, c11);
-    store_row(z, m0 + 2u, n0, c20); store_row(z, m0 + 2u, n1, c21);
-    store_row(z, m0 + 3u, n0, c30); store_row(z, m0 + 3u, n1, c31);
-    store_row(z, m1, n0, c40); store_row(z, m1, n1, c41);
-    store_row(z, m1 + 1u, n0, c50); store_row(z, m1 + 1u, n1, c51);
-    store_row(z, m1 + 2u, n0, c60); store_row(z, m1 + 2u, n1, c61);
-    store_row(z, m1 + 3u, n0, c70); store_row(z, m1 + 3u, n1, c71);
+    store_tile_row(z, m0, n0, c00); store_tile_row(z, m0, n1, c01);
+    store_tile_row(z, m0 + 1u, n0, c10); store_tile_row(z, m0 + 1u, n1, c11);
+    store_tile_row(z, m0 + 2u, n0, c20); store_tile_row(z, m0 + 2u, n1, c21);
+    store_tile_row(z, m0 + 3u, n0, c30); store_tile_row(z, m0 + 3u, n1, c31);
+    store_tile_row(z, m1, n0, c40); store_tile_row(z, m1, n1, c41);
+    store_tile_row(z, m1 + 1u, n0, c50); store_tile_row(z, m1 + 1u, n1, c51);
+    store_tile_row(z, m1 + 2u, n0, c60); store_tile_row(z, m1 + 2u, n1, c61);
+    store_tile_row(z, m1 + 3u, n0, c70); store_tile_row(z, m1 + 3u, n1, c71);
 }

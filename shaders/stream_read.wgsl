@@ -5,14 +5,11 @@
 //
 // Layout: data [count] vec4<u32>; sink [threads] u32.
 // Thread i reads elements i, i + threads, i + 2 * threads, ... (coalesced).
-// Dispatch: (groups, 1, 1) with 256 threads per workgroup; threads = groups * 256.
+// Dispatch: (groups, 1, 1) with WORKGROUP_X threads per workgroup; threads = groups * WORKGROUP_X.
 
-@group(0) @binding(0) var<storage, read> data: array<vec4<u32>>;
-@group(0) @binding(1) var<storage, read_write> sink: array<u32>;
-
-@compute @workgroup_size(256, 1, 1)
+@compute @workgroup_size(WORKGROUP_X, WORKGROUP_Y, WORKGROUP_Z)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let threads = groups.x * 256u;
+    let threads = groups.x * WORKGROUP_X;
     let count = arrayLength(&data);
     var acc = vec4<u32>(0u);
     for (var i = gid.x; i < count; i += threads) {

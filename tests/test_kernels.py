@@ -73,7 +73,7 @@ def test_shmem_splits_k_only_when_tiles_leave_the_gpu_idle(m, k, n, splits):
     plan = plan_call("shmem", m, k, n, round_up(n, N_ALIGN), 32)
     assert plan.k_splits == splits
     assert plan.k_chunk % 16 == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
-    assert [d.shader for d in plan.dispatches] == ["shmem"] + (["splitk_reduce"] if splits > 1 else [])
+    assert [d.kernel for d in plan.dispatches] == ["shmem"] + (["splitk_reduce"] if splits > 1 else [])
 
 
 @pytest.mark.parametrize("k,gs,splits", [(2048, 32, 1), (4096, 32, 2), (8192, 32, 4), (8192, 128, 1), (65536, 32, 8)])
@@ -81,7 +81,7 @@ def test_gemv_splits_k_over_workgroups_only_for_long_k(k, gs, splits):
     plan = plan_call("gemv", 1, k, 100, round_up(100, N_ALIGN), gs)
     assert plan.k_splits == splits
     assert plan.k_chunk % gs == 0 and (plan.k_splits - 1) * plan.k_chunk < k <= plan.k_splits * plan.k_chunk
-    assert [d.shader for d in plan.dispatches] == ["gemv"] + (["splitk_reduce"] if splits > 1 else [])
+    assert [d.kernel for d in plan.dispatches] == ["gemv"] + (["splitk_reduce"] if splits > 1 else [])
 
 
 def test_layer_serves_decode_and_prefill_alternately():

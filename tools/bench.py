@@ -40,8 +40,9 @@ from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import RouteOptions, decide_route
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
-from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context, read_shader
+from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
+from executorch_wgpu.shaders import registry
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ LM_HEAD_MAX_M = 128
 # Small enough for lavapipe (Vulkan on the CPU) in CI; same kernels, same checks.
 QUICK_SHAPES = {"q": (256, 256), "kv": (256, 64), "gate": (256, 1024), "down": (1024, 256)}
 QUICK_M = (1, 16, 64)
-KERNELS_FOR_M = {True: ("gemv", "skinny", "regtiled", "shmem"), False: ("skinny", "regtiled", "shmem")}   # keyed by M == 1
+KERNELS_FOR_M = {True: registry.DECODE_KERNELS, False: registry.PREFILL_KERNELS}   # keyed by M == 1
 GOLDEN_ROWS = 4
 TOLERANCE = 1e-4
 
@@ -130,7 +131,7 @@ def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int) -
     ticks = np.frombuffer(readback.read_mapped(), dtype=np.uint64).reshape(reps, 2).astype(np.float64)
     readback.unmap()
     queries.destroy()
-    return list((ticks[:, 1] - ticks[:, 0]) / 1000.0)
+    return list((ticks[:, 1] - ticks[:, 0]) * ctx.timestamp_period_ns / 1000.0)
 
 
 def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +171,9 @@ class StreamProbe:
     def __init__(self, ctx: GPUContext):
         self.ctx = ctx
         dev = ctx.device
-        module = dev.create_shader_module(label="stream_read", code=read_shader("stream_read"))
-        self.pipeline = dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+        self.pipeline = ctx.pipeline("stream_read")
+        self.layout = ctx.bind_group_layout("stream_read")
+        self.threads = registry.kernel("stream_read").workgroup_size[0]
 
     def us(self, nbytes: int, reps: int, warmup: int) -> float:
         """Fastest median over a few thread shapes (vec4 per thread): the best plain read we can measure."""
@@ -180,9 +182,9 @@ class StreamProbe:
         data = dev.create_buffer(size=count * 16, usage=wgpu.BufferUsage.STORAGE)
         best = float("inf")
         for per_thread in (2, 4, 8):
-            groups = min(65535, max(1, math.ceil(count / (256 * per_thread))))
-            sink = dev.create_buffer(size=groups * 256 * 4, usage=wgpu.BufferUsage.STORAGE)
-            bind = dev.create_bind_group(layout=self.pipeline.get_bind_group_layout(0), entries=[
+            groups = min(65535, max(1, math.ceil(count / (self.threads * per_thread))))
+            sink = dev.create_buffer(size=groups * self.threads * 4, usage=wgpu.BufferUsage.STORAGE)
+            bind = dev.create_bind_group(layout=self.layout, entries=[
                 {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
                 {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
             ])
@@ -203,9 +205,9 @@ class StreamProbe:
         """Keep the GPU busy for ~ms so its clocks ramp up before a measurement (idle GPUs clock down)."""
         dev = self.ctx.device
         data = dev.create_buffer(size=16 << 20, usage=wgpu.BufferUsage.STORAGE)
-        sink = dev.create_buffer(size=1024 * 256 * 4, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+        sink = dev.create_buffer(size=1024 * self.threads * 4, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
         done = dev.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-        bind = dev.create_bind_group(layout=self.pipeline.get_bind_group_layout(0), entries=[
+        bind = dev.create_bind_group(layout=self.layout, entries=[
             {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
             {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
         ])
@@ -286,7 +288,7 @@ class BenchConfig:
     peers: bool = True
     route_table: Optional[RouteTable] = None
     seed: int = 0
-    kernels: Sequence[str] = ("gemv", "skinny", "regtiled", "shmem")
+    kernels: Sequence[str] = registry.DECODE_KERNELS   # every routable kernel
 
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import List
 
-log = logging.getLogger(__name__)
+from executorch_wgpu.shaders.registry import DECODE_KERNELS as KERNELS   # every routable kernel, in route-id order
 
-KERNELS = ("gemv", "skinny", "regtiled", "shmem")
+log = logging.getLogger(__name__)
 
 
 def _fmt(v, spec: str = ".1f") -> str:
@@ -26,10 +26,10 @@ def markdown(results: dict) -> str:
         f"GPU-timestamp median of {results['config']['reps']} runs after {results['config']['warmup']} warm-up; "
         f"routes: {results['config']['route_table'] or 'default rule'}.",
         "",
-        "| shape | K→N | M | gemv µs | skinny µs | regtiled µs | shmem µs | routed | TFLOP/s | weight GB/s | "
+        "| shape | K→N | M | " + "".join(f"{k} µs | " for k in KERNELS) + "routed | TFLOP/s | weight GB/s | "
         "routed/fastest | default rule (÷fastest) | stream-read GB/s | tinygemm µs | ours/tinygemm time | "
         "fp32 CUDA µs | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * (3 + len(KERNELS) + 10) + "|",
     ]
     for r in results["rows"]:
         ks = r["kernels"]

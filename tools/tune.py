@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry, describe_buckets
-from executorch_wgpu.backend.routing import DECODE_KERNELS, PREFILL_KERNELS
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,15 @@ from executorch_wgpu.backend.serialization import fbverify
 from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_linear
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
+from executorch_wgpu.shaders import registry
 
-# 2: route tables (RouteSource.ROUTE_TABLE, Route.table, Route.prefill_buckets), Kernel.SKINNY
-# 3: Route.skinny_max_m / shmem_min_mn (the default rule measured on an H100) replace k_threshold / n_threshold
+# The versions and what each changed: docs/PERFORMANCE.md, "Blob schema versions".
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"WGQ4"
 # The delegate id preprocess writes into the .pte and the runtime dispatches on
 # (the name of the BackendDetails subclass, as ExecuTorch requires).
 BACKEND_ID = "WebGPUBackend"
 
-# Kernel names as the rest of the package spells them, in schema enum order.
-KERNELS = ("gemv", "regtiled", "shmem", "skinny")
 ROUTE_SOURCES = ("default-rule", "forced", "route-table")
 
 # Shape rules the packed layout relies on; kept here because both the packer
@@ -112,15 +110,15 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     for m_max, kernel in rec.route.prefill_buckets:
         fb_bucket.Start(b)
         fb_bucket.AddMMax(b, m_max)
-        fb_bucket.AddKernel(b, KERNELS.index(kernel))
+        fb_bucket.AddKernel(b, registry.kernel(kernel).route_id)
         buckets.append(fb_bucket.End(b))
     fb_route.StartPrefillBucketsVector(b, len(buckets))
     for bucket in reversed(buckets):
         b.PrependUOffsetTRelative(bucket)
     bucket_vec = b.EndVector()
     fb_route.Start(b)
-    fb_route.AddDecodeKernel(b, KERNELS.index(rec.route.decode_kernel))
-    fb_route.AddPrefillKernel(b, KERNELS.index(rec.route.prefill_kernel))
+    fb_route.AddDecodeKernel(b, registry.kernel(rec.route.decode_kernel).route_id)
+    fb_route.AddPrefillKernel(b, registry.kernel(rec.route.prefill_kernel).route_id)
     fb_route.AddSource(b, ROUTE_SOURCES.index(rec.route.source))
     fb_route.AddSkinnyMaxM(b, rec.route.skinny_max_m)
     fb_route.AddShmemMinMn(b, rec.route.shmem_min_mn)
@@ -202,14 +200,12 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
     r = root.Route()
     if r is None:
         raise BlobFormatError("delegate blob is corrupted: it has no route record")
-    decode, prefill, source = r.DecodeKernel(), r.PrefillKernel(), r.Source()
-    for what, value, names in (("decode kernel", decode, KERNELS), ("prefill kernel", prefill, KERNELS),
-                               ("route source", source, ROUTE_SOURCES)):
-        if not 0 <= value < len(names):
-            raise BlobFormatError(f"delegate blob is corrupted: unknown {what} enum value {value}")
+    source = r.Source()
+    if not 0 <= source < len(ROUTE_SOURCES):
+        raise BlobFormatError(f"delegate blob is corrupted: unknown route source enum value {source}")
     route = Route(
-        decode_kernel=KERNELS[decode],
-        prefill_kernel=KERNELS[prefill],
+        decode_kernel=_kernel_named_by(r.DecodeKernel(), "decode kernel"),
+        prefill_kernel=_kernel_named_by(r.PrefillKernel(), "prefill kernel"),
         source=ROUTE_SOURCES[source],
         skinny_max_m=r.SkinnyMaxM(),
         shmem_min_mn=r.ShmemMinMn(),
@@ -237,11 +233,14 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
     )
 
 
+def _kernel_named_by(route_id: int, what: str) -> str:
+    if route_id not in registry.BY_ROUTE_ID:
+        raise BlobFormatError(f"delegate blob is corrupted: unknown {what} route id {route_id}")
+    return registry.BY_ROUTE_ID[route_id].name
+
+
 def _read_bucket(bucket) -> tuple:
-    kernel = bucket.Kernel()
-    if not 0 <= kernel < len(KERNELS):
-        raise BlobFormatError(f"delegate blob is corrupted: unknown prefill bucket kernel enum value {kernel}")
-    return bucket.MMax(), KERNELS[kernel]
+    return bucket.MMax(), _kernel_named_by(bucket.Kernel(), "prefill bucket kernel")
 
 
 def check_record(rec: Q4LinearRecord) -> None:
@@ -266,12 +265,12 @@ def check_record(rec: Q4LinearRecord) -> None:
     if rec.bias is not None and rec.bias.size != n:
         fail(f"bias has {rec.bias.size} values, expected {n}")
     route = rec.route
-    if route.decode_kernel not in KERNELS or route.prefill_kernel not in KERNELS[1:]:
+    if route.decode_kernel not in registry.DECODE_KERNELS or route.prefill_kernel not in registry.PREFILL_KERNELS:
         fail(f"route {route.decode_kernel}/{route.prefill_kernel} is not a known kernel pair")
     if route.source not in ROUTE_SOURCES:
         fail(f"route source {route.source!r} is not one of {ROUTE_SOURCES}")
     bounds = [m_max for m_max, _ in route.prefill_buckets]
     if any(b <= a for a, b in zip(bounds, bounds[1:])) or any(b < 2 for b in bounds):
         fail(f"prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
-    if any(kernel not in KERNELS[1:] for _, kernel in route.prefill_buckets):
+    if any(kernel not in registry.PREFILL_KERNELS for _, kernel in route.prefill_buckets):
         fail(f"prefill buckets {route.prefill_buckets} name a kernel that cannot run M > 1")

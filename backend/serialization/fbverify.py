@@ -136,19 +136,23 @@ def _kind_of(type_name: str, schema: Schema, tables: Dict[str, str]) -> Tuple[st
     raise NotImplementedError(f"fbverify: unknown type {type_name!r}")
 
 
+def _no_note(kind: str, pos: int, size: int, path: str) -> None:
+    """The default note callback of _Verifier: a no-op."""
+
+
 class _Verifier:
-    def __init__(self, schema: Schema, buf: bytes, max_depth: int):
+    def __init__(self, schema: Schema, buf: bytes, max_depth: int,
+                 note: Optional[Callable[[str, int, int, str], None]] = None):
         self.schema = schema
         self.buf = buf
         self.size = len(buf)
         self.max_depth = max_depth
         self.claimed = 0   # bytes the objects reached so far occupy
+        # verify()'s note: called for every structural field verified.
+        self.note: Callable[[str, int, int, str], None] = note if note is not None else _no_note
 
     def fail(self, msg: str) -> None:
         raise FlatbufferVerifyError(msg)
-
-    def note(self, kind: str, pos: int, size: int, path: str) -> None:
-        """Called for every structural field verified (see walk()); a no-op here."""
 
     def need(self, pos: int, nbytes: int, what: str) -> None:
         if pos < 0 or nbytes < 0 or pos + nbytes > self.size:
@@ -283,9 +287,7 @@ def verify(schema: Schema, buf: bytes, max_depth: int = MAX_DEPTH, check_identif
         raise FlatbufferVerifyError(f"a flatbuffer with an identifier has at least 8 bytes, this one {len(buf)}")
     if check_identifier and schema.file_identifier and buf[4:8] != schema.file_identifier:
         raise FlatbufferVerifyError(f"file identifier {buf[4:8]!r}, expected {schema.file_identifier!r}")
-    v = _Verifier(schema, buf, max_depth)
-    if note is not None:
-        v.note = note
+    v = _Verifier(schema, buf, max_depth, note)
     v.claim(8, "header")
     v.note("uoffset", 0, 4, "root")
     v.table(v.u32(0), schema.root_type, 0, schema.root_type)

@@ -32,14 +32,14 @@ class Route(object):
     def DecodeKernel(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
         if o != 0:
-            return self._tab.Get(flatbuffers.number_types.Int8Flags, o + self._tab.Pos)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
         return 0
 
     # Route
     def PrefillKernel(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
         if o != 0:
-            return self._tab.Get(flatbuffers.number_types.Int8Flags, o + self._tab.Pos)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
         return 1
 
     # Route
@@ -109,13 +109,13 @@ def Start(builder):
     RouteStart(builder)
 
 def RouteAddDecodeKernel(builder, decodeKernel):
-    builder.PrependInt8Slot(0, decodeKernel, 0)
+    builder.PrependUint8Slot(0, decodeKernel, 0)
 
 def AddDecodeKernel(builder, decodeKernel):
     RouteAddDecodeKernel(builder, decodeKernel)
 
 def RouteAddPrefillKernel(builder, prefillKernel):
-    builder.PrependInt8Slot(1, prefillKernel, 1)
+    builder.PrependUint8Slot(1, prefillKernel, 1)
 
 def AddPrefillKernel(builder, prefillKernel):
     RouteAddPrefillKernel(builder, prefillKernel)

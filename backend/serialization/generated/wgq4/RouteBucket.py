@@ -39,7 +39,7 @@ class RouteBucket(object):
     def Kernel(self):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
         if o != 0:
-            return self._tab.Get(flatbuffers.number_types.Int8Flags, o + self._tab.Pos)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
         return 1
 
 def RouteBucketStart(builder):
@@ -55,7 +55,7 @@ def AddMMax(builder, mMax):
     RouteBucketAddMMax(builder, mMax)
 
 def RouteBucketAddKernel(builder, kernel):
-    builder.PrependInt8Slot(1, kernel, 1)
+    builder.PrependUint8Slot(1, kernel, 1)
 
 def AddKernel(builder, kernel):
     RouteBucketAddKernel(builder, kernel)

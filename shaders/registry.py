@@ -1,0 +1,289 @@
+"""The kernel registry: every WGSL kernel of shaders/ declared once.
+
+An entry says what a kernel is called, which file holds it, the id blobs route
+to it with, the bindings it uses, its workgroup size and the constants its
+shader and the planners share. Everything else reads the entry:
+
+  * the WGSL a device compiles is `wgsl_source(kernel)`: a header generated
+    from the entry (constants, the Params struct, the binding declarations),
+    then the prelude files the entry names, then the kernel's own file;
+  * the Python runtime builds pipelines and bind group layouts from it
+    (runtime_py/gpu.py) and plans dispatches with its constants
+    (runtime_py/q4_linear.py);
+  * preprocess and the blob reader name routable kernels by `route_id`
+    (backend/serialization/blob.py; schema.fbs stores the id);
+  * bench, tune and bench_report list kernels from it;
+  * the native delegate's build runs `python -m executorch_wgpu.shaders.registry
+    <dir>`, which writes kernel_registry.h/.cpp: the same entries, constants
+    and assembled WGSL as C++ (CMakeLists.txt).
+
+Adding a kernel: write shaders/<name>.wgsl (no bindings, no Params, no
+constants: the header declares them), add a `Kernel` below, and test it
+against an fp64 golden. README.md, "Adding a kernel", walks through it.
+
+This module imports nothing but the standard library: the build runs it with
+only the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+# The real folder of the WGSL files (resolved: the editable install links this file).
+SHADER_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One entry of a bind group layout."""
+
+    name: str   # the WGSL variable the header declares
+    kind: str   # wgpu's BufferBindingType: "uniform", "read-only-storage" or "storage"
+
+
+_ADDRESS_SPACE = {"uniform": "uniform", "read-only-storage": "storage, read", "storage": "storage, read_write"}
+
+# The uniform every q4gsw linear kernel reads, field by field (u32 each): the
+# runtimes fill it by these names, the header declares it as `struct Params`.
+Q4_PARAMS = ("M", "K", "N", "n_stride", "group_size", "k_splits", "k_chunk", "_pad")
+
+# The bind group layout every q4gsw linear kernel shares (binding i = entry i),
+# so one bind group per layer serves whichever kernel a call routes to.
+Q4_LINEAR_LAYOUT = (
+    Binding("params", "uniform"),            # Params (Q4_PARAMS)
+    Binding("x", "read-only-storage"),       # activations [M][K] fp32
+    Binding("qweight", "read-only-storage"),  # packed codes (schema.fbs)
+    Binding("scales", "read-only-storage"),  # fp32 scales, blocked like qweight
+    Binding("bias", "read-only-storage"),    # [n_stride] fp32, zeros without a bias
+    Binding("y", "storage"),                 # outputs [M][N] fp32
+    Binding("partial", "storage"),           # split-K partial sums [k_splits][M][N]
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One WGSL kernel and the facts about it that anything outside its file needs."""
+
+    name: str                            # what routes, reports and bench call it
+    wgsl: str                            # its file in shaders/
+    layout: Tuple[Binding, ...]          # its bind group layout
+    types: Mapping[str, str]             # WGSL type of each binding it declares (a subset of layout)
+    workgroup_size: Tuple[int, int, int]  # WORKGROUP_X/Y/Z in its header
+    constants: Mapping[str, int] = field(default_factory=dict)   # shared by shader and planners
+    plan: Mapping[str, int] = field(default_factory=dict)        # planner-only knobs (not in the WGSL)
+    route_id: Optional[int] = None       # the id blobs route with; None: not a routable kernel
+    decode: bool = False                 # may run M == 1
+    prefill: bool = False                # may run M > 1
+    prelude: Tuple[str, ...] = ("q4gsw_prelude.wgsl",)
+    params: Tuple[str, ...] = Q4_PARAMS  # fields of its `params` uniform (empty: none)
+
+    def binding(self, name: str) -> int:
+        return [b.name for b in self.layout].index(name)
+
+
+def _q4(name: str, wgsl: str, **kw) -> Kernel:
+    return Kernel(name=name, wgsl=wgsl, layout=Q4_LINEAR_LAYOUT, **kw)
+
+
+VEC4_F32 = "array<vec4<f32>>"
+VEC4_U32 = "array<vec4<u32>>"
+F32 = "array<f32>"
+U32 = "array<u32>"
+
+# Routable kernels first, in route-id order; then the helpers they dispatch.
+KERNELS: Tuple[Kernel, ...] = (
+    _q4("gemv", "q4gsw_gemv.wgsl", route_id=0, decode=True,
+        types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
+               "bias": VEC4_F32, "y": F32, "partial": F32},
+        workgroup_size=(4, 64, 1),
+        constants={"QUADS": 4, "SLICES": 64},      # 4 column quads (16 columns) x 64 K slices
+        plan={"MAX_K_SPLITS": 8}),
+    _q4("regtiled", "q4gsw_gemm_regtiled.wgsl", route_id=1, decode=True, prefill=True,
+        types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
+               "bias": VEC4_F32, "y": F32},
+        workgroup_size=(8, 8, 1),
+        constants={"TILE_M": 32, "TILE_N": 32}),   # 8 x 8 threads, 4 x 4 outputs each
+    _q4("shmem", "q4gsw_gemm_shmem.wgsl", route_id=2, decode=True, prefill=True,
+        types={"params": "Params", "x": VEC4_F32, "qweight": U32, "scales": F32,
+               "bias": VEC4_F32, "y": F32, "partial": F32},
+        workgroup_size=(16, 16, 1),
+        constants={"TM": 128, "TN": 128, "TK": 16},
+        plan={"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}),
+    _q4("skinny", "q4gsw_gemm_skinny.wgsl", route_id=3, decode=True, prefill=True,
+        types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
+               "bias": VEC4_F32, "y": F32},
+        workgroup_size=(4, 64, 1),
+        constants={"QUADS": 4, "SLICES": 64, "ROWS": 4}),
+    _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
+        types={"params": "Params", "bias": F32, "y": F32, "partial": F32},
+        workgroup_size=(256, 1, 1)),
+    # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
+    Kernel("stream_read", "stream_read.wgsl",
+           layout=(Binding("data", "read-only-storage"), Binding("sink", "storage")),
+           types={"data": VEC4_U32, "sink": U32},
+           workgroup_size=(256, 1, 1), prelude=(), params=()),
+)
+
+BY_NAME: Dict[str, Kernel] = {k.name: k for k in KERNELS}
+ROUTABLE: Tuple[Kernel, ...] = tuple(sorted((k for k in KERNELS if k.route_id is not None), key=lambda k: k.route_id))
+BY_ROUTE_ID: Dict[int, Kernel] = {k.route_id: k for k in ROUTABLE if k.route_id is not None}
+DECODE_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.decode)     # may run M == 1
+PREFILL_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.prefill)   # may run M > 1
+
+
+def kernel(name: str) -> Kernel:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no kernel named {name!r}; the registry has {sorted(BY_NAME)}") from None
+
+
+def _check_registry() -> None:
+    """Facts the runtimes rely on; a wrong entry fails at import, not on a GPU."""
+    ids = [k.route_id for k in ROUTABLE]
+    assert ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, got {ids}"
+    assert len(BY_NAME) == len(KERNELS), "kernel names must be unique"
+    for k in KERNELS:
+        unknown = set(k.types) - {b.name for b in k.layout}
+        assert not unknown, f"{k.name}: types for bindings not in its layout: {sorted(unknown)}"
+        assert k.route_id is None or k.decode or k.prefill, f"{k.name}: a routable kernel runs some M"
+        assert (SHADER_DIR / k.wgsl).is_file(), f"{k.name}: no shaders/{k.wgsl}"
+
+
+_check_registry()
+
+
+# ---- WGSL ---------------------------------------------------------------------------------------
+
+def _header(k: Kernel) -> str:
+    lines = [f"// {k.wgsl}, assembled by shaders/registry.py: this header, then "
+             + (", ".join(k.prelude) + ", then " if k.prelude else "") + "the kernel's own file.", ""]
+    sizes = dict(zip(("WORKGROUP_X", "WORKGROUP_Y", "WORKGROUP_Z"), k.workgroup_size))
+    for const, value in {**sizes, **k.constants}.items():
+        lines.append(f"const {const}: u32 = {value}u;")
+    if k.params:
+        lines += ["", "struct Params {"] + [f"    {f}: u32," for f in k.params] + ["}"]
+    lines.append("")
+    for i, b in enumerate(k.layout):
+        if b.name in k.types:
+            lines.append(f"@group(0) @binding({i}) var<{_ADDRESS_SPACE[b.kind]}> {b.name}: {k.types[b.name]};")
+    return "\n".join(lines) + "\n\n"
+
+
+def wgsl_source(name: str) -> str:
+    """The WGSL a device compiles for a kernel: header, prelude, the kernel's file."""
+    k = kernel(name)
+    parts = [_header(k)] + [(SHADER_DIR / f).read_text() for f in (*k.prelude, k.wgsl)]
+    return "\n".join(parts)
+
+
+# ---- C++ (the native delegate's build) ----------------------------------------------------------
+
+_CPP_BINDING_KIND = {"uniform": "WGPUBufferBindingType_Uniform",
+                     "read-only-storage": "WGPUBufferBindingType_ReadOnlyStorage",
+                     "storage": "WGPUBufferBindingType_Storage"}
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _cpp_const(name: str) -> str:
+    return "k" + _camel(name.lower())
+
+
+def cpp_header() -> str:
+    """kernel_registry.h: the registry as C++ declarations."""
+    out = ["// Generated by `python -m executorch_wgpu.shaders.registry` from shaders/registry.py: do not edit.",
+           "#pragma once", "", "#include <cstdint>", "", "#include <webgpu.h>", "", "namespace wgq4_native {", "",
+           "// Routable kernels by route id: the ids blobs name (schema.fbs Route).",
+           "enum class Kernel : uint8_t { "
+           + ", ".join(f"{_camel(k.name)} = {k.route_id}" for k in ROUTABLE) + " };",
+           f"constexpr int kRoutableKernelCount = {len(ROUTABLE)};", "",
+           "struct KernelInfo {",
+           "  const char* name;",
+           "  const char* wgsl_file;",
+           "  const char* source;                   // the WGSL a device compiles (shaders/registry.py wgsl_source)",
+           "  int route_id;                         // -1: not routable",
+           "  bool decode, prefill;                 // may run M == 1 / M > 1",
+           "  uint32_t workgroup_size[3];",
+           "  const WGPUBufferBindingType* layout;  // binding i of its bind group layout",
+           "  int binding_count;",
+           "};", "",
+           f"constexpr int kKernelCount = {len(KERNELS)};",
+           "extern const KernelInfo kKernels[kKernelCount];", "",
+           "// The entry of a kernel name, or nullptr.",
+           "const KernelInfo* find_kernel(const char* name);",
+           "// The entry of a routable kernel.",
+           "const KernelInfo& kernel_info(Kernel k);",
+           "inline const char* kernel_name(Kernel k) { return kernel_info(k).name; }", "",
+           "// The Params uniform of the q4gsw linear kernels, field by field.",
+           "struct Q4Params {"]
+    out += [f"  uint32_t {f};" for f in Q4_PARAMS]
+    out += ["};", f"static_assert(sizeof(Q4Params) == {4 * len(Q4_PARAMS)}, \"Params is {len(Q4_PARAMS)} u32\");", ""]
+    for k in KERNELS:
+        consts = {**k.constants, **k.plan}
+        if consts:
+            out.append(f"namespace {k.name} {{")
+            out += [f"constexpr uint32_t {_cpp_const(c)} = {v};" for c, v in consts.items()]
+            out.append(f"}}  // namespace {k.name}")
+    out += ["", "}  // namespace wgq4_native", ""]
+    return "\n".join(out)
+
+
+def cpp_source() -> str:
+    """kernel_registry.cpp: the entries, with each kernel's assembled WGSL as a raw string."""
+    out = ["// Generated by `python -m executorch_wgpu.shaders.registry` from shaders/registry.py: do not edit.",
+           '#include "kernel_registry.h"', "", "#include <cstring>", "", "namespace wgq4_native {", "",
+           "namespace {", ""]
+    for k in KERNELS:
+        kinds = ", ".join(_CPP_BINDING_KIND[b.kind] for b in k.layout)
+        out.append(f"const WGPUBufferBindingType k{_camel(k.name)}Layout[] = {{{kinds}}};")
+        source = wgsl_source(k.name)
+        if ')wgsl"' in source:
+            raise ValueError(f"{k.wgsl} contains the raw-string delimiter )wgsl\"")
+        out.append(f'const char k{_camel(k.name)}Source[] = R"wgsl({source})wgsl";')
+    out += ["", "}  // namespace", "", "const KernelInfo kKernels[kKernelCount] = {"]
+    for k in KERNELS:
+        wg = ", ".join(str(v) for v in k.workgroup_size)
+        rid = -1 if k.route_id is None else k.route_id
+        out.append(f'    {{"{k.name}", "{k.wgsl}", k{_camel(k.name)}Source, {rid}, {str(k.decode).lower()}, '
+                   f"{str(k.prefill).lower()}, {{{wg}}}, k{_camel(k.name)}Layout, {len(k.layout)}}},")
+    out += ["};", "",
+            "const KernelInfo* find_kernel(const char* name) {",
+            "  for (const KernelInfo& k : kKernels)",
+            "    if (std::strcmp(k.name, name) == 0) return &k;",
+            "  return nullptr;",
+            "}", "",
+            "const KernelInfo& kernel_info(Kernel k) {",
+            "  static const KernelInfo* by_route_id[kRoutableKernelCount] = {"
+            + ", ".join(f"&kKernels[{KERNELS.index(k)}]" for k in ROUTABLE) + "};",
+            "  return *by_route_id[static_cast<int>(k)];",
+            "}", "", "}  // namespace wgq4_native", ""]
+    return "\n".join(out)
+
+
+def write_cpp(out_dir: Path) -> None:
+    """Write kernel_registry.h and .cpp, leaving files whose text is unchanged untouched (no rebuild)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("kernel_registry.h", cpp_header()), ("kernel_registry.cpp", cpp_source())):
+        path = out_dir / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m executorch_wgpu.shaders.registry",
+                                     description="Write the kernel registry as C++ (kernel_registry.h/.cpp) "
+                                                 "for the native delegate's build.")
+    parser.add_argument("out_dir", type=Path, help="folder for kernel_registry.h and kernel_registry.cpp")
+    args = parser.parse_args(argv)
+    write_cpp(args.out_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
