@@ -28,12 +28,12 @@ import tempfile
 from typing import Optional
 
 from executorch_wgpu.errors import WebGPUDelegateError
+from executorch_wgpu.shaders import registry
 
 LIBRARY_NAME = "libexecutorch_wgpu_native.so"
 RUNNER_NAME = "wgq4_run_pte"   # runtime_native/run_pte.cpp: a .pte through ExecuTorch's C++ Module API
 # Where `make setup` builds it: the repository root is this package's directory.
 DEFAULT_BUILD_DIR = pathlib.Path(__file__).resolve().parent / "build" / "native"
-KERNEL_IDS = {"gemv": 0, "regtiled": 1, "shmem": 2, "skinny": 3}   # schema.fbs enum Kernel
 
 
 class NativeUnavailableError(WebGPUDelegateError):
@@ -91,8 +91,8 @@ class NativeLibrary:
         lib.wgq4_native_describe_blob.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.wgq4_native_plan.restype = ctypes.c_void_p
         lib.wgq4_native_plan.argtypes = [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_uint32] * 5
-        lib.wgq4_native_shader_source.restype = ctypes.c_void_p
-        lib.wgq4_native_shader_source.argtypes = [ctypes.c_char_p]
+        lib.wgq4_native_kernel_source.restype = ctypes.c_void_p
+        lib.wgq4_native_kernel_source.argtypes = [ctypes.c_char_p]
         lib.wgq4_native_set_limit_caps.restype = None
         lib.wgq4_native_set_limit_caps.argtypes = [ctypes.c_uint64, ctypes.c_uint32]
         lib.wgq4_native_free.restype = None
@@ -113,7 +113,7 @@ class NativeLibrary:
         return json.loads(text)
 
     def info(self) -> dict:
-        """{"backend_id", "schema_version", "registered", "shaders"}."""
+        """{"backend_id", "schema_version", "registered", "kernels"}."""
         return self._json(self._lib.wgq4_native_info())
 
     def adapter(self) -> dict:
@@ -127,7 +127,9 @@ class NativeLibrary:
 
     def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int) -> dict:
         """The C++ plan of a call (runtime_native/plan.h), or {"error": ...}."""
-        return self._json(self._lib.wgq4_native_plan(KERNEL_IDS[kernel], m, k, n, n_stride, group_size, max_groups))
+        route_id = registry.kernel(kernel).route_id
+        return self._json(self._lib.wgq4_native_plan(-1 if route_id is None else route_id, m, k, n, n_stride,
+                                                     group_size, max_groups))
 
     def submit_roundtrip(self, iters: int = 300) -> dict:
         """The floor of a call's round trip: a 4-byte write and a tiny copy submitted, mapped, waited for (µs)."""
@@ -137,9 +139,9 @@ class NativeLibrary:
         """The delegate calls since the last take: route report entries like Method.route_report()'s."""
         return self._json(self._lib.wgq4_native_take_calls())
 
-    def shader_source(self, file: str) -> Optional[str]:
-        """The WGSL the library embedded for shaders/<file>."""
-        return self._text(self._lib.wgq4_native_shader_source(file.encode()))
+    def kernel_source(self, name: str) -> Optional[str]:
+        """The WGSL the library compiles for a registry kernel, or None when it has no such kernel."""
+        return self._text(self._lib.wgq4_native_kernel_source(name.encode()))
 
     def set_limit_caps(self, max_binding_bytes: int = 0, max_workgroups_per_dim: int = 0) -> None:
         """Plan layers loaded from now on against lower limits (0: the device's own)."""

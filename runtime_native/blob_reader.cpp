@@ -13,7 +13,6 @@ namespace {
 // Shape rules of the packed layout (blob.py: N_ALIGN, GROUP_ALIGN).
 constexpr uint32_t kNAlign = 16;
 constexpr uint32_t kGroupAlign = 32;
-constexpr int kKernelCount = 4;
 constexpr int kRouteSourceCount = 3;
 
 
@@ -120,14 +119,15 @@ std::string check_record(const LinearBlob& b) {
            std::to_string(k / gs * n_stride);
   if (b.bias && b.bias_count != n)
     return head + "bias has " + std::to_string(b.bias_count) + " values, expected " + std::to_string(n);
-  if (b.route.prefill_kernel == Kernel::Gemv)
-    return head + "route " + kernel_name(b.route.decode_kernel) + "/gemv is not a known kernel pair";
+  if (!kernel_info(b.route.decode_kernel).decode || !kernel_info(b.route.prefill_kernel).prefill)
+    return head + "route " + kernel_name(b.route.decode_kernel) + "/" + kernel_name(b.route.prefill_kernel) +
+           " is not a known kernel pair";
   const auto& buckets = b.route.prefill_buckets;
   for (size_t i = 0; i < buckets.size(); ++i)
     if (buckets[i].m_max < 2 || (i > 0 && buckets[i].m_max <= buckets[i - 1].m_max))
       return head + "prefill bucket bounds " + bounds_repr(buckets) + " must be >= 2 and strictly increasing";
   for (const auto& bucket : buckets)
-    if (bucket.kernel == Kernel::Gemv)
+    if (!kernel_info(bucket.kernel).prefill)
       return head + "prefill buckets " + buckets_repr(buckets) + " name a kernel that cannot run M > 1";
   return "";
 }
@@ -152,16 +152,6 @@ std::string py_repr(const std::string& s) {
     }
   }
   return out + quote;
-}
-
-const char* kernel_name(Kernel k) {
-  switch (k) {
-    case Kernel::Gemv: return "gemv";
-    case Kernel::Regtiled: return "regtiled";
-    case Kernel::Shmem: return "shmem";
-    case Kernel::Skinny: return "skinny";
-  }
-  return "?";
 }
 
 const char* route_source_name(uint8_t source) {
@@ -225,12 +215,13 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (!r) return "delegate blob is corrupted: it has no route record";
   const int decode = static_cast<int>(r->decode_kernel()), prefill = static_cast<int>(r->prefill_kernel());
   const int source = static_cast<int>(r->source());
-  if (decode < 0 || decode >= kKernelCount)
-    return "delegate blob is corrupted: unknown decode kernel enum value " + std::to_string(decode);
-  if (prefill < 0 || prefill >= kKernelCount)
-    return "delegate blob is corrupted: unknown prefill kernel enum value " + std::to_string(prefill);
   if (source < 0 || source >= kRouteSourceCount)
     return "delegate blob is corrupted: unknown route source enum value " + std::to_string(source);
+
+  if (decode < 0 || decode >= kRoutableKernelCount)
+    return "delegate blob is corrupted: unknown decode kernel route id " + std::to_string(decode);
+  if (prefill < 0 || prefill >= kRoutableKernelCount)
+    return "delegate blob is corrupted: unknown prefill kernel route id " + std::to_string(prefill);
 
   LinearBlob b;
   b.schema_version = version;
@@ -244,8 +235,8 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (const auto* buckets = r->prefill_buckets()) {
     for (const wgq4::RouteBucket* bucket : *buckets) {
       const int kernel = static_cast<int>(bucket->kernel());
-      if (kernel < 0 || kernel >= kKernelCount)
-        return "delegate blob is corrupted: unknown prefill bucket kernel enum value " + std::to_string(kernel);
+      if (kernel < 0 || kernel >= kRoutableKernelCount)
+        return "delegate blob is corrupted: unknown prefill bucket kernel route id " + std::to_string(kernel);
       b.route.prefill_buckets.push_back({bucket->m_max(), static_cast<Kernel>(kernel)});
     }
   }

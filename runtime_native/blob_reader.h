@@ -12,11 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "kernel_registry.h"  // Kernel (route ids), kernel_name(): generated from shaders/registry.py
+
 namespace wgq4_native {
 
-// Schema enum order (blob.KERNELS).
-enum class Kernel : uint8_t { Gemv = 0, Regtiled = 1, Shmem = 2, Skinny = 3 };
-const char* kernel_name(Kernel k);            // "gemv", "regtiled", "shmem", "skinny"
 const char* route_source_name(uint8_t source); // "default-rule", "forced", "route-table"
 
 struct RouteBucket {

@@ -13,7 +13,7 @@
 #include "call_log.h"
 #include "gpu_device.h"
 #include "plan.h"
-#include "shaders.h"
+#include "kernel_registry.h"
 
 namespace wgq4_native {
 bool backend_registered();  // webgpu_backend.cpp
@@ -63,11 +63,11 @@ std::string number(double v) {
 extern "C" {
 
 char* wgq4_native_info() {
-  std::string shaders;
-  for (int i = 0; i < kEmbeddedShaderCount; ++i) shaders += (i ? ", " : "") + quote(kEmbeddedShaders[i].file);
+  std::string kernels;
+  for (int i = 0; i < kKernelCount; ++i) kernels += (i ? ", " : "") + quote(kKernels[i].name);
   return give("{\"backend_id\": " + quote(WGQ4_BACKEND_ID) + ", \"schema_version\": " +
               std::to_string(WGQ4_SCHEMA_VERSION) + ", \"registered\": " +
-              (backend_registered() ? "true" : "false") + ", \"shaders\": [" + shaders + "]}");
+              (backend_registered() ? "true" : "false") + ", \"kernels\": [" + kernels + "]}");
 }
 
 char* wgq4_native_adapter() {
@@ -75,7 +75,8 @@ char* wgq4_native_adapter() {
   GpuDevice* gpu = shared_gpu_device(&error);
   if (!gpu) return give(error_json(error));
   return give("{\"adapter\": " + quote(gpu->adapter_name) + ", \"timestamps\": " +
-              (gpu->has_timestamps ? "true" : "false") + ", \"max_binding_bytes\": " +
+              (gpu->has_timestamps ? "true" : "false") + ", \"timestamp_period_ns\": " +
+              number(gpu->timestamp_period_ns) + ", \"max_binding_bytes\": " +
               std::to_string(gpu->limits.max_binding_bytes) + ", \"max_workgroups_per_dim\": " +
               std::to_string(gpu->limits.max_workgroups_per_dim) + "}");
 }
@@ -118,14 +119,14 @@ char* wgq4_native_describe_blob(const void* data, size_t size) {
 
 char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                        uint32_t max_groups) {
-  if (kernel < 0 || kernel > 3) return give(error_json("unknown kernel " + std::to_string(kernel)));
+  if (kernel < 0 || kernel >= kRoutableKernelCount) return give(error_json("unknown kernel " + std::to_string(kernel)));
   Plan p;
   std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p);
   if (!problem.empty()) return give(error_json(problem));
   std::string dispatches;
   for (size_t i = 0; i < p.dispatches.size(); ++i) {
     const Dispatch& d = p.dispatches[i];
-    dispatches += std::string(i ? ", " : "") + "[" + quote(d.shader_file) + ", " + std::to_string(d.grid[0]) + ", " +
+    dispatches += std::string(i ? ", " : "") + "[" + quote(d.kernel->name) + ", " + std::to_string(d.grid[0]) + ", " +
                   std::to_string(d.grid[1]) + ", " + std::to_string(d.grid[2]) + "]";
   }
   return give("{\"kernel\": " + quote(kernel_name(p.kernel)) + ", \"m\": " + std::to_string(p.m) +
@@ -149,9 +150,9 @@ char* wgq4_native_take_calls() {
   return give(s + "]");
 }
 
-char* wgq4_native_shader_source(const char* file) {
-  const char* source = embedded_shader(file);
-  return source ? give(source) : nullptr;
+char* wgq4_native_kernel_source(const char* name) {
+  const KernelInfo* kernel = find_kernel(name);
+  return kernel ? give(kernel->source) : nullptr;
 }
 
 char* wgq4_native_submit_roundtrip(int iters) {

@@ -14,21 +14,21 @@
 
 extern "C" {
 
-// {"backend_id", "schema_version", "registered", "shaders": [file names]}
+// {"backend_id", "schema_version", "registered", "kernels": [registry kernel names]}
 WGQ4_API char* wgq4_native_info();
-// {"adapter", "timestamps", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
+// {"adapter", "timestamps", "timestamp_period_ns", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
 WGQ4_API char* wgq4_native_adapter();
 // Every field of a blob as this library's reader sees it (vectors as length
 // and CRC-32 of their bytes), or {"error": what is wrong with it}.
 WGQ4_API char* wgq4_native_describe_blob(const void* data, size_t size);
 // The plan of a call (plan.h): {"kernel", "m", "k_splits", "k_chunk",
-// "partial_bytes", "dispatches": [[shader file, gx, gy, gz], ...]} or {"error"}.
+// "partial_bytes", "dispatches": [[kernel name, gx, gy, gz], ...]} or {"error"}.
 WGQ4_API char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                        uint32_t max_groups);
 // The calls since the last take, oldest first (call_log.h), as a JSON list.
 WGQ4_API char* wgq4_native_take_calls();
-// The embedded text of shaders/<file>, or NULL.
-WGQ4_API char* wgq4_native_shader_source(const char* file);
+// The WGSL the library compiles for a registry kernel (its assembled source), or NULL.
+WGQ4_API char* wgq4_native_kernel_source(const char* name);
 // The floor of any delegate call's round trip: write 4 bytes, submit one
 // 256-byte copy, map the copy's destination and wait, `iters` times after a
 // warm-up, with the same spin-then-block poll as a call. {"median_us",

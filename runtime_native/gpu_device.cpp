@@ -6,25 +6,13 @@
 #include <algorithm>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 #include <executorch/runtime/platform/log.h>
-
-#include "shaders.h"
 
 namespace wgq4_native {
 
 namespace {
-
-// The seven resources every q4gsw shader binds a subset of (runtime_py/gpu.py _BINDINGS).
-const WGPUBufferBindingType kBindings[7] = {
-    WGPUBufferBindingType_Uniform,          // 0 Params
-    WGPUBufferBindingType_ReadOnlyStorage,  // 1 x
-    WGPUBufferBindingType_ReadOnlyStorage,  // 2 qweight
-    WGPUBufferBindingType_ReadOnlyStorage,  // 3 scales
-    WGPUBufferBindingType_ReadOnlyStorage,  // 4 bias
-    WGPUBufferBindingType_Storage,          // 5 y
-    WGPUBufferBindingType_Storage,          // 6 split-K partial sums
-};
 
 const char* kNoAdapterHelp =
     "wgpu found no GPU adapter. On a machine without a GPU install Mesa's software Vulkan driver (lavapipe): "
@@ -115,26 +103,7 @@ std::string create_device(GpuDevice* g) {
   if (wgpuDeviceGetLimits(g->device, &limits) != WGPUStatus_Success) return "wgpu could not read the device's limits";
   g->limits.max_binding_bytes = std::min<uint64_t>(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
   g->limits.max_workgroups_per_dim = limits.maxComputeWorkgroupsPerDimension;
-
-  WGPUBindGroupLayoutEntry entries[7];
-  for (uint32_t i = 0; i < 7; ++i) {
-    entries[i] = WGPU_BIND_GROUP_LAYOUT_ENTRY_INIT;
-    entries[i].binding = i;
-    entries[i].visibility = WGPUShaderStage_Compute;
-    entries[i].buffer.type = kBindings[i];
-  }
-  return g->checked([&] {
-    WGPUBindGroupLayoutDescriptor bgl = WGPU_BIND_GROUP_LAYOUT_DESCRIPTOR_INIT;
-    bgl.label = view("q4gsw");
-    bgl.entryCount = 7;
-    bgl.entries = entries;
-    g->bind_group_layout = wgpuDeviceCreateBindGroupLayout(g->device, &bgl);
-    WGPUPipelineLayoutDescriptor pl = WGPU_PIPELINE_LAYOUT_DESCRIPTOR_INIT;
-    pl.label = view("q4gsw");
-    pl.bindGroupLayoutCount = 1;
-    pl.bindGroupLayouts = &g->bind_group_layout;
-    g->pipeline_layout = wgpuDeviceCreatePipelineLayout(g->device, &pl);
-  });
+  return "";
 }
 
 std::mutex caps_mutex;
@@ -238,25 +207,58 @@ std::string GpuDevice::pop_error_scopes() {
   return first;
 }
 
-WGPUComputePipeline GpuDevice::pipeline(const char* file, std::string* error) {
-  auto found = pipelines_.find(file);
-  if (found != pipelines_.end()) return found->second;
-  const char* source = embedded_shader(file);
-  if (!source) {
-    *error = std::string("the native delegate was built without shaders/") + file;
+const GpuDevice::Layouts* GpuDevice::layouts(const KernelInfo& kernel, std::string* error) {
+  auto found = layouts_.find(kernel.layout);
+  if (found != layouts_.end()) return &found->second;
+  std::vector<WGPUBindGroupLayoutEntry> entries(kernel.binding_count);
+  for (int i = 0; i < kernel.binding_count; ++i) {
+    entries[i] = WGPU_BIND_GROUP_LAYOUT_ENTRY_INIT;
+    entries[i].binding = uint32_t(i);
+    entries[i].visibility = WGPUShaderStage_Compute;
+    entries[i].buffer.type = kernel.layout[i];
+  }
+  Layouts made;
+  std::string problem = checked([&] {
+    WGPUBindGroupLayoutDescriptor bgl = WGPU_BIND_GROUP_LAYOUT_DESCRIPTOR_INIT;
+    bgl.label = view(kernel.name);
+    bgl.entryCount = entries.size();
+    bgl.entries = entries.data();
+    made.group = wgpuDeviceCreateBindGroupLayout(device, &bgl);
+    WGPUPipelineLayoutDescriptor pl = WGPU_PIPELINE_LAYOUT_DESCRIPTOR_INIT;
+    pl.label = view(kernel.name);
+    pl.bindGroupLayoutCount = 1;
+    pl.bindGroupLayouts = &made.group;
+    made.pipeline = wgpuDeviceCreatePipelineLayout(device, &pl);
+  });
+  if (!problem.empty() || !made.group || !made.pipeline) {
+    *error = std::string("the bind group layout of ") + kernel.name + " is refused on " + adapter_name + ": " + problem;
     return nullptr;
   }
+  return &(layouts_[kernel.layout] = made);
+}
+
+WGPUBindGroupLayout GpuDevice::bind_group_layout(const KernelInfo& kernel, std::string* error) {
+  const Layouts* l = layouts(kernel, error);
+  return l ? l->group : nullptr;
+}
+
+WGPUComputePipeline GpuDevice::pipeline(const KernelInfo& kernel, std::string* error) {
+  auto found = pipelines_.find(&kernel);
+  if (found != pipelines_.end()) return found->second;
+  const Layouts* layout = layouts(kernel, error);
+  if (!layout) return nullptr;
+  const char* file = kernel.wgsl_file;
   WGPUComputePipeline pipeline = nullptr;
   std::string problem = checked([&] {
     WGPUShaderSourceWGSL wgsl = WGPU_SHADER_SOURCE_WGSL_INIT;
-    wgsl.code = view(source);
+    wgsl.code = view(kernel.source);
     WGPUShaderModuleDescriptor module_desc = WGPU_SHADER_MODULE_DESCRIPTOR_INIT;
     module_desc.nextInChain = &wgsl.chain;
     module_desc.label = view(file);
     WGPUShaderModule module = wgpuDeviceCreateShaderModule(device, &module_desc);
     WGPUComputePipelineDescriptor desc = WGPU_COMPUTE_PIPELINE_DESCRIPTOR_INIT;
-    desc.label = view(file);
-    desc.layout = pipeline_layout;
+    desc.label = view(kernel.name);
+    desc.layout = layout->pipeline;
     desc.compute.module = module;
     desc.compute.entryPoint = view("main");
     pipeline = wgpuDeviceCreateComputePipeline(device, &desc);
@@ -267,7 +269,7 @@ WGPUComputePipeline GpuDevice::pipeline(const char* file, std::string* error) {
     if (pipeline) wgpuComputePipelineRelease(pipeline);
     return nullptr;
   }
-  pipelines_[file] = pipeline;
+  pipelines_[&kernel] = pipeline;
   return pipeline;
 }
 
@@ -281,8 +283,8 @@ GpuDevice* shared_gpu_device(std::string* error) {
     failure = create_device(g);
     if (failure.empty()) {
       device = g;
-      ET_LOG(Info, "WebGPUBackend: using adapter %s (timestamps: %s)", g->adapter_name.c_str(),
-             g->has_timestamps ? "yes" : "no");
+      ET_LOG(Info, "WebGPUBackend: using adapter %s (timestamps: %s, %g ns per tick)", g->adapter_name.c_str(),
+             g->has_timestamps ? "yes" : "no", double(g->timestamp_period_ns));
     }
     // On failure g is leaked on purpose: wgpu objects it may hold are not safe to release half-made.
   }

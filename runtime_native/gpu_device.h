@@ -1,11 +1,11 @@
-// The process-wide wgpu-native device and the compiled q4gsw pipelines.
+// The process-wide wgpu-native device and the compiled pipelines.
 //
 // The C++ twin of runtime_py/gpu.py: one adapter (high-performance) and one
 // device per process, created on first use, with timestamp queries when the
 // adapter has them and its full storage-binding and buffer-size limits; one
-// bind group layout (the seven bindings every q4gsw shader uses a subset of)
-// and one pipeline per shader, compiled on first use from the WGSL embedded
-// at build time. It lives until the process exits.
+// bind group layout per registry layout and one pipeline per kernel, compiled
+// on first use from the WGSL the build generated from shaders/registry.py
+// (kernel_registry.h). It lives until the process exits.
 //
 // wgpu-native would abort the process on an error nobody captures; every
 // error it reports goes to an uncaptured-error callback that logs it and
@@ -35,11 +35,12 @@ class GpuDevice {
   // set_limit_caps() (tests run the split paths on small layers that way).
   Limits plan_limits() const;
   std::string adapter_name;
-  WGPUBindGroupLayout bind_group_layout = nullptr;
-  WGPUPipelineLayout pipeline_layout = nullptr;
 
-  // The pipeline of shaders/<file>; nullptr with *error set when it does not compile.
-  WGPUComputePipeline pipeline(const char* file, std::string* error);
+  // The bind group layout of a kernel (shared by kernels with the same registry
+  // layout); nullptr with *error set when wgpu refuses it.
+  WGPUBindGroupLayout bind_group_layout(const KernelInfo& kernel, std::string* error);
+  // The pipeline of a kernel; nullptr with *error set when it does not compile.
+  WGPUComputePipeline pipeline(const KernelInfo& kernel, std::string* error);
 
   // Runs fn inside a validation + out-of-memory error scope; returns "" or the first error wgpu reported.
   template <typename Fn>
@@ -73,7 +74,13 @@ class GpuDevice {
  private:
   void push_error_scopes();
   std::string pop_error_scopes();
-  std::map<std::string, WGPUComputePipeline> pipelines_;
+  struct Layouts {
+    WGPUBindGroupLayout group = nullptr;
+    WGPUPipelineLayout pipeline = nullptr;
+  };
+  const Layouts* layouts(const KernelInfo& kernel, std::string* error);
+  std::map<const WGPUBufferBindingType*, Layouts> layouts_;
+  std::map<const KernelInfo*, WGPUComputePipeline> pipelines_;
   std::mutex uncaptured_mutex_;
   std::string uncaptured_;
 };

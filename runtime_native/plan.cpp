@@ -1,5 +1,5 @@
-// See plan.h. Constants and formulas mirror runtime_py/q4_linear.py and
-// runtime_py/split_linear.py line for line; change them together.
+// See plan.h. Formulas mirror runtime_py/q4_linear.py and runtime_py/split_linear.py
+// line for line (change them together); constants come from the registry.
 #include "plan.h"
 
 #include <algorithm>
@@ -9,50 +9,34 @@ namespace wgq4_native {
 
 namespace {
 
-// The shmem GEMM splits K over extra workgroups when its 128 x 128 tiles alone
-// would leave most of a large GPU idle (q4_linear.py SPLITK_*).
-constexpr uint64_t kSplitkTargetWorkgroups = 256;
-constexpr uint64_t kSplitkMinChunk = 256;
-constexpr uint64_t kSplitkMaxSplits = 8;
-constexpr uint64_t kGemvSlices = 64;     // K slices inside a GEMV workgroup
-constexpr uint64_t kGemvMaxSplits = 8;
-constexpr uint32_t kQwBlock = 16;        // columns per packed weight block
-constexpr uint64_t kMinRowsPerWorkgroup = 4;  // skinny: grid y = ceil(M / 4)
+constexpr uint32_t kQwBlock = 16;  // columns per packed weight block
+constexpr uint64_t kColumnsPerWorkgroup = 4 * gemv::kQuads;   // gemv and skinny: one workgroup per 16 columns
+constexpr uint64_t kMinRowsPerWorkgroup = skinny::kRows;     // the fewest rows a workgroup row covers
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
 // (k_splits, k_chunk) for the shmem GEMM.
 std::pair<uint64_t, uint64_t> k_split_for(uint64_t m, uint64_t k, uint64_t n_stride, uint64_t max_groups) {
-  const uint64_t tiles = ceil_div(n_stride, 128) * ceil_div(m, 128);
-  const uint64_t splits = std::min({kSplitkMaxSplits, max_groups, std::max<uint64_t>(1, k / kSplitkMinChunk),
-                                    ceil_div(kSplitkTargetWorkgroups, tiles)});
+  const uint64_t tiles = ceil_div(n_stride, shmem::kTn) * ceil_div(m, shmem::kTm);
+  const uint64_t splits =
+      std::min({uint64_t(shmem::kMaxKSplits), max_groups, std::max<uint64_t>(1, k / shmem::kSplitkMinChunk),
+                ceil_div(shmem::kSplitkTargetWorkgroups, tiles)});
   if (splits <= 1) return {1, k};
-  const uint64_t chunk = ceil_div(ceil_div(k, splits), 16) * 16;
+  const uint64_t chunk = ceil_div(ceil_div(k, splits), shmem::kTk) * shmem::kTk;
   return {ceil_div(k, chunk), chunk};
 }
 
 // (k_splits, k_chunk) for the GEMV: one quantization group per thread when K is long.
 std::pair<uint64_t, uint64_t> gemv_k_split_for(uint64_t k, uint64_t group_size, uint64_t max_groups) {
   const uint64_t groups = k / group_size;
-  const uint64_t splits = std::max<uint64_t>(1, std::min({kGemvMaxSplits, max_groups, groups / kGemvSlices}));
+  const uint64_t splits =
+      std::max<uint64_t>(1, std::min({uint64_t(gemv::kMaxKSplits), max_groups, groups / gemv::kSlices}));
   if (splits == 1) return {1, k};
   const uint64_t chunk = ceil_div(groups, splits) * group_size;
   return {ceil_div(k, chunk), chunk};
 }
 
 }  // namespace
-
-const char* const kSplitkReduceShader = "q4gsw_splitk_reduce.wgsl";
-
-const char* shader_file(Kernel k) {
-  switch (k) {
-    case Kernel::Gemv: return "q4gsw_gemv.wgsl";
-    case Kernel::Regtiled: return "q4gsw_gemm_regtiled.wgsl";
-    case Kernel::Shmem: return "q4gsw_gemm_shmem.wgsl";
-    case Kernel::Skinny: return "q4gsw_gemm_skinny.wgsl";
-  }
-  return "";
-}
 
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                       uint32_t max_groups, Plan* out) {
@@ -68,36 +52,32 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
     case Kernel::Gemv: {
       if (m != 1) return "the gemv kernel computes M = 1 only, not M = " + std::to_string(m);
       std::tie(k_splits, k_chunk) = gemv_k_split_for(k, group_size, max_groups);
-      uint64_t g[3] = {n_stride / 16, 1, k_splits};
+      uint64_t g[3] = {n_stride / kColumnsPerWorkgroup, 1, k_splits};
       std::copy(g, g + 3, grids[0]);
-      if (k_splits > 1) {
-        uint64_t r[3] = {ceil_div(n, 256), 1, 1};
-        std::copy(r, r + 3, grids[1]);
-        count = 2;
-      }
       break;
     }
     case Kernel::Regtiled: {
-      uint64_t g[3] = {ceil_div(n_stride, 32), ceil_div(m, 32), 1};
+      uint64_t g[3] = {ceil_div(n_stride, regtiled::kTileN), ceil_div(m, regtiled::kTileM), 1};
       std::copy(g, g + 3, grids[0]);
       break;
     }
     case Kernel::Skinny: {
-      uint64_t g[3] = {ceil_div(n_stride, 16), ceil_div(m, 4), 1};
+      uint64_t g[3] = {ceil_div(n_stride, kColumnsPerWorkgroup), ceil_div(m, skinny::kRows), 1};
       std::copy(g, g + 3, grids[0]);
       break;
     }
     case Kernel::Shmem: {
       std::tie(k_splits, k_chunk) = k_split_for(m, k, n_stride, max_groups);
-      uint64_t g[3] = {ceil_div(n_stride, 128), ceil_div(m, 128), k_splits};
+      uint64_t g[3] = {ceil_div(n_stride, shmem::kTn), ceil_div(m, shmem::kTm), k_splits};
       std::copy(g, g + 3, grids[0]);
-      if (k_splits > 1) {
-        uint64_t r[3] = {ceil_div(m * n, 256), 1, 1};
-        std::copy(r, r + 3, grids[1]);
-        count = 2;
-      }
       break;
     }
+  }
+  static const KernelInfo* const reduce = find_kernel("splitk_reduce");
+  if (k_splits > 1) {
+    uint64_t r[3] = {ceil_div(m * n, reduce->workgroup_size[0]), 1, 1};
+    std::copy(r, r + 3, grids[1]);
+    count = 2;
   }
   for (int d = 0; d < count; ++d) {
     for (int i = 0; i < 3; ++i) {
@@ -105,7 +85,7 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
         return std::string(kernel_name(kernel)) + " at M=" + std::to_string(m) + ", N=" + std::to_string(n) +
                ": grid exceeds " + std::to_string(max_groups) + " workgroups per dimension";
     }
-    Dispatch dispatch{d == 0 ? shader_file(kernel) : kSplitkReduceShader,
+    Dispatch dispatch{d == 0 ? &kernel_info(kernel) : reduce,
                       {uint32_t(grids[d][0]), uint32_t(grids[d][1]), uint32_t(grids[d][2])}};
     p.dispatches.push_back(dispatch);
   }

@@ -2,7 +2,8 @@
 //
 // The C++ twin of runtime_py/q4_linear.py (plan_call, k_split_for,
 // gemv_k_split_for) and runtime_py/split_linear.py (column_parts,
-// chunk_rows). Grids follow the shader headers in shaders/. Both runtimes
+// chunk_rows). Tile sizes and split-K knobs come from the kernel registry
+// (kernel_registry.h, generated from shaders/registry.py). Both runtimes
 // must make the same plan for the same call -- tests/test_native.py compares
 // them over many shapes -- so results agree bit for bit.
 #pragma once
@@ -16,12 +17,8 @@
 
 namespace wgq4_native {
 
-// Shader files of the kernels (runtime_py/gpu.py SHADER_FILES).
-const char* shader_file(Kernel k);
-extern const char* const kSplitkReduceShader;
-
 struct Dispatch {
-  const char* shader_file;
+  const KernelInfo* kernel;  // a registry entry: a routable kernel or a helper (splitk_reduce)
   uint32_t grid[3];
 };
 

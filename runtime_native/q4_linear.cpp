@@ -68,7 +68,7 @@ std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits&
     p->qweight_ = make_buffer(dev, p->name_ + ".qweight", qweight_bytes, kStorage);
     p->scales_ = make_buffer(dev, p->name_ + ".scales", scales_bytes, kStorage);
     p->bias_ = make_buffer(dev, p->name_ + ".bias", uint64_t(p->n_stride_) * 4, kStorage);
-    p->params_ = make_buffer(dev, p->name_ + ".params", 32, WGPUBufferUsage_Uniform | WGPUBufferUsage_CopyDst);
+    p->params_ = make_buffer(dev, p->name_ + ".params", sizeof(Q4Params), WGPUBufferUsage_Uniform | WGPUBufferUsage_CopyDst);
     if (p->qweight_ && p->scales_ && p->bias_) {
       wgpuQueueWriteBuffer(gpu->queue, p->qweight_, 0, blob.qweight + uint64_t(n0) * k8, qweight_bytes);
       wgpuQueueWriteBuffer(gpu->queue, p->scales_, 0, blob.scales + uint64_t(n0) * groups, scales_bytes);
@@ -105,7 +105,7 @@ std::string Q4LinearPart::plan(Kernel kernel, uint64_t m, const PlannedCall** ou
         plan_call(kernel, m, k_, n_, n_stride_, group_size_, limits_.max_workgroups_per_dim, &call.plan);
     if (!problem.empty()) return problem;
     for (const Dispatch& d : call.plan.dispatches) {
-      WGPUComputePipeline pipeline = gpu_->pipeline(d.shader_file, &problem);
+      WGPUComputePipeline pipeline = gpu_->pipeline(*d.kernel, &problem);
       if (!pipeline) return problem;
       call.pipelines.push_back(pipeline);
     }
@@ -120,6 +120,9 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
   WGPUDevice dev = gpu_->device;
   const uint64_t max_binding = limits_.max_binding_bytes;
   bool grown = false;
+  std::string layout_problem;
+  // Every q4gsw linear kernel shares gemv's layout, so one bind group serves any route.
+  WGPUBindGroupLayout layout = gpu_->bind_group_layout(kernel_info(Kernel::Gemv), &layout_problem);
   std::string problem = gpu_->checked([&] {
     if (m > capacity_rows_) {
       // Room for the next power of two of rows (fewer regrowths), within the binding limit.
@@ -143,10 +146,12 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
       partial_ = make_buffer(dev, name_ + ".partial", partial_size_, WGPUBufferUsage_Storage);
       grown = true;
     }
-    if (grown && x_ && y_ && staging_ && partial_) {
-      WGPUBuffer buffers[7] = {params_, x_, qweight_, scales_, bias_, y_, partial_};
-      WGPUBindGroupEntry entries[7];
-      for (uint32_t i = 0; i < 7; ++i) {
+    if (grown && x_ && y_ && staging_ && partial_ && layout) {
+      WGPUBuffer buffers[kQ4BindingCount];
+      buffers[kBindParams] = params_, buffers[kBindX] = x_, buffers[kBindQweight] = qweight_;
+      buffers[kBindScales] = scales_, buffers[kBindBias] = bias_, buffers[kBindY] = y_, buffers[kBindPartial] = partial_;
+      WGPUBindGroupEntry entries[kQ4BindingCount];
+      for (uint32_t i = 0; i < kQ4BindingCount; ++i) {
         entries[i] = WGPU_BIND_GROUP_ENTRY_INIT;
         entries[i].binding = i;
         entries[i].buffer = buffers[i];
@@ -154,8 +159,8 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
         entries[i].size = wgpuBufferGetSize(buffers[i]);
       }
       WGPUBindGroupDescriptor desc = WGPU_BIND_GROUP_DESCRIPTOR_INIT;
-      desc.layout = gpu_->bind_group_layout;
-      desc.entryCount = 7;
+      desc.layout = layout;
+      desc.entryCount = kQ4BindingCount;
       desc.entries = entries;
       if (bind_group_) wgpuBindGroupRelease(bind_group_);
       bind_group_ = wgpuDeviceCreateBindGroup(dev, &desc);
@@ -164,7 +169,7 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
   if (!problem.empty() || !x_ || !y_ || !staging_ || !partial_ || !bind_group_) {
     capacity_rows_ = 0;  // rebuilt on the next call
     return "layer " + py_repr(name_) + ": allocating buffers for M=" + std::to_string(m) + " failed: " +
-           (problem.empty() ? "no buffer" : problem);
+           (!problem.empty() ? problem : !layout_problem.empty() ? layout_problem : "no buffer");
   }
   return "";
 }
@@ -178,8 +183,10 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   if (!problem.empty()) return problem;
   WGPUQueue queue = gpu_->queue;
   if (params_for_[0] != m || params_for_[1] != p->k_splits || params_for_[2] != p->k_chunk) {
-    const uint32_t params[8] = {uint32_t(m), k_, n_, n_stride_, group_size_, p->k_splits, p->k_chunk, 0};
-    wgpuQueueWriteBuffer(queue, params_, 0, params, sizeof(params));
+    Q4Params params{};
+    params.M = uint32_t(m), params.K = k_, params.N = n_, params.n_stride = n_stride_;
+    params.group_size = group_size_, params.k_splits = p->k_splits, params.k_chunk = p->k_chunk;
+    wgpuQueueWriteBuffer(queue, params_, 0, &params, sizeof(params));
     params_for_[0] = m, params_for_[1] = p->k_splits, params_for_[2] = p->k_chunk;
   }
 
