@@ -21,7 +21,6 @@ when EXECUTORCH_WGPU_REQUIRE_NATIVE=1 asks for it (CI that built it).
 
 import dataclasses
 import functools
-import importlib.resources
 import itertools
 import re
 import zlib
@@ -44,7 +43,8 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, de
 from executorch_wgpu.backend.serialization.generated.wgq4.Q4Linear import Q4Linear as FbQ4Linear  # noqa: E402
 from executorch_wgpu.errors import WebGPUDelegateError  # noqa: E402
 from executorch_wgpu.runtime import Runtime as PyRuntime  # noqa: E402
-from executorch_wgpu.runtime_py.gpu import SHADER_FILES, capped_plan_limits  # noqa: E402
+from executorch_wgpu.runtime_py.gpu import capped_plan_limits  # noqa: E402
+from executorch_wgpu.shaders import registry  # noqa: E402
 from executorch_wgpu.runtime_py.q4_linear import plan_call  # noqa: E402
 
 from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear  # noqa: E402
@@ -182,7 +182,7 @@ def test_both_blob_readers_agree_on_every_field_of_real_blobs(lib):
     assert seen["source"] == set(blob_module.ROUTE_SOURCES)
     assert seen["bias"] == {True, False} and seen["buckets"] == {True, False}
     assert seen["group_size"] == {32, 64, 128}
-    assert seen["decode"] == set(blob_module.KERNELS) and seen["prefill"] == {"regtiled", "skinny", "shmem"}
+    assert seen["decode"] == set(registry.DECODE_KERNELS) and seen["prefill"] == set(registry.PREFILL_KERNELS)
 
 
 def blob_of_version(blob: bytes, version: int, monkeypatch) -> bytes:
@@ -236,7 +236,7 @@ def python_plan(kernel, m, k, n, n_stride, gs, max_groups) -> dict:
         return {"error": re.sub(r"grid \([^)]*\) exceeds", "grid exceeds", str(e))}
     return {"kernel": p.kernel, "m": p.m, "k_splits": p.k_splits, "k_chunk": p.k_chunk,
             "partial_bytes": p.partial_bytes,
-            "dispatches": [[SHADER_FILES[d.shader], *d.grid] for d in p.dispatches]}
+            "dispatches": [[d.kernel, *d.grid] for d in p.dispatches]}
 
 
 PLAN_MS = (1, 2, 3, 4, 5, 31, 32, 33, 127, 128, 129, 300, 1000, 4096, 70000, 300000)
@@ -249,7 +249,7 @@ PLAN_MAX_GROUPS = (65535, 1, 2, 3, 7, 64)
 def test_cpp_and_python_plan_every_call_the_same_way(lib):
     seen = {"shmem split K": 0, "gemv split K": 0, "refused": 0, "n not a multiple of 16": 0}
     for kernel, m, (k, gs), n, max_groups in itertools.product(
-            blob_module.KERNELS, PLAN_MS, PLAN_KS, PLAN_NS, PLAN_MAX_GROUPS):
+            registry.DECODE_KERNELS, PLAN_MS, PLAN_KS, PLAN_NS, PLAN_MAX_GROUPS):
         n_stride = blob_module.round_up(n, blob_module.N_ALIGN)
         expected = python_plan(kernel, m, k, n, n_stride, gs, max_groups)
         got = lib.plan(kernel, m, k, n, n_stride, gs, max_groups)
@@ -263,18 +263,15 @@ def test_cpp_and_python_plan_every_call_the_same_way(lib):
     assert all(seen.values()), seen
 
 
-# ---- 3. shaders -----------------------------------------------------------------------------------
+# ---- 3. kernels -----------------------------------------------------------------------------------
 
 
-def test_embedded_wgsl_is_every_shader_file_byte_for_byte(lib):
-    files = sorted(p.name for p in importlib.resources.files("executorch_wgpu.shaders").iterdir()
-                   if p.name.endswith(".wgsl"))
-    assert sorted(lib.info()["shaders"]) == files
-    assert set(SHADER_FILES.values()) <= set(files)
-    for name in files:
-        source = importlib.resources.files("executorch_wgpu.shaders").joinpath(name).read_bytes()
-        assert lib.shader_source(name).encode("utf-8") == source, name
-    assert lib.shader_source("no_such_shader.wgsl") is None
+def test_native_library_compiles_exactly_the_wgsl_the_python_runtime_compiles(lib):
+    """Every registry kernel, assembled the same way (a stale build of an edited shader fails here)."""
+    assert lib.info()["kernels"] == [k.name for k in registry.KERNELS]
+    for kernel in registry.KERNELS:
+        assert lib.kernel_source(kernel.name) == registry.wgsl_source(kernel.name), kernel.name
+    assert lib.kernel_source("no_such_kernel") is None
 
 
 # ---- 4. ExecuTorch's runtime against ours ---------------------------------------------------------
