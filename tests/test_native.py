@@ -488,3 +488,13 @@ def test_control_characters_in_a_layer_name_are_escaped_as_python_does(lib):
         message = lib.describe_blob(bytes(named)).get("error", "")
         assert message == python_error(bytes(named)), name
         assert "\x00" not in message and "\n" not in message
+
+
+def test_native_and_python_runtimes_scale_timestamps_by_the_same_period(lib):
+    """Both read wgpu-native's queue timestamp period (ns per tick) for GPU times in the route report."""
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+
+    adapter = lib.adapter()
+    ctx = gpu_context()
+    assert adapter["timestamps"] == ctx.has_timestamps
+    assert adapter["timestamp_period_ns"] == pytest.approx(ctx.timestamp_period_ns)
