@@ -23,7 +23,7 @@ def q4gsw_shape_problem(in_features: int, out_features: int, group_size: int) ->
         straddles two groups, and the shared-memory GEMM's 32-deep K tiles
         divide K exactly;
       * K % group_size == 0 (torchao's PerGroup needs it too);
-      * any N >= 1: columns are padded to a multiple of 4 at pack time.
+      * any N >= 1: columns are padded to a multiple of 16 (N_ALIGN) at pack time.
     """
     if group_size <= 0 or group_size % GROUP_ALIGN:
         return f"group size {group_size} is not a multiple of {GROUP_ALIGN}"

@@ -23,10 +23,9 @@ from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, d
 from executorch_wgpu.backend.serialization.blob import Route
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
-# Measured on an NVIDIA H100, 2026-11-25 (docs/PERFORMANCE.md, "Default rule, revisited
-# with data"): the skinny kernel is fastest while M <= 32 or while M*N is small, where
-# shmem's 128x128 tiles are mostly padding or too few to fill the GPU; above that the
-# shared-memory GEMM is fastest on the q/gate/down/lm_head shapes.
+# The default rule: skinny while M <= 32 or while M*N is small, where shmem's 128x128
+# tiles are mostly padding or too few to fill the GPU; the shared-memory GEMM above.
+# The measurements behind it: docs/PERFORMANCE.md, "Default rule, revisited with data".
 DEFAULT_SKINNY_MAX_M = 32
 DEFAULT_SHMEM_MIN_MN = 1 << 18
 

@@ -2,8 +2,8 @@
 
 Why this exists: wgpu-py wraps every WebGPU call in Python (descriptor
 structs built per call, error capture, a poller thread that resolves buffer
-maps). Measured on the H100 (2026-11-25, docs/PERFORMANCE.md) that costs
-~400 µs of host time per delegate call at M = 1, for ~9 µs of GPU work. A
+maps), which costs far more host time per delegate call than a decode
+call's GPU work (figures: docs/PERFORMANCE.md, "Runtime overhead"). A
 layer's call is always the same few commands on objects created at load, so
 here they go through the same cffi handle wgpu-py itself uses, with the C
 descriptors built once, and the readback map is waited for on the calling

@@ -144,14 +144,19 @@ def kernel(name: str) -> Kernel:
 
 def _check_registry() -> None:
     """Facts the runtimes rely on; a wrong entry fails at import, not on a GPU."""
+    def require(ok: bool, problem: str) -> None:
+        if not ok:
+            raise RuntimeError(f"shaders/registry.py: {problem}")
+
     ids = [k.route_id for k in ROUTABLE]
-    assert ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, got {ids}"
-    assert len(BY_NAME) == len(KERNELS), "kernel names must be unique"
+    require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, got {ids}")
+    require(len(BY_NAME) == len(KERNELS), "kernel names must be unique")
     for k in KERNELS:
         unknown = set(k.types) - {b.name for b in k.layout}
-        assert not unknown, f"{k.name}: types for bindings not in its layout: {sorted(unknown)}"
-        assert k.route_id is None or k.decode or k.prefill, f"{k.name}: a routable kernel runs some M"
-        assert (SHADER_DIR / k.wgsl).is_file(), f"{k.name}: no shaders/{k.wgsl}"
+        require(not unknown, f"{k.name}: types for bindings not in its layout: {sorted(unknown)}")
+        require(k.route_id is None or k.decode or k.prefill, f"{k.name}: a routable kernel must run some M")
+        for f in (*k.prelude, k.wgsl):
+            require((SHADER_DIR / f).is_file(), f"{k.name}: no shaders/{f}")
 
 
 _check_registry()

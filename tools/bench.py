@@ -12,7 +12,7 @@ and set next to ceilings measured in the same run on the same stack:
 Writes bench.json, bench.md and bench.png (when matplotlib is installed).
 
 Timing note: runs of one layer repeat back to back, so weights that fit the
-GPU's L2 cache (50 MB on an H100) are read from it after the first run; the
+GPU's L2 cache (tens of MB on a datacenter GPU) are read from it after the first run; the
 streaming probe and the torch peers are timed the same way.
 """
 
@@ -35,13 +35,12 @@ import numpy as np
 import torch
 import wgpu
 
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import RouteOptions, decide_route
-from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
+from executorch_wgpu.tools.reference import RandomQ4Layer, random_q4_layer, rel_err
 from executorch_wgpu.shaders import registry
 
 log = logging.getLogger(__name__)
@@ -66,15 +65,10 @@ TOLERANCE = 1e-4
 
 
 @dataclass
-class BenchLayer:
-    """A random q4gsw layer: its codes and scales (for goldens and peers) and its packed GPU copy."""
+class BenchLayer(RandomQ4Layer):
+    """A random q4gsw layer (its codes and scales, for goldens and peers) and its packed GPU copy."""
 
     name: str
-    K: int
-    N: int
-    group_size: int
-    codes: torch.Tensor       # int8 [N, K] in [-8, 7]
-    scales: torch.Tensor      # fp32 [N, K / gs]
     gpu: Q4LinearGPU
 
     @property
@@ -82,33 +76,12 @@ class BenchLayer:
         """Bytes a kernel must read: packed int4 weights plus scales."""
         return self.gpu.rec.qweight.nbytes + self.gpu.rec.scales.nbytes
 
-    def dequantized(self, cols: slice, dtype=torch.float64) -> torch.Tensor:
-        c = self.codes[cols].to(dtype)
-        return c * self.scales[cols].to(dtype).repeat_interleave(self.group_size, dim=1)
-
 
 def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed: int = 0) -> BenchLayer:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
-    scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.002
-    route = decide_route(k, n, group_size, RouteOptions())
-    rec = Q4LinearRecord(
-        name=name, in_features=k, out_features=n, group_size=group_size, n_stride=round_up(n, N_ALIGN),
-        m_min=1, m_max=1 << 20, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
-        bias=None, route=route,
-    )
-    return BenchLayer(name, k, n, group_size, codes, scales, Q4LinearGPU(ctx, rec))
-
-
-def golden_rows(layer: BenchLayer, x_rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """fp64 x_rows @ dequant(W)^T, a block of output columns at a time (lm_head's W is 2 GB in fp64)."""
-    out = [x_rows.double() @ layer.dequantized(slice(c, c + chunk)).T for c in range(0, layer.N, chunk)]
-    return torch.cat(out, dim=1)
-
-
-def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
-    """max |err| / max |golden|."""
-    return float((got.double() - golden).abs().max() / golden.abs().max())
+    """reference.random_q4_layer (no bias) on the GPU, routed by the default rule."""
+    weights = random_q4_layer(k, n, group_size, seed=seed)
+    gpu = Q4LinearGPU(ctx, weights.record(name, m_max=1 << 20))
+    return BenchLayer(weights.codes, weights.scales, weights.bias, group_size, name, gpu)
 
 
 def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int) -> List[float]:
@@ -308,7 +281,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             g = torch.Generator().manual_seed(cfg.seed + m)
             x = torch.randn(m, k, generator=g)
             rows = torch.unique(torch.linspace(0, m - 1, min(GOLDEN_ROWS, m)).long())
-            golden = golden_rows(layer, x[rows])
+            golden = layer.golden(x[rows])
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
                    "weight_bytes": layer.weight_bytes, "kernels": {}}
             row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
