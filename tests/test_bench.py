@@ -35,13 +35,3 @@ def test_bench_rejects_an_unknown_shape_name(tmp_path, capsys):
         bench.main(["--quick", "--shapes", "nope", "--out", str(tmp_path)])
     assert "unknown shapes" in capsys.readouterr().err
 
-
-def test_golden_rows_are_computed_in_column_blocks_without_changing_the_answer():
-    import torch
-
-    from executorch_wgpu.runtime_py.gpu import gpu_context
-
-    layer = bench.make_layer(gpu_context(), "t", 64, 40, 32)
-    x = torch.randn(3, 64)
-    whole = x.double() @ layer.dequantized(slice(None)).T
-    assert torch.allclose(bench.golden_rows(layer, x, chunk=16), whole, rtol=0, atol=1e-12)

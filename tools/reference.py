@@ -1,0 +1,96 @@
+"""Random q4gsw layers and fp64 references: goldens, relative error -- for bench, tune and the tests.
+
+A golden is computed in fp64 from what a layer *is* -- its int4 codes and
+per-group scales, or torchao's quantized weight tensor -- never from our
+packing or kernels, so that it can judge them.
+
+    layer = random_q4_layer(k=256, n=64, group_size=32, bias=True, seed=0)
+    gpu = Q4LinearGPU(gpu_context(), layer.record("probe", RouteOptions(prefill_route="shmem")))
+    y, call = gpu(x)
+    assert rel_err(y, layer.golden(x)) < 1e-4
+
+    model = quantize_q4(torch.nn.Sequential(torch.nn.Linear(256, 64)))
+    assert rel_err(y, golden_linear(x, model[0])) < 1e-4
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
+from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
+
+# Output columns per block of a golden: lm_head's W (128256 x 2048) would be 2 GB in fp64 at once.
+GOLDEN_COLUMN_BLOCK = 8192
+
+
+@dataclass
+class RandomQ4Layer:
+    """A q4gsw layer's truth: int4 codes, per-group scales (symmetric: zero point 0), an optional bias."""
+
+    codes: torch.Tensor            # int8 [N, K] in [-8, 7]
+    scales: torch.Tensor           # fp32 [N, K / group_size]
+    bias: Optional[torch.Tensor]   # fp32 [N], or None
+    group_size: int
+
+    @property
+    def K(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def N(self) -> int:
+        return int(self.codes.shape[0])
+
+    def dequantized(self, cols: slice = slice(None), dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """W[cols] = codes * scale of the group, [columns, K], in fp64 unless asked otherwise."""
+        codes = self.codes[cols].to(dtype)
+        return codes * self.scales[cols].to(dtype).repeat_interleave(self.group_size, dim=1)
+
+    def golden(self, x: torch.Tensor, column_block: int = GOLDEN_COLUMN_BLOCK) -> torch.Tensor:
+        """fp64 x @ W^T + b (x: [..., K]), computed a block of output columns at a time."""
+        blocks = [x.double() @ self.dequantized(slice(c, c + column_block)).T for c in range(0, self.N, column_block)]
+        y = torch.cat(blocks, dim=-1)
+        return y if self.bias is None else y + self.bias.double()
+
+    def record(self, name: str = "layer", routes: RouteOptions = RouteOptions(), m_min: int = 1,
+               m_max: int = 4096) -> Q4LinearRecord:
+        """The layer packed as a delegate blob's record, routed as a lowering with these route options routes it."""
+        return Q4LinearRecord(
+            name=name, in_features=self.K, out_features=self.N, group_size=self.group_size,
+            n_stride=round_up(self.N, N_ALIGN), m_min=m_min, m_max=m_max,
+            qweight=pack_q4gsw_weights(self.codes), scales=pack_q4gsw_scales(self.scales),
+            bias=None if self.bias is None else self.bias.numpy(),
+            route=decide_route(self.K, self.N, self.group_size, routes),
+        )
+
+
+def random_q4_layer(k: int, n: int, group_size: int = 32, bias: bool = False, seed: int = 0) -> RandomQ4Layer:
+    """A layer of K inputs and N outputs with uniform int4 codes, scales in [0.005, 0.055), N(0, 1) bias."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group_size, generator=g) * 0.05 + 0.005
+    return RandomQ4Layer(codes, scales, torch.randn(n, generator=g) if bias else None, group_size)
+
+
+def dequantized_weight(linear: torch.nn.Linear) -> torch.Tensor:
+    """fp64 W = codes * scale of a torchao-quantized Linear, read from torchao's own tensor (not our packing)."""
+    w = linear.weight
+    assert bool((w.zero_point == 0).all()), "the golden assumes symmetric quantization (zero point 0)"
+    codes, scales = w.qdata.double(), w.scale.double()
+    return codes * scales.repeat_interleave(codes.shape[1] // scales.shape[1], dim=1)
+
+
+def golden_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """fp64 x @ W^T + b of a torchao-quantized Linear."""
+    y = x.double() @ dequantized_weight(linear).T
+    return y if linear.bias is None else y + linear.bias.double()
+
+
+def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
+    """max |got - golden| / max |golden|, in fp64."""
+    got, golden = got.detach().double(), golden.detach().double()
+    return float((got - golden).abs().max() / golden.abs().max())
