@@ -12,8 +12,14 @@ and set next to ceilings measured in the same run on the same stack:
 Writes bench.json, bench.md and bench.png (when matplotlib is installed).
 
 Timing note: runs of one layer repeat back to back, so weights that fit the
-GPU's L2 cache (tens of MB on a datacenter GPU) are read from it after the first run; the
-streaming probe and the torch peers are timed the same way.
+GPU's L2 cache (tens of MB on a datacenter GPU) would be read from it after the
+first run. A decode step reads each layer's weights once, from memory, so M = 1
+rows are timed cold by default: every timed run (ours, the streaming probe and
+the torch peers alike) is preceded by an untimed read of a buffer larger than
+the L2 (--flush-mb), which evicts the layer. M > 1 rows are timed L2-warm (a
+GEMM reuses each weight across rows; --cold-all times them cold too). Each row
+says which ("weights": "cold" or "L2-warm"). `--model 1b` times all linears of
+a model's decode step and prefill in one submit instead (tools/bench_model.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
 from executorch_wgpu.tools.reference import RandomQ4Layer, random_q4_layer, rel_err
 from executorch_wgpu.shaders import registry
+from executorch_wgpu.tools.models import LLAMA_CONFIGS
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +91,18 @@ def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed
     return BenchLayer(weights.codes, weights.scales, weights.bias, group_size, name, gpu)
 
 
-def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int) -> List[float]:
-    """GPU µs of `reps` compute passes, each timestamped, after `warmup` untimed ones; one submit each."""
+def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int,
+                    flush: Optional[Callable] = None) -> List[float]:
+    """GPU µs of `reps` compute passes, each timestamped, after `warmup` untimed ones.
+
+    flush(encoder), when given, records an untimed pass before every run that
+    evicts the L2 (StreamProbe.flush): the timed pass then reads cold memory.
+    """
     dev = ctx.device
     enc = dev.create_command_encoder()
     for _ in range(warmup):
+        if flush is not None:
+            flush(enc)
         encode(enc, None)
     dev.queue.submit([enc.finish()])
     queries = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * reps)
@@ -96,6 +110,8 @@ def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int) -
     readback = dev.create_buffer(size=16 * reps, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
     enc = dev.create_command_encoder()
     for i in range(reps):
+        if flush is not None:
+            flush(enc)
         encode(enc, {"query_set": queries, "beginning_of_pass_write_index": 2 * i, "end_of_pass_write_index": 2 * i + 1})
     enc.resolve_query_set(queries, 0, 2 * reps, resolve, 0)
     enc.copy_buffer_to_buffer(resolve, 0, readback, 0, 16 * reps)
@@ -131,25 +147,48 @@ def check_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor, golden: torch.
     return {"rel_err": rel_err(y[rows], golden), "k_splits": plan.k_splits}
 
 
-def time_kernel(layer: BenchLayer, kernel: str, m: int, reps: int, warmup: int) -> float:
-    """Median GPU µs of a kernel at M = m (x as left by the last run_kernel)."""
+def time_kernel(layer: BenchLayer, kernel: str, m: int, reps: int, warmup: int,
+                flush: Optional[Callable] = None) -> float:
+    """Median GPU µs of a kernel at M = m (x as left by the last run_kernel); cold with a flush."""
     plan = layer.gpu.prepare(kernel, m)
     return statistics.median(time_gpu_passes(layer.gpu.ctx, lambda enc, ts: layer.gpu.encode(enc, plan, ts),
-                                             reps, warmup))
+                                             reps, warmup, flush))
 
 
 class StreamProbe:
     """The streaming-read ceiling: time to read n bytes once through wgpu (shaders/stream_read.wgsl)."""
 
-    def __init__(self, ctx: GPUContext):
+    def __init__(self, ctx: GPUContext, flush_bytes: int = 256 << 20):
         self.ctx = ctx
         dev = ctx.device
         self.pipeline = ctx.pipeline("stream_read")
         self.layout = ctx.bind_group_layout("stream_read")
         self.threads = registry.kernel("stream_read").workgroup_size[0]
+        # The L2 flush: a read of flush_bytes (larger than any GPU's L2) between timed runs.
+        self.flush_groups = 1024
+        self._flush_data = dev.create_buffer(size=flush_bytes, usage=wgpu.BufferUsage.STORAGE)
+        self._flush_sink = dev.create_buffer(size=self.flush_groups * self.threads * 4, usage=wgpu.BufferUsage.STORAGE)
+        self._flush_bind = self._bind(self._flush_data, self._flush_sink)
 
-    def us(self, nbytes: int, reps: int, warmup: int) -> float:
-        """Fastest median over a few thread shapes (vec4 per thread): the best plain read we can measure."""
+    def _bind(self, data, sink):
+        return self.ctx.device.create_bind_group(layout=self.layout, entries=[
+            {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
+            {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
+        ])
+
+    def flush(self, enc) -> None:
+        """Record an untimed pass that reads the flush buffer, evicting whatever the L2 held."""
+        cpass = enc.begin_compute_pass()
+        cpass.set_pipeline(self.pipeline)
+        cpass.set_bind_group(0, self._flush_bind)
+        cpass.dispatch_workgroups(self.flush_groups, 1, 1)
+        cpass.end()
+
+    def us(self, nbytes: int, reps: int, warmup: int, cold: bool = False) -> float:
+        """Fastest median over a few thread shapes (vec4 per thread): the best plain read we can measure.
+
+        cold: every timed read follows a flush (as a cold kernel run does); otherwise
+        a buffer that fits the L2 is read from it after the first run."""
         dev = self.ctx.device
         count = math.ceil(nbytes / 16)
         data = dev.create_buffer(size=count * 16, usage=wgpu.BufferUsage.STORAGE)
@@ -157,10 +196,7 @@ class StreamProbe:
         for per_thread in (2, 4, 8):
             groups = min(65535, max(1, math.ceil(count / (self.threads * per_thread))))
             sink = dev.create_buffer(size=groups * self.threads * 4, usage=wgpu.BufferUsage.STORAGE)
-            bind = dev.create_bind_group(layout=self.layout, entries=[
-                {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
-                {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
-            ])
+            bind = self._bind(data, sink)
 
             def encode(enc, ts, groups=groups, bind=bind):
                 cpass = enc.begin_compute_pass(**({"timestamp_writes": ts} if ts else {}))
@@ -169,7 +205,8 @@ class StreamProbe:
                 cpass.dispatch_workgroups(groups, 1, 1)
                 cpass.end()
 
-            best = min(best, statistics.median(time_gpu_passes(self.ctx, encode, reps, warmup)))
+            best = min(best, statistics.median(time_gpu_passes(self.ctx, encode, reps, warmup,
+                                                               self.flush if cold else None)))
             sink.destroy()
         data.destroy()
         return best
@@ -180,10 +217,7 @@ class StreamProbe:
         data = dev.create_buffer(size=16 << 20, usage=wgpu.BufferUsage.STORAGE)
         sink = dev.create_buffer(size=1024 * self.threads * 4, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
         done = dev.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-        bind = dev.create_bind_group(layout=self.layout, entries=[
-            {"binding": 0, "resource": {"buffer": data, "offset": 0, "size": data.size}},
-            {"binding": 1, "resource": {"buffer": sink, "offset": 0, "size": sink.size}},
-        ])
+        bind = self._bind(data, sink)
         end = time.perf_counter() + ms / 1000.0
         while time.perf_counter() < end:
             enc = dev.create_command_encoder()
@@ -201,11 +235,15 @@ class StreamProbe:
             b.destroy()
 
 
-def cuda_median_us(fn: Callable, reps: int, warmup: int) -> float:
+def cuda_median_us(fn: Callable, reps: int, warmup: int, flush_bytes: int = 0) -> float:
+    """Median µs of fn on CUDA; with flush_bytes, a buffer that large is zeroed (untimed) before each run."""
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda") if flush_bytes else None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -241,8 +279,8 @@ class TorchPeers:
         """Rel errors of the peers (tinygemm takes bf16 activations: ~1e-2 expected)."""
         return {f"{name}_rel_err": rel_err(fn().float().cpu()[rows], golden) for name, fn in self._calls(x).items()}
 
-    def time(self, x: torch.Tensor, reps: int, warmup: int) -> dict:
-        return {name: cuda_median_us(fn, reps, warmup) for name, fn in self._calls(x).items()}
+    def time(self, x: torch.Tensor, reps: int, warmup: int, flush_bytes: int = 0) -> dict:
+        return {name: cuda_median_us(fn, reps, warmup, flush_bytes) for name, fn in self._calls(x).items()}
 
 
 def adapter_info(ctx: GPUContext) -> dict:
@@ -262,6 +300,8 @@ class BenchConfig:
     route_table: Optional[RouteTable] = None
     seed: int = 0
     kernels: Sequence[str] = registry.DECODE_KERNELS   # every routable kernel
+    flush_bytes: int = 256 << 20   # the L2 flush between cold runs: larger than any GPU's L2
+    cold_all: bool = False         # time M > 1 rows cold too (M = 1 rows always are)
 
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -270,7 +310,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
     if not ctx.has_timestamps:
         raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
     use_cuda = cfg.peers and torch.cuda.is_available()
-    probe = StreamProbe(ctx)
+    probe = StreamProbe(ctx, cfg.flush_bytes)
     rows_out = []
     for name, (k, n) in cfg.shapes.items():
         layer = make_layer(ctx, name, k, n, cfg.group_size, cfg.seed)
@@ -282,8 +322,10 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             x = torch.randn(m, k, generator=g)
             rows = torch.unique(torch.linspace(0, m - 1, min(GOLDEN_ROWS, m)).long())
             golden = layer.golden(x[rows])
+            cold = m == 1 or cfg.cold_all
+            flush = probe.flush if cold else None
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
-                   "weight_bytes": layer.weight_bytes, "kernels": {}}
+                   "weight_bytes": layer.weight_bytes, "weights": "cold" if cold else "L2-warm", "kernels": {}}
             row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
             row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size)
             kernels = [kern for kern in KERNELS_FOR_M[m == 1] if kern in cfg.kernels]
@@ -302,10 +344,10 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             for _ in range(cfg.rounds):
                 probe.spin_up()
                 for kernel in kernels:   # times the x that check_kernel left in the layer's buffer
-                    timings[kernel].append(time_kernel(layer, kernel, m, cfg.reps, cfg.warmup))
-                timings["stream_read"].append(probe.us(layer.weight_bytes, cfg.reps, cfg.warmup))
+                    timings[kernel].append(time_kernel(layer, kernel, m, cfg.reps, cfg.warmup, flush))
+                timings["stream_read"].append(probe.us(layer.weight_bytes, cfg.reps, cfg.warmup, cold))
                 if peers is not None:
-                    for peer, us in peers.time(x, cfg.reps, cfg.warmup).items():
+                    for peer, us in peers.time(x, cfg.reps, cfg.warmup, cfg.flush_bytes if cold else 0).items():
                         timings[peer].append(us)
             for kernel in kernels:
                 row["kernels"][kernel].update(us=min(timings[kernel]), round_medians_us=timings[kernel])
@@ -325,6 +367,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
         "cuda_device": torch.cuda.get_device_name() if use_cuda else None,
         "versions": {"wgpu": wgpu.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "config": {"group_size": cfg.group_size, "reps": cfg.reps, "warmup": cfg.warmup, "rounds": cfg.rounds,
+                   "flush_bytes": cfg.flush_bytes, "cold_all": cfg.cold_all,
                    "route_table": cfg.route_table.describe() if cfg.route_table else None},
         "rows": rows_out,
     }
@@ -444,7 +487,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
     p.add_argument("--overhead", action="store_true",
                    help="only measure the host cost of execute() for a 1-linear 2048->2048 program at M=1")
+    p.add_argument("--flush-mb", type=int, help="MiB read between cold runs to evict the L2 (default 256; --quick 16)")
+    p.add_argument("--cold-all", action="store_true", help="time M > 1 rows cold too (M = 1 rows always are)")
+    p.add_argument("--model", choices=sorted(LLAMA_CONFIGS),
+                   help="time all q4 linears of this Llama config's decode step and prefill in one submit each, "
+                        "weights cold (--m: the step's M values, default 1,128,512; --quick: 1,16)")
     args = p.parse_args(argv)
+    flush_bytes = (args.flush_mb or (16 if args.quick else 256)) << 20
+    command = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.overhead:
         result = call_overhead()
@@ -453,15 +503,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         (args.out / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
         log.info("%s", json.dumps(result))
         return
+    if args.model:
+        model_main(args, flush_bytes, command)
+        return
 
     shapes = select_shapes(p, args.quick, args.shapes)
     m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
     cfg = BenchConfig(shapes, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
                       rounds=args.rounds, peers=not args.no_peers,
-                      route_table=RouteTable.load(args.route_table) if args.route_table else None)
+                      route_table=RouteTable.load(args.route_table) if args.route_table else None,
+                      flush_bytes=flush_bytes, cold_all=args.cold_all)
     start = time.perf_counter()
     results = bench(cfg, progress=lambda s: log.info("%s", s))
-    results["command"] = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = command
     results["wall_s"] = round(time.perf_counter() - start, 1)
     from executorch_wgpu.tools.bench_report import write_reports
 
@@ -470,4 +524,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     bad = [(r["shape"], r["M"], k) for r in results["rows"] for k, v in r["kernels"].items() if v.get("ok") is False]
     if bad:
         log.error("kernels above the %.0e tolerance: %s", TOLERANCE, bad)
+        sys.exit(1)
+
+
+def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None:
+    """bench --model: a model's linears per step in one submit (tools/bench_model.py)."""
+    from executorch_wgpu.tools import bench_model
+
+    ctx = gpu_context()
+    if not ctx.has_timestamps:
+        raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
+    m_values = [int(v) for v in args.m.split(",")] if args.m else ([1, 16] if args.quick else [1, 128, 512])
+    probe = StreamProbe(ctx, flush_bytes)
+    probe.spin_up()
+    result = bench_model.bench_model(
+        ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
+        stream_us=lambda nbytes: probe.us(nbytes, args.reps, args.warmup, cold=True),
+        progress=lambda s: log.info("%s", s))
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result.update(date=date, command=command, adapter=adapter_info(ctx))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model.json").write_text(json.dumps(result, indent=1) + "\n")
+    report = bench_model.markdown(result, ctx.adapter_name, command, date)
+    (args.out / "model.md").write_text(report)
+    print(report)
+    if not all(r["ok"] for r in result["rows"]):
+        log.error("a model layer is above the %.0e tolerance", TOLERANCE)
         sys.exit(1)

@@ -26,10 +26,10 @@ def markdown(results: dict) -> str:
         f"GPU-timestamp median of {results['config']['reps']} runs after {results['config']['warmup']} warm-up; "
         f"routes: {results['config']['route_table'] or 'default rule'}.",
         "",
-        "| shape | K→N | M | " + "".join(f"{k} µs | " for k in KERNELS) + "routed | TFLOP/s | weight GB/s | "
+        "| shape | K→N | M | weights | " + "".join(f"{k} µs | " for k in KERNELS) + "routed | TFLOP/s | weight GB/s | "
         "routed/fastest | default rule (÷fastest) | stream-read GB/s | tinygemm µs | ours/tinygemm time | "
         "fp32 CUDA µs | max rel err |",
-        "|---" * (3 + len(KERNELS) + 10) + "|",
+        "|---" * (4 + len(KERNELS) + 10) + "|",
     ]
     for r in results["rows"]:
         ks = r["kernels"]
@@ -46,7 +46,7 @@ def markdown(results: dict) -> str:
         routed = ks.get(r["routed"], {})
         errs = [v["rel_err"] for v in ks.values() if "rel_err" in v]
         lines.append(
-            f"| {r['shape']} | {r['K']}→{r['N']} | {r['M']} | " + " | ".join(cells) + f" | {r['routed']} | "
+            f"| {r['shape']} | {r['K']}→{r['N']} | {r['M']} | {r.get('weights', 'L2-warm')} | " + " | ".join(cells) + f" | {r['routed']} | "
             f"{_fmt(r.get('routed_tflops'), '.2f')} | {_fmt(routed.get('weight_gbps'), '.0f')} | "
             f"{_fmt(r.get('routed_vs_fastest'), '.2f')} | "
             f"{r.get('default_rule', '')} ({_fmt(r.get('default_rule_vs_fastest'), '.2f')}) | "
@@ -55,7 +55,9 @@ def markdown(results: dict) -> str:
             f"{_fmt(r.get('fp32_cuda_us'))} | {_fmt(max(errs) if errs else None, '.1e')} |"
         )
     lines += ["", "Bold: fastest kernel of the row. ✗: above the 1e-4 tolerance. "
-              "weight GB/s = (packed int4 + scale bytes) / routed time; stream-read = a plain read of as many bytes."]
+              "weight GB/s = (packed int4 + scale bytes) / routed time; stream-read = a plain read of as many bytes. "
+              "weights: cold = every timed run follows an L2 flush (kernels, stream read and torch peers alike); "
+              "L2-warm = runs back to back."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,204 @@
+"""python -m executorch_wgpu bench --model 1b: a model's q4 linears in one submit, weights cold.
+
+`bench` times each layer alone, run after run, so a layer's weights sit in the
+GPU's L2 cache from the second run on. A real decode step reads every layer's
+weights once, from memory. Here every linear of a Llama-shaped model gets its
+own weight buffers (0.77 GB for Llama-3.2-1B, beyond any GPU's L2) and the
+step's linears run in order in one command buffer -- one compute pass per
+layer, timestamped at both ends, one submit per step -- as they will once the
+whole model runs on the GPU:
+
+  * decode (M = 1): every linear as a GEMV (the routed kernel at M = 1);
+  * prefill (M = T): every linear at M = T with its routed kernel, except
+    lm_head, which generation computes for the last position only (M = 1).
+
+Reported per M: the step's GPU time (first pass begin to last pass end,
+median over steps), its weight bytes over that time, a cold streaming read of
+the same number of bytes (the ceiling any kernel could reach here), and the
+time per projection kind. One layer of each shape is checked against the fp64
+golden after the timed steps. Weights are random (one draw per shape, copied
+into each layer's own buffers: distinct addresses, so no cache sees a repeat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections import defaultdict
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import wgpu
+
+from executorch_wgpu.runtime_py.gpu import GPUContext
+from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
+from executorch_wgpu.tools.models import LLAMA_CONFIGS
+from executorch_wgpu.tools.reference import RandomQ4Layer, random_q4_layer, rel_err
+
+TOLERANCE = 1e-4
+
+
+def model_linears(config: str) -> List[Tuple[str, int, int]]:
+    """(projection kind, K, N) of every q4 linear of a Llama config, in the order a step runs them."""
+    c = LLAMA_CONFIGS[config]
+    dim, hidden = c["dim"], c["hidden_dim"]
+    kv = c["n_kv_heads"] * (dim // c["n_heads"])
+    block = [("q", dim, dim), ("k", dim, kv), ("v", dim, kv), ("o", dim, dim),
+             ("gate", dim, hidden), ("up", dim, hidden), ("down", hidden, dim)]
+    return block * c["n_layers"] + [("lm_head", dim, c["vocab_size"])]
+
+
+@dataclasses.dataclass
+class ModelLayer:
+    kind: str
+    weights: RandomQ4Layer   # shared by every layer of this shape
+    gpu: Q4LinearGPU         # this layer's own buffers
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.gpu.rec.qweight.nbytes + self.gpu.rec.scales.nbytes
+
+
+def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int = 0) -> List[ModelLayer]:
+    by_shape: Dict[Tuple[int, int], RandomQ4Layer] = {}
+    layers = []
+    for i, (kind, k, n) in enumerate(model_linears(config)):
+        if (k, n) not in by_shape:
+            by_shape[(k, n)] = random_q4_layer(k, n, group_size, seed=seed + len(by_shape))
+        weights = by_shape[(k, n)]
+        record = weights.record(f"{kind}.{i}", m_max=1 << 20)
+        layers.append(ModelLayer(kind, weights, Q4LinearGPU(ctx, record)))
+    return layers
+
+
+def step_rows(layer: ModelLayer, m: int) -> int:
+    """Rows a layer computes in a step of M = m: lm_head only for the last position."""
+    return 1 if layer.kind == "lm_head" else m
+
+
+def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Plan], reps: int,
+               warmup: int) -> Tuple[List[float], np.ndarray]:
+    """GPU µs of `reps` steps (first begin to last end) and each layer's µs per step [reps, layers]."""
+    dev = ctx.device
+
+    def encode_step(enc, first_query=None):
+        for i, (layer, plan) in enumerate(zip(layers, plans)):
+            ts = None
+            if first_query is not None:
+                ts = {"query_set": queries, "beginning_of_pass_write_index": first_query + 2 * i,
+                      "end_of_pass_write_index": first_query + 2 * i + 1}
+            layer.gpu.encode(enc, plan, ts)
+
+    count = 2 * len(layers) * reps
+    queries = dev.create_query_set(type=wgpu.QueryType.timestamp, count=count)
+    for _ in range(warmup):
+        enc = dev.create_command_encoder()
+        encode_step(enc)
+        dev.queue.submit([enc.finish()])
+    for rep in range(reps):   # one submit per step, as a forward pass on the GPU would be
+        enc = dev.create_command_encoder()
+        encode_step(enc, 2 * len(layers) * rep)
+        dev.queue.submit([enc.finish()])
+    resolve = dev.create_buffer(size=8 * count, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    readback = dev.create_buffer(size=8 * count, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    enc = dev.create_command_encoder()
+    enc.resolve_query_set(queries, 0, count, resolve, 0)
+    enc.copy_buffer_to_buffer(resolve, 0, readback, 0, 8 * count)
+    dev.queue.submit([enc.finish()])
+    readback.map_sync(wgpu.MapMode.READ)
+    ticks = np.frombuffer(readback.read_mapped(), dtype=np.uint64).reshape(reps, len(layers), 2).astype(np.float64)
+    readback.unmap()
+    for b in (resolve, readback):
+        b.destroy()
+    queries.destroy()
+    scale = ctx.timestamp_period_ns / 1000.0
+    totals = [(ticks[r, -1, 1] - ticks[r, 0, 0]) * scale for r in range(reps)]
+    return totals, (ticks[:, :, 1] - ticks[:, :, 0]) * scale
+
+
+def read_y(layer: ModelLayer, rows: int) -> torch.Tensor:
+    gpu, n = layer.gpu, layer.gpu.rec.out_features
+    enc = gpu.ctx.device.create_command_encoder()
+    enc.copy_buffer_to_buffer(gpu.y, 0, gpu.staging, 0, rows * n * 4)
+    gpu.ctx.device.queue.submit([enc.finish()])
+    gpu.staging.map_sync(wgpu.MapMode.READ)
+    y = np.frombuffer(gpu.staging.read_mapped(0, rows * n * 4), dtype=np.float32).copy()
+    gpu.staging.unmap()
+    return torch.from_numpy(y).reshape(rows, n)
+
+
+def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_size: int, reps: int,
+                warmup: int, stream_us: Callable[[int], float], seed: int = 0,
+                progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Time the model's linears per M; stream_us(nbytes) is the cold streaming-read ceiling."""
+    layers = load_model_layers(ctx, config, group_size, seed)
+    result: dict = {"config": config, "group_size": group_size, "layers": len(layers), "reps": reps,
+                    "warmup": warmup, "rows": []}
+    for m in m_values:
+        g = torch.Generator().manual_seed(seed + m)
+        inputs: Dict[Tuple[int, int], torch.Tensor] = {}
+        plans = []
+        for layer in layers:
+            rows, k = step_rows(layer, m), layer.gpu.rec.in_features
+            if (rows, k) not in inputs:
+                inputs[(rows, k)] = torch.randn(rows, k, generator=g)
+            plans.append(layer.gpu.prepare(layer.gpu.rec.route.kernel_for(rows), rows))
+            ctx.device.queue.write_buffer(layer.gpu.x, 0, inputs[(rows, k)].numpy())
+        totals, per_layer = time_steps(ctx, layers, plans, reps, warmup)
+        errors: Dict[str, float] = {}
+        for layer in layers:   # the first layer of each kind, after the timed steps
+            if layer.kind not in errors:
+                rows = step_rows(layer, m)
+                x = inputs[(rows, layer.gpu.rec.in_features)]
+                errors[layer.kind] = rel_err(read_y(layer, rows), layer.weights.golden(x))
+        weight_bytes = sum(layer.weight_bytes for layer in layers)
+        step_us = statistics.median(totals)
+        layer_us = np.median(per_layer, axis=0)
+        by_kind: Dict[str, dict] = defaultdict(lambda: {"us": 0.0, "bytes": 0, "layers": 0, "kernels": set()})
+        for layer, plan, us in zip(layers, plans, layer_us):
+            entry = by_kind[layer.kind]
+            entry["us"] += float(us)
+            entry["bytes"] += layer.weight_bytes
+            entry["layers"] += 1
+            entry["kernels"].add(plan.kernel)
+        stream = stream_us(weight_bytes)
+        row = {
+            "M": m, "weight_bytes": weight_bytes, "step_us": step_us, "step_us_all": totals,
+            "passes_us": float(layer_us.sum()),
+            "weight_gbps": weight_bytes / step_us / 1e3,
+            "stream_read_us": stream, "stream_read_gbps": weight_bytes / stream / 1e3,
+            "vs_stream": stream / step_us,
+            "tokens_per_s_if_alone": m / step_us * 1e6,
+            "by_kind": {kind: {**v, "kernels": sorted(v["kernels"]), "gbps": v["bytes"] / v["us"] / 1e3}
+                        for kind, v in by_kind.items()},
+            "max_rel_err": max(errors.values()), "ok": max(errors.values()) < TOLERANCE,
+        }
+        result["rows"].append(row)
+        progress(format_row(row))
+    return result
+
+
+def format_row(row: dict) -> str:
+    return (f"M={row['M']:<5} {row['step_us'] / 1e3:8.3f} ms GPU for {row['weight_bytes'] / 1e9:.3f} GB "
+            f"= {row['weight_gbps']:7.1f} GB/s (stream read {row['stream_read_gbps']:7.1f} GB/s, "
+            f"{100 * row['vs_stream']:5.1f} %); {row['tokens_per_s_if_alone']:,.0f} tok/s if nothing else ran; "
+            f"max rel err {row['max_rel_err']:.1e}")
+
+
+def markdown(result: dict, adapter: str, command: str, date: str) -> str:
+    lines = [f"Model linears in one submit per step, weights cold: Llama `{result['config']}` "
+             f"({result['layers']} q4 linears, gs {result['group_size']}); {adapter}; {date}.",
+             f"Command: `{command}`; median of {result['reps']} steps after {result['warmup']} warm-up.", "",
+             "| M | weight GB | GPU ms | GB/s | stream-read GB/s | of stream | tok/s if alone | max rel err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['M']} | {r['weight_bytes'] / 1e9:.3f} | {r['step_us'] / 1e3:.3f} | "
+                     f"{r['weight_gbps']:.1f} | {r['stream_read_gbps']:.1f} | {100 * r['vs_stream']:.0f} % | "
+                     f"{r['tokens_per_s_if_alone']:,.0f} | {r['max_rel_err']:.1e} |")
+    lines += ["", "| M | kind | layers | kernels | µs (sum) | GB/s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for kind, v in r["by_kind"].items():
+            lines.append(f"| {r['M']} | {kind} | {v['layers']} | {', '.join(v['kernels'])} | {v['us']:.1f} | "
+                         f"{v['gbps']:.1f} |")
+    return "\n".join(lines) + "\n"
