@@ -12,7 +12,9 @@ export XDG_RUNTIME_DIR ?= /tmp/executorch_wgpu-xdg
 demo: setup
 	$(PY) -m executorch_wgpu demo
 
+# mypy first (configured in pyproject.toml): a type error fails fast, before the slow GPU tests.
 test: setup
+	$(PY) -m mypy -p executorch_wgpu
 	$(PY) -m pytest -q tests
 
 setup: $(VENV)/.linked native

@@ -28,6 +28,8 @@ def inline_dequantize_affine(graph_module: GraphModule, dq: Node) -> None:
     if tensor_kwargs:
         raise NotImplementedError(f"dequantize_affine with tensor kwargs {list(tensor_kwargs)}")
     target = dq.target
+    if not callable(target):   # a call_function node's target is the op; a str names a method or module
+        raise NotImplementedError(f"dequantize_affine node with target {target!r}")
 
     def call(*tensors):
         it = iter(tensors)

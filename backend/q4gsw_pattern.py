@@ -116,7 +116,8 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
     permute = None
     if op_name(consumer) == LINEAR and consumer.args[1] is dq:
         out, x_node, bias_node = consumer, consumer.args[0], _arg(consumer, 2, "bias")
-    elif op_name(consumer) == PERMUTE and list(consumer.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0]):
+    elif (op_name(consumer) == PERMUTE and isinstance(consumer.args[1], (list, tuple))
+          and list(consumer.args[1]) in ([1, 0], [-1, -2], [1, -2], [-1, 0])):
         permute = consumer
         if len(consumer.users) != 1:
             return decline("the transposed weight has more than one user")
@@ -134,7 +135,10 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
     name = layer_name(out)
 
     # The quantization scheme: int4 codes, [1, gs] blocks, fp32 scales, zero point 0.
-    codes_node, block_size, scale_node = dq.args[0], list(dq.args[1]), dq.args[2]
+    codes_node, block_arg, scale_node = dq.args[0], dq.args[1], dq.args[2]
+    if not isinstance(block_arg, (list, tuple)):
+        return decline(f"block size {block_arg!r} is not a list")
+    block_size = list(block_arg)
     zp_node = _arg(dq, 3, "zero_point")
     quant_min, quant_max = _arg(dq, 5, "quant_min"), _arg(dq, 6, "quant_max")
     output_dtype = dq.kwargs.get("output_dtype", torch.float32)
@@ -171,7 +175,7 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
 
     # Activation and bias.
     x_val = x_node.meta.get("val") if isinstance(x_node, Node) else None
-    if x_val is None or x_val.dtype != torch.float32:
+    if not isinstance(x_node, Node) or x_val is None or x_val.dtype != torch.float32:
         return decline(f"activation dtype is {getattr(x_val, 'dtype', None)}, expected torch.float32")
     bias = None
     if bias_node is not None:

@@ -258,9 +258,10 @@ class Method:
         def aliased(vid: int) -> Any:
             key = self._arena_key(plan.values[vid])
             src = last_writer.get(key) if key is not None else None
-            if src is None or src == vid or not isinstance(values[src], torch.Tensor):
-                return None
             spec = plan.values[vid].val
+            if (src is None or src == vid or not isinstance(values[src], torch.Tensor)
+                    or not isinstance(spec, et.Tensor)):
+                return None
             return values[src].view(dtype_of(spec.scalar_type)).reshape(list(spec.sizes))
 
         def read(vid: int, type_name: str) -> Any:
@@ -282,6 +283,8 @@ class Method:
 
         def new_out(vid: int) -> torch.Tensor:
             spec = plan.values[vid].val
+            if not isinstance(spec, et.Tensor):
+                raise ProgramFormatError(f"out argument {vid} is a {type(spec).__name__}, not a tensor")
             return torch.empty(0, dtype=dtype_of(spec.scalar_type))
 
         calls: List[LinearCall] = []

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 from executorch.exir import schema as et
@@ -72,7 +72,7 @@ def memory_limit() -> int:
         return 1 << 40
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise ProgramFormatError(msg)
 
 
@@ -123,15 +123,16 @@ def parse_pte(data: bytes) -> PTEFile:
         raise ProgramFormatError(f".pte file's segments are corrupted: {type(e).__name__}: {e}") from e
 
 
-_REQUIRED: Dict[type, List[Tuple[str, bool]]] = {}
+_REQUIRED: Dict[type, List[Tuple[str, Optional[bool]]]] = {}
 
 
-def _required_fields(cls: type) -> List[Tuple[str, bool]]:
-    """(name, is a list) of the fields of an ExecuTorch schema dataclass that are neither Optional nor scalar:
-    lists, bytes and nested tables, which the file must hold (the writer always writes them)."""
+def _required_fields(cls: type) -> List[Tuple[str, Optional[bool]]]:
+    """(name, is a list) of the fields of an ExecuTorch schema dataclass that are not scalar:
+    lists, bytes and nested tables, which the file must hold (the writer always writes them),
+    and (name, None) for Optional ones, checked only when present."""
     if cls not in _REQUIRED:
         hints = typing.get_type_hints(cls)
-        fields = []
+        fields: List[Tuple[str, Optional[bool]]] = []
         for f in dataclasses.fields(cls):
             hint = hints[f.name]
             origin = typing.get_origin(hint)
@@ -306,12 +307,15 @@ def check_delegate_io(plan: et.ExecutionPlan, records: Sequence[Any]) -> None:
             where = f"method {plan.name!r}: instruction {pc} (delegate {rec.name!r}, K={rec.in_features}, N={rec.out_features})"
             if len(a.args) != 2:
                 _fail(f"{where} passes {len(a.args) - 1} inputs; the delegate takes 1")
-            x, y = values[a.args[0]].val, values[a.args[1]].val
-            for what, spec, last in (("input", x, rec.in_features), ("output", y, rec.out_features)):
+            specs: List[et.Tensor] = []
+            for what, vid, last in (("input", a.args[0], rec.in_features), ("output", a.args[1], rec.out_features)):
+                spec = values[vid].val
                 if not isinstance(spec, et.Tensor) or int(spec.scalar_type) != 6 or not spec.sizes:
                     _fail(f"{where}: its {what} is not a float32 tensor of rank >= 1")
                 if spec.sizes[-1] != last:
                     _fail(f"{where}: its {what} has shape {list(spec.sizes)}, which does not end in {last}")
+                specs.append(spec)
+            x, y = specs
             if list(x.sizes[:-1]) != list(y.sizes[:-1]):
                 _fail(f"{where}: input shape {list(x.sizes)} and output shape {list(y.sizes)} differ in leading dims")
 

@@ -67,7 +67,9 @@ def ffn_main(argv=None) -> None:
 
     torch.manual_seed(0)
     model = FeedForward(args.dim, args.hidden).eval()
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(args.group_size)))
+    # torch.int4 exists at run time, but torch's stubs (_C/__init__.pyi) do not declare it.
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                          granularity=PerGroup(args.group_size)))
     example = torch.randn(1, args.prompt, args.dim)
     tokens = torch.export.Dim("tokens", min=1, max=args.max_tokens)
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -83,7 +83,7 @@ def packed_q4_bytes(in_features: int, out_features: int) -> int:
     return in_features // 8 * round_up(out_features, N_ALIGN) * 4
 
 
-def choose_lm_head(mode: str, dim: int, vocab: int, limit: int) -> Dict[str, object]:
+def choose_lm_head(mode: str, dim: int, vocab: int, limit: int) -> Dict[str, Any]:
     """How the lm_head is lowered: "q4" (int4, delegated) or "cpu-fp32" (not quantized, runs on the CPU).
 
     auto starts with q4; run() falls back to cpu-fp32 (and says why) when the runtime
@@ -100,7 +100,7 @@ def choose_lm_head(mode: str, dim: int, vocab: int, limit: int) -> Dict[str, obj
                                          f"max-storage-buffer-binding-size {limit} B)"}
 
 
-def phase_split(wall_s: float, report: List[dict]) -> Dict[str, object]:
+def phase_split(wall_s: float, report: List[dict]) -> Dict[str, Any]:
     """Time of one execute() split into GPU kernels, the rest of the delegate calls, and CPU ops (ms)."""
     wall_ms = wall_s * 1e3
     delegate_ms = sum(e["wall_us"] for e in report) / 1e3
@@ -123,7 +123,7 @@ def timed_execute(method, inputs):
     return logits, time.perf_counter() - start, method.route_report()
 
 
-def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, object]:
+def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(seed + prompt_len)
     tokens = torch.randint(0, vocab, (1, prompt_len), generator=g)
     pos = torch.tensor([0])
@@ -142,7 +142,7 @@ def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) 
             "walls_ms": [r[0] * 1e3 for r in runs], "linear_M": layer_m, **split}
 
 
-def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) -> Dict[str, object]:
+def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(seed + 7919)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     method.reset_state()
@@ -166,7 +166,7 @@ def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) 
         values = [s[key] for s in steps]
         return None if any(v is None for v in values) else sum(values) / len(values)
 
-    kernels = Counter()
+    kernels: Counter[str] = Counter()
     for s in steps:
         kernels.update(s["kernels"])
     return {
@@ -187,7 +187,7 @@ def _ms(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def markdown(result: Dict[str, object]) -> str:
+def markdown(result: Dict[str, Any]) -> str:
     m = result["model"]
     lines = [
         f"# llama-bench: {result['config']} ({result['date']})",
@@ -218,7 +218,7 @@ def markdown(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> Dict[str, object]:
+def run(args: argparse.Namespace) -> Dict[str, Any]:
     from executorch_wgpu.errors import WebGPUDelegateError
     from executorch_wgpu.runtime import Runtime
     from executorch_wgpu.runtime_py.gpu import gpu_context
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     return result
 
 
-def main(argv=None) -> Dict[str, object]:
+def main(argv=None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv

@@ -50,7 +50,9 @@ def quantize_q4(module: torch.nn.Module, group_size: int = GROUP_SIZE,
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)),
+    # torch.int4 exists at run time, but torch's stubs (_C/__init__.pyi) do not declare it.
+    quantize_(module, IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
+                                           granularity=PerGroup(group_size)),
               filter_fn=filter_fn)
     return module
 
@@ -154,13 +156,13 @@ def load_minilm(path: Optional[PathLike] = None):
 def quantize_minilm(model: torch.nn.Module, group_size: int = GROUP_SIZE) -> torch.nn.Module:
     """A copy of the BertModel whose encoder linears are all q4gsw (the fp32 model is left as is)."""
     quantized = copy.deepcopy(model).eval()
-    quantize_q4(quantized.encoder, group_size)
+    quantize_q4(quantized.get_submodule("encoder"), group_size)
     return quantized
 
 
 def minilm_linear_names(model: torch.nn.Module) -> List[str]:
     """The encoder's linears as the route report names them (MiniLMEncoder holds the BertModel as `bert`)."""
-    return linear_names(model.encoder, prefix="bert.encoder.")
+    return linear_names(model.get_submodule("encoder"), prefix="bert.encoder.")
 
 
 class MiniLMEncoder(torch.nn.Module):

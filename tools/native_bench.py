@@ -69,6 +69,7 @@ def time_executorch_python(lib: native.NativeLibrary, pte_path: pathlib.Path, x:
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(pte_path).load_method("forward")
+    assert method is not None   # annotated Optional, but load_method returns the method or raises
     lib.take_calls()
     walls = []
     for i in range(warmup + calls):
