@@ -14,25 +14,24 @@ from executorch_wgpu.errors import (
 )
 from executorch_wgpu.runtime import Runtime
 import executorch_wgpu.runtime_py.gpu as gpu_module
+from executorch_wgpu.tools.reference import golden_linear, rel_err
 
-from helpers import golden_linear, lower, rel_err, single_linear
+
+# The program under test: conftest's q4 Linear(128, 24) on [1, M, 128] inputs, M in [1, 16].
+@pytest.fixture(scope="module")
+def model(linear_program):
+    return linear_program.model
 
 
 @pytest.fixture(scope="module")
-def model():
-    return single_linear(128, 24)
+def pte(linear_program):
+    return linear_program.pte
 
 
 @pytest.fixture(scope="module")
-def pte(model):
-    return lower(model, torch.randn(1, 6, 128), {1: (1, 16)})
-
-
-@pytest.fixture(scope="module")
-def blob(pte):
-    start = pte.index(blob_module.FILE_IDENTIFIER) - 4
-    rec = deserialize_q4linear(pte[start:])   # flatbuffers ignore trailing bytes; re-serialize to get it exactly
-    return serialize_q4linear(rec)
+def blob(pte, blob_span):
+    start, length = blob_span(pte)
+    return pte[start:start + length]
 
 
 def test_truncated_pte_is_refused(pte):
@@ -46,8 +45,8 @@ def test_non_pte_bytes_are_refused():
         Runtime.get().load_program(b"\x00" * 64)
 
 
-def test_corrupted_weights_inside_pte_fail_the_checksum(pte):
-    start = pte.index(blob_module.FILE_IDENTIFIER) - 4
+def test_corrupted_weights_inside_pte_fail_the_checksum(pte, blob_span):
+    start, _ = blob_span(pte)
     data = bytearray(pte)
     data[start + 512] ^= 0xFF   # inside the packed weights (128 * 24 / 2 bytes)
     with pytest.raises(BlobFormatError, match="checksum"):
@@ -160,10 +159,10 @@ def test_strided_inputs_give_the_golden(method, model, make):
 
 
 @pytest.fixture(scope="module", params=["default", "regtiled", "shmem"])
-def routed_method(request, model):
+def routed_method(request, model, pte, lower):
     """The method with the default routes (gemv / skinny) and with each other prefill kernel forced."""
     if request.param == "default":
-        pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)})
+        pte_bytes = pte
     else:
         pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)}, prefill_route=request.param)
     return Runtime.get().load_program(pte_bytes).load_method("forward")

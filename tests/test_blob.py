@@ -4,28 +4,16 @@ import filecmp
 import pathlib
 
 import numpy as np
-import torch
 
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.preprocess import WebGPUBackend
-from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.routing import RouteOptions
 from executorch_wgpu.backend.serialization import regenerate
-from executorch_wgpu.backend.serialization.blob import (
-    BACKEND_ID,
-    Q4LinearRecord,
-    deserialize_q4linear,
-    serialize_q4linear,
-)
+from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear, serialize_q4linear
+from executorch_wgpu.tools.reference import random_q4_layer
 
 
 def record(bias=True, route_options=RouteOptions(prefill_route="shmem")):
-    codes = torch.randint(-8, 8, (20, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    return Q4LinearRecord(
-        name="layers.0.fc", in_features=64, out_features=20, group_size=32, n_stride=32, m_min=1, m_max=512,
-        qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(torch.rand(20, 2, generator=torch.Generator().manual_seed(2))),
-        bias=np.arange(20, dtype=np.float32) if bias else None,
-        route=decide_route(64, 20, 32, route_options),
-    )
+    return random_q4_layer(64, 20, 32, bias=bias, seed=1).record("layers.0.fc", route_options, m_max=512)
 
 
 def test_generated_python_matches_schema(tmp_path):

@@ -8,8 +8,8 @@ import torch
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX
 from executorch_wgpu.backend.serialization.blob import FILE_IDENTIFIER, deserialize_q4linear
 from executorch_wgpu.runtime import Runtime
-
-from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear
+from executorch_wgpu.tools.models import quantize_q4
+from executorch_wgpu.tools.reference import golden_linear, rel_err
 
 
 def run(pte: bytes, *inputs):
@@ -19,7 +19,7 @@ def run(pte: bytes, *inputs):
 
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("bias", [True, False])
-def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias):
+def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias, lower, single_linear):
     model = single_linear(256, 72, bias=bias, group_size=gs)
     x = torch.randn(5, 256)
     (y,), method = run(lower(model, x), x)
@@ -30,7 +30,7 @@ def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias):
 
 @pytest.mark.parametrize("prefill_route", ["regtiled", "shmem"])
 @pytest.mark.parametrize("decode_route", ["gemv", "regtiled", "shmem"])
-def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route):
+def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route, lower, single_linear):
     model = single_linear(1024, 136)
     x = torch.randn(70, 1024)   # partial tiles for every GEMM
     pte = lower(model, x, {0: (1, 128)}, prefill_route=prefill_route, decode_route=decode_route)
@@ -44,7 +44,7 @@ def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route):
         assert "forced" in entry["reason"]
 
 
-def test_default_rule_runs_skinny_at_small_m_and_shmem_above_with_the_partitioners_knobs():
+def test_default_rule_runs_skinny_at_small_m_and_shmem_above_with_the_partitioners_knobs(lower, single_linear):
     # N = 64, skinny_max_m = 4, shmem_min_mn = 512: skinny while M <= 4 or M*64 < 512, i.e. up to M = 7.
     model = single_linear(256, 64)
     pte = lower(model, torch.randn(4, 256), {0: (1, 48)}, skinny_max_m=4, shmem_min_mn=512)
@@ -59,7 +59,7 @@ def test_default_rule_runs_skinny_at_small_m_and_shmem_above_with_the_partitione
         assert "M <= 4 or M*N < 512 -> skinny, else shmem" in entry["reason"]
 
 
-def test_blob_records_routes_and_their_inputs():
+def test_blob_records_routes_and_their_inputs(blobs_in, lower, single_linear):
     model = single_linear(256, 64)
     x = torch.randn(4, 256)
     (blob,) = blobs_in(lower(model, x, {0: (1, 64)}))
@@ -72,7 +72,7 @@ def test_blob_records_routes_and_their_inputs():
     assert "K=256, N=64" in rec.route.reason
 
 
-def test_3d_input_batch_by_sequence():
+def test_3d_input_batch_by_sequence(lower, single_linear):
     model = single_linear(128, 48)
     x = torch.randn(2, 9, 128)
     (y,), method = run(lower(model, x), x)
@@ -81,7 +81,7 @@ def test_3d_input_batch_by_sequence():
     assert method.route_report()[0]["M"] == 18
 
 
-def test_one_program_serves_decode_and_prefill_alternately():
+def test_one_program_serves_decode_and_prefill_alternately(lower, single_linear):
     model = single_linear(256, 96)
     x = torch.randn(1, 40, 256)
     method = Runtime.get().load_program(lower(model, x, {1: (1, 64)})).load_method("forward")
@@ -93,25 +93,10 @@ def test_one_program_serves_decode_and_prefill_alternately():
         assert method.route_report()[0]["kernel"] == ("gemv" if s == 1 else "skinny")
 
 
-class Mixed(torch.nn.Module):
-    """q4 linear -> relu -> q4 linear, plus ops that are not quantized linears."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = torch.nn.Linear(64, 128)
-        self.down = torch.nn.Linear(128, 32, bias=False)
-        self.norm = torch.nn.LayerNorm(32)
-
-    def forward(self, x):
-        return self.norm(self.down(torch.relu(self.up(x)))) * 2 + 1
-
-
-def test_mixed_model_matches_eager_torch_after_save_and_load(tmp_path):
-    torch.manual_seed(0)
-    model = quantize_q4(Mixed().eval())
-    x = torch.randn(2, 11, 64)
+def test_mixed_model_matches_eager_torch_after_save_and_load(tmp_path, mixed_program):
+    model, pte = mixed_program   # q4 linear -> relu -> q4 linear -> LayerNorm, * 2 + 1; seq in [1, 32]
     path = tmp_path / "mixed.pte"
-    path.write_bytes(lower(model, x, {1: (1, 32)}))
+    path.write_bytes(pte)
     method = Runtime.get().load_program(str(path)).load_method("forward")
     for s in (11, 1, 32):
         xs = torch.randn(2, s, 64)
@@ -122,7 +107,7 @@ def test_mixed_model_matches_eager_torch_after_save_and_load(tmp_path):
         assert [e["name"] for e in method.route_report()] == ["up", "down"]
 
 
-def test_declined_asymmetric_layer_runs_on_the_cpu_and_is_logged_once(caplog):
+def test_declined_asymmetric_layer_runs_on_the_cpu_and_is_logged_once(caplog, lower):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
     quantize_q4(model)
@@ -140,7 +125,7 @@ def test_declined_asymmetric_layer_runs_on_the_cpu_and_is_logged_once(caplog):
     assert [e["name"] for e in method.route_report()] == ["0"]
 
 
-def test_unsupported_group_size_is_declined_and_still_runs(caplog):
+def test_unsupported_group_size_is_declined_and_still_runs(caplog, lower, single_linear):
     model = single_linear(64, 16, group_size=16)
     x = torch.randn(2, 64)
     with caplog.at_level(logging.WARNING, logger="executorch_wgpu"):
@@ -152,7 +137,7 @@ def test_unsupported_group_size_is_declined_and_still_runs(caplog):
     assert method.route_report() == []
 
 
-def test_same_model_lowers_to_identical_bytes():
+def test_same_model_lowers_to_identical_bytes(blobs_in, lower, single_linear):
     model = single_linear(128, 40)
     x = torch.randn(3, 128)
     first, second = blobs_in(lower(model, x))[0], blobs_in(lower(model, x))[0]

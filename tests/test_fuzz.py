@@ -23,7 +23,6 @@ CI runs a sample (~450 cases, fixed seed); the long run draws fresh cases:
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import signal
 import time
@@ -31,13 +30,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
 import executorch_wgpu.backend.serialization.blob as blob_module
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
-from executorch_wgpu.backend.routing import RouteOptions, decide_route
-from executorch_wgpu.backend.serialization import fbverify
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deserialize_q4linear, serialize_q4linear
 from executorch_wgpu.errors import (
     BlobFormatError,
@@ -49,27 +44,10 @@ from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.runtime_py.delegate import WebGPUDelegate
 from executorch_wgpu.runtime_py.pte_checks import parse_pte, program_schema
 
-from helpers import lower, quantize_q4
-
-LONG_RUN = int(os.environ.get("EXECUTORCH_WGPU_FUZZ_CASES", "0") or 0)
+# The mutation strategy, case counts and hypothesis settings are conftest's `fuzz` toolkit
+# (test_native_fuzz runs the same corpus through the native delegate).
 CASE_SECONDS = 30          # hard wall-clock limit of one case (a hang fails the test, it does not stall CI)
 RSS_GROWTH_LIMIT = 512 << 20   # peak RSS may grow this much over a whole fuzz test
-
-
-def n_cases(ci: int, share: float) -> int:
-    """CI: the fixed sample; long run: this test's share of EXECUTORCH_WGPU_FUZZ_CASES."""
-    return max(ci, int(LONG_RUN * share)) if LONG_RUN else ci
-
-
-def fuzz_settings(cases: int, deadline_ms: int):
-    return settings(
-        max_examples=cases,
-        deadline=deadline_ms,           # hypothesis' per-case time bound (a slow case fails)
-        derandomize=not LONG_RUN,       # CI: the same cases every run
-        database=None,
-        print_blob=True,
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 class CaseTimeout(BaseException):
@@ -94,133 +72,33 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-STATS = {}   # test name -> {"cases", "loaded", "errors": {exception type: count}, ...}; printed at the end
-
-
-def count(test: str, key: str, sub: str = "") -> None:
-    s = STATS.setdefault(test, {"cases": 0})
-    if sub:
-        s.setdefault(key, {})
-        s[key][sub] = s[key].get(sub, 0) + 1
-    else:
-        s[key] = s.get(key, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_stats():
-    start = time.perf_counter()
-    yield
-    print(f"\nfuzz stats ({time.perf_counter() - start:.1f} s):")
-    for test, s in STATS.items():
-        print(f"  {test}: {s}")
-
-
-# -- structure of a valid buffer, to aim mutations at --
-
-def structure(schema: fbverify.Schema, buf: bytes, base: int = 0) -> list:
-    """(kind, offset, size, path) of every structural field of a valid flatbuffer, offsets shifted by base."""
-    sites = []
-    fbverify.verify(schema, buf, note=lambda kind, pos, size, path: sites.append((kind, base + pos, size, path)))
-    return sites
-
-
-def interesting(size: int, original: int, length: int) -> list:
-    top = (1 << (8 * size)) - 1
-    values = {0, 1, 2, 3, 4, 7, 8, 0x7F, 0x80, 0xFF, top, top >> 1, (top >> 1) + 1, length - 1, length, length + 1,
-              length * 2, original + 1, original - 1, original + 4, original - 4, original * 2, original + 0x100}
-    if size >= 4:
-        values |= {1 << 16, (1 << 31) - 1, 1 << 31, (1 << 32) - 1}
-    if size >= 8:
-        values |= {1 << 32, 1 << 40, 1 << 63}
-    return sorted(v for v in values if 0 <= v <= top)
-
-
-@st.composite
-def mutated(draw, base: bytes, sites: list, fixed: list):
-    """base with 1-3 mutations; fixed: extra (kind, offset, size, path) sites such as headers."""
-    data = bytearray(base)
-    all_sites = sites + fixed
-    for _ in range(draw(st.sampled_from([1, 1, 1, 1, 2, 2, 3]), label="mutations")):
-        n = len(data)
-        op = draw(st.sampled_from(
-            ["truncate", "flip", "overwrite", "structural", "structural", "structural", "scalar", "swap",
-             "duplicate", "insert", "delete"]), label="op")
-        if n == 0:
-            break
-        if op == "truncate":
-            del data[draw(st.integers(0, n - 1), label="cut"):]
-        elif op == "flip":
-            for _ in range(draw(st.integers(1, 8), label="flips")):
-                data[draw(st.integers(0, n - 1), label="at")] ^= 1 << draw(st.integers(0, 7), label="bit")
-        elif op == "overwrite":
-            at = draw(st.integers(0, n - 1), label="at")
-            data[at:at + 16] = draw(st.binary(min_size=1, max_size=16), label="bytes")[: n - at]
-        elif op in ("structural", "scalar"):
-            pool = [s for s in all_sites if s[0] == "scalar"] if op == "scalar" else all_sites
-            kind, at, size, path = draw(st.sampled_from(pool), label="site")
-            if at + size > n:
-                continue
-            original = int.from_bytes(data[at:at + size], "little")
-            value = draw(st.one_of(st.sampled_from(interesting(size, original, n)),
-                                   st.integers(0, (1 << (8 * size)) - 1)), label=f"value for {kind} {path}")
-            data[at:at + size] = value.to_bytes(size, "little")
-        elif op in ("swap", "duplicate"):
-            length = draw(st.integers(1, min(64, n)), label="length")
-            a = draw(st.integers(0, n - length), label="a")
-            b = draw(st.integers(0, n - length), label="b")
-            src = bytes(data[a:a + length])
-            if op == "swap":
-                data[a:a + length] = data[b:b + length]
-            data[b:b + length] = src
-        elif op == "insert":
-            at = draw(st.integers(0, n), label="at")
-            data[at:at] = draw(st.binary(min_size=1, max_size=16), label="bytes")
-        else:
-            at = draw(st.integers(0, n - 1), label="at")
-            del data[at:at + draw(st.integers(1, 16), label="length")]
-    return bytes(data)
-
-
 # -- delegate blobs --
-
-def make_record(bias: bool) -> Q4LinearRecord:
-    g = torch.Generator().manual_seed(3)
-    k, n, gs = 64, 20, 32
-    return Q4LinearRecord(
-        name="fuzz.fc", in_features=k, out_features=n, group_size=gs, n_stride=32, m_min=1, m_max=64,
-        qweight=pack_q4gsw_weights(torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)),
-        scales=pack_q4gsw_scales(torch.rand(n, k // gs, generator=g) * 0.1 + 0.01),
-        bias=np.linspace(-1, 1, n, dtype=np.float32) if bias else None,
-        route=decide_route(k, n, gs, RouteOptions()),
-    )
-
 
 BLOB_X = {m: torch.randn(m, 64, generator=torch.Generator().manual_seed(m)) for m in (1, 5)}
 
 
 @pytest.fixture(scope="module")
-def blob_cases():
+def blob_cases(fuzz):
     cases = {}
     for bias in (True, False):
-        rec = make_record(bias)
+        rec = fuzz.record(bias)
         blob = serialize_q4linear(rec)
         delegate = WebGPUDelegate(blob)
         golden = {m: delegate.execute([x], [])[0] for m, x in BLOB_X.items()}
-        sites = structure(blob_module._blob_schema(), blob)
-        fixed = [("identifier", 4, 4, "file_identifier")]
-        cases[bias] = (rec, blob, golden, sites, fixed)
+        sites = fuzz.structure(blob_module._blob_schema(), blob)
+        cases[bias] = (rec, blob, golden, sites, fuzz.BLOB_HEADER_SITES)
     return cases
 
 
-def check_blob_case(test: str, rec: Q4LinearRecord, golden: dict, data: bytes) -> None:
-    count(test, "cases")
+def check_blob_case(stats, test: str, rec: Q4LinearRecord, golden: dict, data: bytes) -> None:
+    stats.count(test, "cases")
     try:
         with time_limit(CASE_SECONDS):
             got = deserialize_q4linear(data)
     except BlobFormatError as e:   # BlobVersionError is one
-        count(test, "refused", type(e).__name__)
+        stats.count(test, "refused", type(e).__name__)
         return
-    count(test, "loaded")
+    stats.count(test, "loaded")
     # The CRC covers the payload; the shape rules tie K, gs and n_stride to its sizes.
     assert np.array_equal(got.qweight, rec.qweight) and np.array_equal(got.scales, rec.scales)
     assert (got.bias is None) == (rec.bias is None)
@@ -231,14 +109,14 @@ def check_blob_case(test: str, rec: Q4LinearRecord, golden: dict, data: bytes) -
         # Without a bias, N is tied to the payload only through n_stride: a corrupted N within the
         # same 16-column block loads (the .pte loader then refuses it against the program's shapes).
         assert rec.bias is None
-        count(test, "N changed within n_stride (no bias)")
+        stats.count(test, "N changed within n_stride (no bias)")
     with time_limit(CASE_SECONDS):
         delegate = WebGPUDelegate(data)
         for m, x in BLOB_X.items():
             try:
                 (y,) = delegate.execute([x], [])
             except InputError:   # a corrupted M range refuses a valid M: documented, not wrong
-                count(test, "InputError at run")
+                stats.count(test, "InputError at run")
                 continue
             n = min(got.out_features, rec.out_features)
             assert y.shape == (m, got.out_features)
@@ -248,15 +126,15 @@ def check_blob_case(test: str, rec: Q4LinearRecord, golden: dict, data: bytes) -
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_mutated_blobs_are_refused_or_load_correctly(blob_cases, bias):
+def test_mutated_blobs_are_refused_or_load_correctly(blob_cases, bias, fuzz, fuzz_stats):
     rec, blob, golden, sites, fixed = blob_cases[bias]
     test = f"blob[{'bias' if bias else 'no_bias'}]"
     rss0 = peak_rss()
 
-    @fuzz_settings(n_cases(120, 0.25), deadline_ms=2000)
-    @given(mutated(blob, sites, fixed))
+    @fuzz.settings(fuzz.cases(120, 0.25), deadline_ms=2000)
+    @given(fuzz.mutated(blob, sites, fixed))
     def run(data):
-        check_blob_case(test, rec, golden, data)
+        check_blob_case(fuzz_stats, test, rec, golden, data)
 
     run()
     assert peak_rss() - rss0 < RSS_GROWTH_LIMIT
@@ -264,64 +142,46 @@ def test_mutated_blobs_are_refused_or_load_correctly(blob_cases, bias):
 
 # -- .pte files --
 
-class TinyModel(torch.nn.Module):
-    """A q4 linear (delegated) and CPU ops with int, bool, list and null arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(128, 24)
-
-    def forward(self, x):
-        y = torch.relu(self.fc(x))
-        return y + y.sum(dim=-1, keepdim=True)
-
-
-PTE_X = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(7))
-
-
 @pytest.fixture(scope="module")
-def pte_case():
-    torch.manual_seed(0)
-    model = quantize_q4(TinyModel().eval())
-    pte = lower(model, torch.randn(1, 6, 128), {1: (1, 16)})
-    (golden,) = Runtime.get().load_program(pte).load_method("forward").execute([PTE_X])
-    assert torch.allclose(golden, model(PTE_X), atol=1e-4)
+def pte_case(tiny_program, fuzz, blob_span):
+    """conftest's TinyModel program (a q4 linear, then CPU ops with int, bool, list and null arguments),
+    its output, its parsed program, and the sites to aim mutations at: the program's and the blob's fields."""
+    pte = tiny_program.pte
     program_size = int.from_bytes(pte[16:24], "little")
-    base = int.from_bytes(pte[24:32], "little")
-    sites = structure(program_schema(), pte[:program_size])
-    blob_at = pte.index(blob_module.FILE_IDENTIFIER, base) - 4
-    sites += structure(blob_module._blob_schema(), serialize_q4linear(deserialize_q4linear(pte[blob_at:])), blob_at)
+    sites = fuzz.structure(program_schema(), pte[:program_size])
+    blob_at, blob_len = blob_span(pte)
+    sites += fuzz.structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at)
     fixed = [("identifier", 4, 4, "file_identifier"), ("eh_magic", 8, 4, "extended header magic"),
              ("eh_length", 12, 4, "extended header length"), ("eh_program_size", 16, 8, "program_size"),
              ("eh_segment_base", 24, 8, "segment_base_offset"), ("eh_segment_size", 32, 8, "segment_data_size")]
-    return pte, golden, parse_pte(pte).program, sites, fixed
+    return pte, tiny_program.y, parse_pte(pte).program, sites, fixed
 
 
 PTE_LOAD_ERRORS = (ProgramFormatError, BlobFormatError, UnsupportedOperatorError)
 PTE_RUN_ERRORS = (InputError, ProgramFormatError, UnsupportedOperatorError)
 
 
-def check_pte_case(test: str, original_program, golden: torch.Tensor, data: bytes) -> None:
-    count(test, "cases")
+def check_pte_case(stats, test: str, original_program, x: torch.Tensor, golden: torch.Tensor, data: bytes) -> None:
+    stats.count(test, "cases")
     with time_limit(CASE_SECONDS):
         try:
             program = Runtime.get().load_program(data)
             if "forward" not in program.method_names:
                 with pytest.raises(KeyError, match="no method 'forward'"):
                     program.load_method("forward")
-                count(test, "refused", "KeyError (method renamed)")
+                stats.count(test, "refused", "KeyError (method renamed)")
                 return
             method = program.load_method("forward")
         except PTE_LOAD_ERRORS as e:
-            count(test, "refused", type(e).__name__)
+            stats.count(test, "refused", type(e).__name__)
             return
-        count(test, "loaded")
+        stats.count(test, "loaded")
         try:
-            outputs = method.execute([PTE_X.clone()])
+            outputs = method.execute([x.clone()])
         except PTE_RUN_ERRORS as e:
-            count(test, "refused at run", type(e).__name__)
+            stats.count(test, "refused at run", type(e).__name__)
             return
-    count(test, "ran")
+    stats.count(test, "ran")
     parsed = parse_pte(data).program
     plan = next(p for p in parsed.execution_plan if p.name == "forward")
     assert len(outputs) == len(plan.outputs)
@@ -331,22 +191,22 @@ def check_pte_case(test: str, original_program, golden: torch.Tensor, data: byte
             assert isinstance(out, torch.Tensor) and out.dim() == len(spec.sizes)
             assert all(0 <= got <= bound for got, bound in zip(out.shape, spec.sizes))
     if parsed == original_program:
-        count(test, "unchanged program")
+        stats.count(test, "unchanged program")
         assert len(outputs) == 1 and torch.equal(outputs[0], golden)
     elif len(outputs) == 1 and isinstance(outputs[0], torch.Tensor) and outputs[0].shape == golden.shape:
-        count(test, "changed program, golden's shape")
+        stats.count(test, "changed program, golden's shape")
     else:
-        count(test, "changed program, other declared shape")
+        stats.count(test, "changed program, other declared shape")
 
 
-def test_mutated_pte_files_are_refused_or_run_correctly(pte_case):
+def test_mutated_pte_files_are_refused_or_run_correctly(pte_case, tiny_program, fuzz, fuzz_stats):
     pte, golden, program, sites, fixed = pte_case
     rss0 = peak_rss()
 
-    @fuzz_settings(n_cases(240, 0.5), deadline_ms=5000)
-    @given(mutated(pte, sites, fixed))
+    @fuzz.settings(fuzz.cases(240, 0.5), deadline_ms=5000)
+    @given(fuzz.mutated(pte, sites, fixed))
     def run(data):
-        check_pte_case("pte", program, golden, data)
+        check_pte_case(fuzz_stats, "pte", program, tiny_program.x, golden, data)
 
     run()
     assert peak_rss() - rss0 < RSS_GROWTH_LIMIT
@@ -465,15 +325,11 @@ def test_planned_tensor_larger_than_its_memory_is_refused(pte_case):
         Runtime.get().load_program(data).load_method("forward")
 
 
-def test_a_blob_whose_n_was_corrupted_is_refused_against_the_program():
+def test_a_blob_whose_n_was_corrupted_is_refused_against_the_program(single_linear, lower, blob_span, fuzz):
     """Without a bias the CRC does not tie N to the payload (see blob.py): the .pte loader's shape check does."""
-    from helpers import single_linear
-
     pte = lower(single_linear(128, 24, bias=False), torch.randn(1, 6, 128), {1: (1, 16)})
-    base = int.from_bytes(pte[24:32], "little")
-    blob_at = pte.index(blob_module.FILE_IDENTIFIER, base) - 4
-    blob = serialize_q4linear(deserialize_q4linear(pte[blob_at:]))
-    (site,) = [s for s in structure(blob_module._blob_schema(), blob, blob_at)
+    blob_at, blob_len = blob_span(pte)
+    (site,) = [s for s in fuzz.structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at)
                if s[0] == "scalar" and s[3] == "Q4Linear.out_features"]
     for n in (20, 25, 32):   # same n_stride (32): the blob alone still loads
         data = put(pte, site[1], n, site[2])

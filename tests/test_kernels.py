@@ -3,31 +3,19 @@
 import pytest
 import torch
 
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights, unpack_q4gsw_weights
-from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, Route, round_up
+from executorch_wgpu.backend.packing import pack_q4gsw_weights, unpack_q4gsw_weights
+from executorch_wgpu.backend.routing import RouteOptions
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, round_up
 from executorch_wgpu.runtime_py.gpu import gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU, plan_call
-
-from helpers import rel_err
-
-
-def make_layer(k, n, gs, bias, decode, prefill, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
-    scales = torch.rand(n, k // gs, generator=g) * 0.05 + 0.005
-    b = torch.randn(n, generator=g) if bias else None
-    rec = Q4LinearRecord(
-        name="probe", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, N_ALIGN), m_min=1, m_max=4096,
-        qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
-        bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 0, 0, "test"),
-    )
-    w = codes.double() * scales.double().repeat_interleave(gs, dim=1)
-    return Q4LinearGPU(gpu_context(), rec), w, b
+from executorch_wgpu.tools.reference import random_q4_layer, rel_err
 
 
-def golden(x, w, b):
-    y = x.double() @ w.T
-    return y if b is None else y + b.double()
+def gpu_layer(k, n, gs, bias, decode, prefill, seed=0):
+    """(the layer on the GPU with both kernels forced, its reference weights)."""
+    weights = random_q4_layer(k, n, gs, bias=bias, seed=seed)
+    rec = weights.record("probe", RouteOptions(decode_route=decode, prefill_route=prefill))
+    return Q4LinearGPU(gpu_context(), rec), weights
 
 
 def test_packing_round_trips_codes_including_padded_columns():
@@ -43,12 +31,12 @@ def test_packing_round_trips_codes_including_padded_columns():
     (4096, 40, 32, True),   # 128 groups: the GEMV splits K over 2 workgroups + reduce
 ])
 def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
-    layer, w, b = make_layer(k, n, gs, bias, decode=kernel, prefill="regtiled")
+    layer, weights = gpu_layer(k, n, gs, bias, decode=kernel, prefill="regtiled")
     x = torch.randn(1, k)
     y, call = layer(x)
     assert call.kernel == kernel
     assert y.shape == (1, n)
-    assert rel_err(y, golden(x, w, b)) < 1e-4
+    assert rel_err(y, weights.golden(x)) < 1e-4
 
 
 @pytest.mark.parametrize("kernel", ["skinny", "regtiled", "shmem"])
@@ -60,11 +48,11 @@ def test_decode_kernel_matches_fp64_golden(kernel, k, n, gs, bias):
     (3, 1056, 8, 32, True),       # K split into chunks that do not divide it (4 x 272 > 1056)
 ])
 def test_prefill_kernel_matches_fp64_golden(kernel, m, k, n, gs, bias):
-    layer, w, b = make_layer(k, n, gs, bias, decode="gemv", prefill=kernel)
+    layer, weights = gpu_layer(k, n, gs, bias, decode="gemv", prefill=kernel)
     x = torch.randn(m, k)
     y, call = layer(x)
     assert call.kernel == kernel and call.M == m
-    assert rel_err(y, golden(x, w, b)) < 1e-4
+    assert rel_err(y, weights.golden(x)) < 1e-4
 
 
 @pytest.mark.parametrize("m,k,n,splits", [(70, 1024, 136, 4), (129, 512, 64, 2), (128, 128, 200, 1),
@@ -85,16 +73,16 @@ def test_gemv_splits_k_over_workgroups_only_for_long_k(k, gs, splits):
 
 
 def test_layer_serves_decode_and_prefill_alternately():
-    layer, w, b = make_layer(256, 40, 32, True, decode="gemv", prefill="shmem")
+    layer, weights = gpu_layer(256, 40, 32, True, decode="gemv", prefill="shmem")
     for m in (1, 17, 1, 100, 3, 1):
         x = torch.randn(m, 256)
         y, call = layer(x)
         assert call.kernel == ("gemv" if m == 1 else "shmem")
-        assert rel_err(y, golden(x, w, b)) < 1e-4
+        assert rel_err(y, weights.golden(x)) < 1e-4
 
 
 def test_timestamps_are_reported_when_the_adapter_has_them():
-    layer, _, _ = make_layer(128, 16, 32, False, decode="gemv", prefill="regtiled")
+    layer, _ = gpu_layer(128, 16, 32, False, decode="gemv", prefill="regtiled")
     _, call = layer(torch.randn(1, 128))
     if gpu_context().has_timestamps:
         assert call.gpu_us is not None and call.gpu_us > 0
@@ -103,15 +91,15 @@ def test_timestamps_are_reported_when_the_adapter_has_them():
 
 
 def test_direct_c_api_path_and_wgpu_py_path_give_identical_results(monkeypatch):
-    direct, w, b = make_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
+    direct, weights = gpu_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
     monkeypatch.setenv("EXECUTORCH_WGPU_DIRECT", "0")
-    through_py, _, _ = make_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
+    through_py, _ = gpu_layer(512, 72, 32, True, decode="gemv", prefill="shmem", seed=3)
     assert direct.direct is not None and through_py.direct is None
     for m in (1, 5, 1, 130):
         x = torch.randn(m, 512)
         (y_direct, call_direct), (y_py, call_py) = direct(x), through_py(x)
         assert torch.equal(y_direct, y_py)
-        assert rel_err(y_direct, golden(x, w, b)) < 1e-4
+        assert rel_err(y_direct, weights.golden(x)) < 1e-4
         assert (call_direct.gpu_us is None) == (call_py.gpu_us is None) == (not gpu_context().has_timestamps)
         assert all(v >= 0 for v in (call_direct.upload_us, call_direct.submit_us, call_direct.wait_us,
                                     call_direct.readback_us))

@@ -12,13 +12,11 @@ import copy
 
 import pytest
 import torch
-from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.exir import ExecutorchBackendConfig
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
-from executorch_wgpu import WebGPUPartitioner
 from executorch_wgpu.runtime import Runtime
-
-from helpers import quantize_q4
+from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
 
 
 class Accumulator(torch.nn.Module):
@@ -36,14 +34,14 @@ class Accumulator(torch.nn.Module):
         return self.rows.sum(0, keepdim=True) * self.count
 
 
-def lower(model, reinplace: bool, init_patterns=None) -> bytes:
+def lower_accumulator(model, reinplace: bool, init_patterns=None) -> bytes:
+    """The Accumulator lowered with the functional or the reinplaced buffer update; export gets a copy, so the
+    eager model that the tests compare with stays untouched."""
     example = (torch.randn(1, 64), torch.tensor([0]))
     config = ExecutorchBackendConfig(
         run_reinplace_pass=reinplace, passes=[InitializedMutableBufferPass(init_patterns)] if init_patterns else []
     )
-    with torch.no_grad():
-        ep = torch.export.export(copy.deepcopy(model), example)
-        return to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch(config).buffer
+    return lower_to_pte(copy.deepcopy(model), example, None, backend_config=config)
 
 
 def fresh(pte: bytes):
@@ -58,7 +56,7 @@ def model():
 
 @pytest.fixture(scope="module", params=[False, True], ids=["functional", "reinplaced"])
 def pte(request, model):
-    return lower(model, reinplace=request.param)
+    return lower_accumulator(model, reinplace=request.param)
 
 
 CALLS = [(torch.randn(1, 64, generator=torch.Generator().manual_seed(i)), torch.tensor([i % 3])) for i in range(5)]
@@ -104,12 +102,12 @@ def test_an_initialized_mutable_buffer_starts_from_its_serialized_value(reinplac
     torch.manual_seed(1)
     model = quantize_q4(Accumulator(count_start=5.0).eval())
     expected = eager_outputs(model, CALLS[:3])
-    method = fresh(lower(model, reinplace, init_patterns=["count"]))
+    method = fresh(lower_accumulator(model, reinplace, init_patterns=["count"]))
     for (x, idx), want in zip(CALLS[:3], expected):
         (y,) = method.execute([x, idx])
         assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
     # Without the pass ExecuTorch serializes no initial value; our runtime starts such buffers at zero.
-    (y,) = fresh(lower(model, reinplace)).execute(list(CALLS[0]))
+    (y,) = fresh(lower_accumulator(model, reinplace)).execute(list(CALLS[0]))
     (want,) = eager_outputs(quantize_like(model, count_start=0.0), CALLS[:1])
     assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
 

@@ -15,44 +15,30 @@ pins that the two agree:
   * bad inputs and blobs of another schema version are errors with a log line
     that names the problem, never a crash.
 
-Without the built library the whole file is skipped (saying why), or fails
-when EXECUTORCH_WGPU_REQUIRE_NATIVE=1 asks for it (CI that built it).
+Every test is marked `native` (conftest): without the built library they are
+skipped, saying why, or fail when EXECUTORCH_WGPU_REQUIRE_NATIVE=1 asks for it
+(CI, which builds it). `native_lib` is the library, loaded into this process.
 """
 
 import dataclasses
-import functools
 import itertools
 import re
-import zlib
 
-import numpy as np
 import pytest
 import torch
+from executorch.runtime import Runtime as EtRuntime
 
-import executorch_wgpu.native as native
+import executorch_wgpu.backend.serialization.blob as blob_module
+from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry
+from executorch_wgpu.backend.serialization.blob import deserialize_q4linear
+from executorch_wgpu.errors import WebGPUDelegateError
+from executorch_wgpu.runtime import Runtime as PyRuntime
+from executorch_wgpu.runtime_py.gpu import capped_plan_limits
+from executorch_wgpu.shaders import registry
+from executorch_wgpu.runtime_py.q4_linear import plan_call
+from executorch_wgpu.tools.reference import golden_linear, rel_err
 
-from helpers import require_native_or_skip_module  # noqa: E402
-
-require_native_or_skip_module()
-
-from executorch.runtime import Runtime as EtRuntime  # noqa: E402
-
-import executorch_wgpu.backend.serialization.blob as blob_module  # noqa: E402
-from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry  # noqa: E402
-from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route, deserialize_q4linear  # noqa: E402
-from executorch_wgpu.backend.serialization.generated.wgq4.Q4Linear import Q4Linear as FbQ4Linear  # noqa: E402
-from executorch_wgpu.errors import WebGPUDelegateError  # noqa: E402
-from executorch_wgpu.runtime import Runtime as PyRuntime  # noqa: E402
-from executorch_wgpu.runtime_py.gpu import capped_plan_limits  # noqa: E402
-from executorch_wgpu.shaders import registry  # noqa: E402
-from executorch_wgpu.runtime_py.q4_linear import plan_call  # noqa: E402
-
-from helpers import blobs_in, golden_linear, lower, quantize_q4, rel_err, single_linear  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return native.load()
+pytestmark = pytest.mark.native
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -63,7 +49,7 @@ def route_table(k, n, decode, prefill, name="native-test"):
     return RouteTable(name=name, adapter="Test GPU, Vulkan", date="2026-01-02", command="tune", entries=[entry])
 
 
-# Real single-layer models, lowered once per session: id -> (K, N, group size, bias, dynamic M range, options).
+# Real single-layer models, each lowered once per run: id -> (K, N, group size, bias, dynamic M range, options).
 # Together they cover every kernel as decode and prefill route, every route source, bias or not,
 # group sizes 32/64/128, split K in the shmem GEMM (K=512, N=16: one tile) and in the GEMV (K=4096).
 LAYERS = {
@@ -82,37 +68,20 @@ LAYERS = {
 EXAMPLE_M = 5
 
 
-@functools.lru_cache(maxsize=None)
-def layer(name: str):
-    """(model, .pte bytes) of LAYERS[name]."""
-    k, n, gs, bias, m_range, options = LAYERS[name]
-    model = single_linear(k, n, bias=bias, group_size=gs, seed=len(name))
-    x = torch.randn(EXAMPLE_M, k)
-    return model, lower(model, x, {0: m_range} if m_range else None, **options)
+@pytest.fixture(scope="module")
+def layer(lower, single_linear):
+    """layer(name) -> (model, .pte bytes) of LAYERS[name], lowered on first use."""
+    programs = {}
 
+    def program(name: str):
+        if name not in programs:
+            k, n, gs, bias, m_range, options = LAYERS[name]
+            model = single_linear(k, n, bias=bias, group_size=gs, seed=len(name))
+            x = torch.randn(EXAMPLE_M, k)
+            programs[name] = model, lower(model, x, {0: m_range} if m_range else None, **options)
+        return programs[name]
 
-class Mixed(torch.nn.Module):
-    """q4 linear -> relu (stays on the CPU) -> q4 linear, then more CPU ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.up = torch.nn.Linear(64, 128)
-        self.down = torch.nn.Linear(128, 32, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x))) * 2 + 1
-
-
-def mixed_golden(model: Mixed, x: torch.Tensor) -> torch.Tensor:
-    return golden_linear(torch.relu(golden_linear(x, model.up)), model.down) * 2 + 1
-
-
-@functools.lru_cache(maxsize=None)
-def mixed():
-    """(model, .pte bytes) of Mixed on batch x seq x 64 inputs, seq dynamic in [1, 16]."""
-    torch.manual_seed(0)
-    model = quantize_q4(Mixed().eval())
-    return model, lower(model, torch.randn(2, 5, 64), {1: (1, 16)})
+    return program
 
 
 def et_method(pte: bytes):
@@ -124,12 +93,12 @@ def py_method(pte: bytes):
     return PyRuntime.get().load_program(pte).load_method("forward")
 
 
-def run_both(lib, et, py, x):
+def run_both(native_lib, et, py, x):
     """(native y, native route report, Python y, Python route report) of one call."""
-    lib.take_calls()   # drain whatever earlier calls left
+    native_lib.take_calls()   # drain whatever earlier calls left
     (y_native,) = et.execute([x])
     y_native = y_native.clone()   # the output may alias the program's planned memory
-    native_calls = lib.take_calls()
+    native_calls = native_lib.take_calls()
     (y_py,) = py.execute([x])
     return y_native, native_calls, y_py, py.route_report()
 
@@ -137,40 +106,13 @@ def run_both(lib, et, py, x):
 # ---- 1. blob readers ------------------------------------------------------------------------------
 
 
-def vector_description(a):
-    return None if a is None else {"length": int(a.size), "crc32": zlib.crc32(np.ascontiguousarray(a).tobytes())}
-
-
-def route_description(route: Route) -> dict:
-    out = {}
-    for f in dataclasses.fields(Route):
-        value = getattr(route, f.name)
-        out[f.name] = [list(b) for b in value] if f.name == "prefill_buckets" else value
-    return out
-
-
-def python_description(blob: bytes) -> dict:
-    """What describe_blob should say: the Python reader's record, every dataclass field, plus the header."""
-    rec = deserialize_q4linear(blob)
-    root = FbQ4Linear.GetRootAs(blob, 0)
-    out = {"schema_version": root.SchemaVersion(), "checksum": root.Checksum()}
-    for f in dataclasses.fields(Q4LinearRecord):
-        value = getattr(rec, f.name)
-        if isinstance(value, Route):
-            value = route_description(value)
-        elif f.name in ("qweight", "scales", "bias"):
-            value = vector_description(value)
-        out[f.name] = value
-    assert out["checksum"] == blob_module.payload_checksum(rec.qweight, rec.scales, rec.bias)
-    return out
-
-
-def test_both_blob_readers_agree_on_every_field_of_real_blobs(lib):
-    blobs = [b for name in LAYERS for b in blobs_in(layer(name)[1])] + blobs_in(mixed()[1])
+def test_both_blob_readers_agree_on_every_field_of_real_blobs(native_lib, layer, mixed_program, blobs_in,
+                                                             python_blob_fields):
+    blobs = [b for name in LAYERS for b in blobs_in(layer(name)[1])] + blobs_in(mixed_program.pte)
     seen = {"source": set(), "bias": set(), "group_size": set(), "buckets": set(), "decode": set(), "prefill": set()}
     for blob in blobs:
-        expected = python_description(blob)
-        assert lib.describe_blob(blob) == expected
+        expected = python_blob_fields(blob)
+        assert native_lib.describe_blob(blob) == expected
         route = expected["route"]
         seen["source"].add(route["source"])
         seen["bias"].add(expected["bias"] is None)
@@ -199,27 +141,28 @@ def python_error(blob: bytes) -> str:
     return str(e.value)
 
 
-def test_both_blob_readers_refuse_bad_blobs_with_the_same_words(lib, monkeypatch):
+def test_both_blob_readers_refuse_bad_blobs_with_the_same_words(native_lib, monkeypatch, blobs_in, layer):
     (blob,) = blobs_in(layer("default-rule")[1])
     corrupted = bytearray(blob)
     corrupted[len(blob) // 2] ^= 0xFF   # inside the packed weights
     for bad in (blob[:7], bytes(corrupted), blob_of_version(blob, 99, monkeypatch)):
-        assert lib.describe_blob(bad) == {"error": python_error(bad)}
+        assert native_lib.describe_blob(bad) == {"error": python_error(bad)}
     foreign = b"\x10\x00\x00\x00XXXX" + blob[8:]   # the Python reader also quotes the magic it found
-    assert lib.describe_blob(foreign)["error"].startswith("not an executorch_wgpu blob: ")
+    assert native_lib.describe_blob(foreign)["error"].startswith("not an executorch_wgpu blob: ")
     assert python_error(foreign).startswith("not an executorch_wgpu blob: ")
 
 
-def test_a_truncated_blob_of_another_version_is_refused_for_its_version_by_both_readers(lib, monkeypatch):
+def test_a_truncated_blob_of_another_version_is_refused_for_its_version_by_both_readers(native_lib, monkeypatch,
+                                                                                       blobs_in, layer):
     (blob,) = blobs_in(layer("default-rule")[1])
     newer = blob_of_version(blob, 99, monkeypatch)
     truncated = newer[:len(newer) // 2]
     assert "schema version 99" in python_error(truncated)
-    assert "schema version 99" in lib.describe_blob(truncated)["error"]
+    assert "schema version 99" in native_lib.describe_blob(truncated)["error"]
 
 
-def test_library_reports_the_backend_id_and_schema_version_of_the_python_side(lib):
-    info = lib.info()
+def test_library_reports_the_backend_id_and_schema_version_of_the_python_side(native_lib):
+    info = native_lib.info()
     assert info["backend_id"] == blob_module.BACKEND_ID
     assert info["schema_version"] == blob_module.SCHEMA_VERSION
     assert info["registered"] is True
@@ -246,13 +189,13 @@ PLAN_NS = (8, 16, 24, 100, 128, 129, 1000, 4096, 32000)
 PLAN_MAX_GROUPS = (65535, 1, 2, 3, 7, 64)
 
 
-def test_cpp_and_python_plan_every_call_the_same_way(lib):
+def test_cpp_and_python_plan_every_call_the_same_way(native_lib):
     seen = {"shmem split K": 0, "gemv split K": 0, "refused": 0, "n not a multiple of 16": 0}
     for kernel, m, (k, gs), n, max_groups in itertools.product(
             registry.DECODE_KERNELS, PLAN_MS, PLAN_KS, PLAN_NS, PLAN_MAX_GROUPS):
         n_stride = blob_module.round_up(n, blob_module.N_ALIGN)
         expected = python_plan(kernel, m, k, n, n_stride, gs, max_groups)
-        got = lib.plan(kernel, m, k, n, n_stride, gs, max_groups)
+        got = native_lib.plan(kernel, m, k, n, n_stride, gs, max_groups)
         assert got == expected, (kernel, m, k, n, gs, max_groups)
         if "error" in expected:
             seen["refused"] += 1
@@ -266,12 +209,12 @@ def test_cpp_and_python_plan_every_call_the_same_way(lib):
 # ---- 3. kernels -----------------------------------------------------------------------------------
 
 
-def test_native_library_compiles_exactly_the_wgsl_the_python_runtime_compiles(lib):
+def test_native_library_compiles_exactly_the_wgsl_the_python_runtime_compiles(native_lib):
     """Every registry kernel, assembled the same way (a stale build of an edited shader fails here)."""
-    assert lib.info()["kernels"] == [k.name for k in registry.KERNELS]
+    assert native_lib.info()["kernels"] == [k.name for k in registry.KERNELS]
     for kernel in registry.KERNELS:
-        assert lib.kernel_source(kernel.name) == registry.wgsl_source(kernel.name), kernel.name
-    assert lib.kernel_source("no_such_kernel") is None
+        assert native_lib.kernel_source(kernel.name) == registry.wgsl_source(kernel.name), kernel.name
+    assert native_lib.kernel_source("no_such_kernel") is None
 
 
 # ---- 4. ExecuTorch's runtime against ours ---------------------------------------------------------
@@ -301,13 +244,13 @@ ROUTE_KEYS = ("name", "M", "K", "N", "kernel", "reason")
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_executorch_runtime_matches_our_runtime_and_the_golden_with_the_same_routes(lib, name):
+def test_executorch_runtime_matches_our_runtime_and_the_golden_with_the_same_routes(native_lib, name, layer):
     model, pte = layer(name)
     et, py = et_method(pte), py_method(pte)
     k = LAYERS[name][0]
     for m, kernel in zip(*RUNS[name]):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-        y_native, native_calls, y_py, py_calls = run_both(lib, et, py, x)
+        y_native, native_calls, y_py, py_calls = run_both(native_lib, et, py, x)
         assert y_native.shape == y_py.shape == (m, LAYERS[name][1])
         assert rel_err(y_native, y_py) <= 1e-5
         assert rel_err(y_native, golden_linear(x, model[0])) <= 1e-4
@@ -320,15 +263,15 @@ def test_executorch_runtime_matches_our_runtime_and_the_golden_with_the_same_rou
 # ---- 5. a mixed model -----------------------------------------------------------------------------
 
 
-def test_mixed_model_runs_through_executorch_like_through_our_runtime(lib):
-    model, pte = mixed()
+def test_mixed_model_runs_through_executorch_like_through_our_runtime(native_lib, mixed_program):
+    model, pte = mixed_program   # q4 linear -> relu -> q4 linear -> LayerNorm, * 2 + 1; seq in [1, 32]
     et, py = et_method(pte), py_method(pte)
     for seq in (5, 1, 16):
         x = torch.randn(2, seq, 64, generator=torch.Generator().manual_seed(seq))
-        y_native, native_calls, y_py, py_calls = run_both(lib, et, py, x)
+        y_native, native_calls, y_py, py_calls = run_both(native_lib, et, py, x)
         assert y_native.shape == (2, seq, 32)
         assert rel_err(y_native, y_py) <= 1e-5
-        assert rel_err(y_native, mixed_golden(model, x)) <= 1e-4
+        assert rel_err(y_native, model.golden(x)) <= 1e-4
         assert [(c["name"], c["M"], c["kernel"]) for c in native_calls] == \
             [(c["name"], c["M"], c["kernel"]) for c in py_calls]
         assert [c["name"] for c in native_calls] == ["up", "down"]
@@ -337,10 +280,18 @@ def test_mixed_model_runs_through_executorch_like_through_our_runtime(lib):
 # ---- 6. layers beyond the limits ------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def split_layer(k, n, prefill):
-    model = single_linear(k, n, bias=True, seed=k + n)
-    return model, lower(model, torch.randn(4, k), {0: (1, 64)}, prefill_route=prefill)
+@pytest.fixture(scope="module")
+def split_layer(lower, single_linear):
+    """split_layer(k, n, prefill) -> (model, .pte bytes) of a q4 Linear(k, n) for M in [1, 64], lowered on first use."""
+    programs = {}
+
+    def program(k, n, prefill):
+        if (k, n, prefill) not in programs:
+            model = single_linear(k, n, bias=True, seed=k + n)
+            programs[k, n, prefill] = model, lower(model, torch.randn(4, k), {0: (1, 64)}, prefill_route=prefill)
+        return programs[k, n, prefill]
+
+    return program
 
 
 # (K, N, prefill route, caps, Ms, what the split reason must say at the last M)
@@ -357,40 +308,40 @@ SPLITS = {
 
 
 @pytest.mark.parametrize("name", list(SPLITS))
-def test_layers_beyond_the_limits_split_the_same_way_in_both_runtimes(lib, name):
+def test_layers_beyond_the_limits_split_the_same_way_in_both_runtimes(native_lib, name, split_layer):
     k, n, prefill, caps, ms, split = SPLITS[name]
     model, pte = split_layer(k, n, prefill)
-    lib.set_limit_caps(caps.get("max_binding_bytes", 0), caps.get("max_workgroups_per_dim", 0))
+    native_lib.set_limit_caps(caps.get("max_binding_bytes", 0), caps.get("max_workgroups_per_dim", 0))
     try:
         et = et_method(pte)
         with capped_plan_limits(**caps):
             py = py_method(pte)
             for m in ms:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-                y_native, (call,), y_py, (py_call,) = run_both(lib, et, py, x)
+                y_native, (call,), y_py, (py_call,) = run_both(native_lib, et, py, x)
                 assert rel_err(y_native, y_py) <= 1e-5
                 assert rel_err(y_native, golden_linear(x, model[0])) <= 1e-4
                 assert "split into" in call["reason"] and call["reason"] == py_call["reason"]
                 assert call["kernel"] == py_call["kernel"]
     finally:
-        lib.set_limit_caps(0, 0)
+        native_lib.set_limit_caps(0, 0)
     assert split in call["reason"]
 
 
-def test_limit_caps_apply_only_to_layers_loaded_while_they_are_set(lib):
+def test_limit_caps_apply_only_to_layers_loaded_while_they_are_set(native_lib, split_layer):
     k, n, prefill, caps, _, _ = SPLITS["binding-skinny"]
     model, pte = split_layer(k, n, prefill)
-    lib.set_limit_caps(caps["max_binding_bytes"], 0)
+    native_lib.set_limit_caps(caps["max_binding_bytes"], 0)
     try:
         capped = et_method(pte)
     finally:
-        lib.set_limit_caps(0, 0)
+        native_lib.set_limit_caps(0, 0)
     uncapped = et_method(pte)
     x = torch.randn(7, k)
-    lib.take_calls()
+    native_lib.take_calls()
     capped.execute([x])
     uncapped.execute([x])
-    first, second = lib.take_calls()
+    first, second = native_lib.take_calls()
     assert "split into" in first["reason"] and "split into" not in second["reason"]
 
 
@@ -398,7 +349,7 @@ def test_limit_caps_apply_only_to_layers_loaded_while_they_are_set(lib):
 
 
 @pytest.fixture(scope="module")
-def bad_input_layer():
+def bad_input_layer(layer):
     return layer("default-rule")
 
 
@@ -414,7 +365,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_is_an_error_naming_the_problem_and_the_method_stays_usable(lib, bad_input_layer, capfd, name):
+def test_bad_input_is_an_error_naming_the_problem_and_the_method_stays_usable(native_lib, bad_input_layer, capfd, name):
     model, pte = bad_input_layer
     method = et_method(pte)
     x, message = BAD_INPUTS[name]
@@ -431,7 +382,8 @@ def test_bad_input_is_an_error_naming_the_problem_and_the_method_stays_usable(li
 # ---- 8. blob of another schema version ------------------------------------------------------------
 
 
-def test_blob_of_another_schema_version_fails_to_load_naming_the_version(lib, capfd, monkeypatch):
+def test_blob_of_another_schema_version_fails_to_load_naming_the_version(native_lib, capfd, monkeypatch, lower,
+                                                                         single_linear):
     monkeypatch.setattr(blob_module, "SCHEMA_VERSION", 99)
     pte = lower(single_linear(128, 24), torch.randn(2, 128))
     monkeypatch.undo()
@@ -443,23 +395,26 @@ def test_blob_of_another_schema_version_fails_to_load_naming_the_version(lib, ca
                in line for line in err.splitlines()), err
 
 
-def test_c_api_refuses_to_plan_with_a_zero_dimension_instead_of_crashing(lib):
+def test_c_api_refuses_to_plan_with_a_zero_dimension_instead_of_crashing(native_lib):
     """A group size of 0 divided by zero inside the planner (SIGFPE) before the C API checked its inputs."""
     for args in [("gemv", 1, 256, 16, 16, 0, 65535), ("shmem", 0, 256, 16, 16, 32, 65535),
                  ("regtiled", 4, 256, 16, 16, 32, 0)]:
-        assert "of 0" in lib.plan(*args)["error"]
+        assert "of 0" in native_lib.plan(*args)["error"]
 
 
-def with_blob(pte: bytes, rewrite) -> bytes:
-    """pte with its (single) blob re-serialized through rewrite(record) -> record; the blob's length must not change."""
-    at = pte.index(blob_module.FILE_IDENTIFIER, int.from_bytes(pte[24:32], "little")) - 4
-    old = blob_module.serialize_q4linear(deserialize_q4linear(pte[at:]))
-    new = blob_module.serialize_q4linear(rewrite(deserialize_q4linear(old)))
-    assert len(new) == len(old)
-    return pte[:at] + new + pte[at + len(old):]
+def with_blob(pte: bytes, span: tuple, rewrite) -> bytes:
+    """pte with its blob (at span: offset, length) re-serialized through rewrite(record) -> record.
+
+    The blob's length must not change: the program's offsets stay valid.
+    """
+    at, length = span
+    new = blob_module.serialize_q4linear(rewrite(deserialize_q4linear(pte[at:at + length])))
+    assert len(new) == length
+    return pte[:at] + new + pte[at + length:]
 
 
-def test_a_blob_whose_n_disagrees_with_the_program_is_refused_not_run_into_a_wrong_shape(lib, capfd):
+def test_a_blob_whose_n_disagrees_with_the_program_is_refused_not_run_into_a_wrong_shape(native_lib, capfd, blob_span,
+                                                                                         layer):
     """Without a bias the payload CRC ties N only to its 16-column block: N=60 of a 64-column layer passes the reader.
 
     Found by fuzzing: the native delegate resized the output to the blob's N,
@@ -467,7 +422,7 @@ def test_a_blob_whose_n_disagrees_with_the_program_is_refused_not_run_into_a_wro
     refuses it at load (pte_checks); the native one at execute.
     """
     model, pte = layer("default-rule-knobs")   # K=256, N=64, no bias
-    bad = with_blob(pte, lambda rec: dataclasses.replace(rec, out_features=60))
+    bad = with_blob(pte, blob_span(pte), lambda rec: dataclasses.replace(rec, out_features=60))
     with pytest.raises(WebGPUDelegateError):
         py_method(bad)
     method = et_method(bad)
@@ -478,23 +433,23 @@ def test_a_blob_whose_n_disagrees_with_the_program_is_refused_not_run_into_a_wro
     assert "WebGPUBackend: layer" in err and "the blob has N=60 output columns" in err, err
 
 
-def test_control_characters_in_a_layer_name_are_escaped_as_python_does(lib):
+def test_control_characters_in_a_layer_name_are_escaped_as_python_does(native_lib, blobs_in, layer):
     """A NUL in a corrupted name cut the native log line before the problem; names are now written as repr() does."""
     (blob,) = blobs_in(layer("default-rule")[1])
     rec = deserialize_q4linear(blob)
     for name in ("a\x00b", "line\nbreak", "it's", 'both \' and "', "tab\there\\"):
         named = bytearray(blob_module.serialize_q4linear(dataclasses.replace(rec, name=name)))
         named[len(named) // 2] ^= 0xFF   # inside the weights: a checksum mismatch, whose message quotes the name
-        message = lib.describe_blob(bytes(named)).get("error", "")
+        message = native_lib.describe_blob(bytes(named)).get("error", "")
         assert message == python_error(bytes(named)), name
         assert "\x00" not in message and "\n" not in message
 
 
-def test_native_and_python_runtimes_scale_timestamps_by_the_same_period(lib):
+def test_native_and_python_runtimes_scale_timestamps_by_the_same_period(native_lib):
     """Both read wgpu-native's queue timestamp period (ns per tick) for GPU times in the route report."""
     from executorch_wgpu.runtime_py.gpu import gpu_context
 
-    adapter = lib.adapter()
+    adapter = native_lib.adapter()
     ctx = gpu_context()
     assert adapter["timestamps"] == ctx.has_timestamps
     assert adapter["timestamp_period_ns"] == pytest.approx(ctx.timestamp_period_ns)

@@ -1,18 +1,22 @@
 """Fuzzed blobs through the native delegate: an error status and a log line naming the problem, never a crash.
 
-Reuses the hardening corpus of tests/test_fuzz.py (its `mutated` strategy:
-truncation, bit flips, overwrites, insertions/deletions, swaps and edits aimed
-at every flatbuffer offset, count and scalar of the valid buffer).
+Reuses the hardening corpus of tests/test_fuzz.py (conftest's `fuzz` toolkit: the
+`mutated` strategy -- truncation, bit flips, overwrites, insertions/deletions,
+swaps and edits aimed at every flatbuffer offset, count and scalar of the valid
+buffer -- the fuzzed record and test_fuzz's TinyModel program).
 
   * The C++ blob reader against the Python one, in process: for every mutated
     blob both refuse it, or both accept it and read the same value in every
-    field (tests/test_native.py's python_description).
+    field (conftest's python_blob_fields, which tests/test_native.py uses too).
   * .pte files whose delegate blob was mutated (and .pte files mutated
     anywhere), run through ExecuTorch's own runtime with the native delegate in
     a worker process (tests/native_fuzz_worker.py), so a crash is a failed
     case and not a dead test run. Every case must end in an ExecuTorch error or
     a correct output; a refused blob must leave a `WebGPUBackend: ...` log line
     that names what is wrong with it.
+
+Every test is marked `native` (conftest): skipped, saying why, where the
+library is not built; failed instead when EXECUTORCH_WGPU_REQUIRE_NATIVE=1.
 
 CI runs a fixed sample; the long run draws fresh cases:
 
@@ -30,76 +34,51 @@ import pytest
 import torch
 from hypothesis import given
 
+import executorch_wgpu.backend.serialization.blob as blob_module
 import executorch_wgpu.native as native
+from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear
+from executorch_wgpu.errors import BlobFormatError
 
-from helpers import require_native_or_skip_module  # noqa: E402
-
-require_native_or_skip_module()
-
-import executorch_wgpu.backend.serialization.blob as blob_module  # noqa: E402
-from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear  # noqa: E402
-from executorch_wgpu.errors import BlobFormatError  # noqa: E402
-
-from test_fuzz import PTE_X, fuzz_settings, make_record, mutated, n_cases, pte_case, structure  # noqa: E402,F401
-from test_native import python_description  # noqa: E402
+pytestmark = pytest.mark.native
 
 WORKER = os.path.join(os.path.dirname(__file__), "native_fuzz_worker.py")
 WORKER_SECONDS = 600   # the whole batch; a hang fails the test instead of stalling CI
-STATS = {}
-
-
-@pytest.fixture(scope="module")
-def lib():
-    return native.load()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_stats():
-    yield
-    print("\nnative fuzz stats:")
-    for test, s in STATS.items():
-        print(f"  {test}: {s}")
-
-
-def count(test: str, key: str) -> None:
-    STATS.setdefault(test, {})
-    STATS[test][key] = STATS[test].get(key, 0) + 1
 
 
 # -- 1. the C++ reader against the Python reader --
 
-def python_reading(data: bytes):
-    """python_description of data, or the BlobFormatError's message."""
+def python_reading(python_blob_fields, data: bytes):
+    """python_blob_fields of data, or the BlobFormatError's message."""
     try:
         deserialize_q4linear(data)
     except BlobFormatError as e:
         return str(e)
-    return python_description(data)
+    return python_blob_fields(data)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_cpp_and_python_readers_refuse_or_accept_the_same_mutated_blobs(lib, bias):
-    blob = serialize_q4linear(make_record(bias))
-    sites = structure(blob_module._blob_schema(), blob)
-    fixed = [("identifier", 4, 4, "file_identifier")]
+def test_cpp_and_python_readers_refuse_or_accept_the_same_mutated_blobs(native_lib, python_blob_fields, fuzz,
+                                                                        fuzz_stats, bias):
+    blob = serialize_q4linear(fuzz.record(bias))
+    sites = fuzz.structure(blob_module._blob_schema(), blob)
     test = f"reader[{'bias' if bias else 'no_bias'}]"
 
-    @fuzz_settings(n_cases(300, 0.25), deadline_ms=2000)
-    @given(mutated(blob, sites, fixed))
+    @fuzz.settings(fuzz.cases(300, 0.25), deadline_ms=2000)
+    @given(fuzz.mutated(blob, sites, fuzz.BLOB_HEADER_SITES))
     def run(data):
-        cpp = lib.describe_blob(data)
-        python = python_reading(data)
+        cpp = native_lib.describe_blob(data)
+        python = python_reading(python_blob_fields, data)
         if isinstance(python, str):
             # The C++ reader does not decode strings: a name or reason that is not UTF-8 is
             # the one thing only Python refuses.
             if "error" not in cpp and "codec can't decode" in python:
-                count(test, "python only: invalid UTF-8")
+                fuzz_stats.count(test, "python only: invalid UTF-8")
                 return
             assert "error" in cpp, f"C++ accepts a blob Python refuses ({python})"
-            count(test, "both refuse")
+            fuzz_stats.count(test, "both refuse")
         else:
             assert cpp == python
-            count(test, "both accept, same fields")
+            fuzz_stats.count(test, "both accept, same fields")
 
     run()
 
@@ -107,13 +86,9 @@ def test_cpp_and_python_readers_refuse_or_accept_the_same_mutated_blobs(lib, bia
 # -- 2. .pte files through ExecuTorch's runtime, in a worker process --
 
 @pytest.fixture(scope="module")
-def tiny_pte(pte_case):
-    """test_fuzz's TinyModel .pte: (bytes, our runtime's output, the blob's offset and length inside it)."""
-    pte, golden = pte_case[:2]
-    base = int.from_bytes(pte[24:32], "little")
-    blob_at = pte.index(blob_module.FILE_IDENTIFIER, base) - 4
-    blob_len = len(serialize_q4linear(deserialize_q4linear(pte[blob_at:])))   # the writer is deterministic
-    return pte, golden, blob_at, blob_len
+def tiny_pte(tiny_program, blob_span):
+    """test_fuzz's TinyModel .pte (conftest): (bytes, our runtime's output, the blob's offset and length inside it)."""
+    return (tiny_program.pte, tiny_program.y) + blob_span(tiny_program.pte)
 
 
 def splice(pte: bytes, at: int, length: int, blob: bytes) -> bytes:
@@ -122,11 +97,11 @@ def splice(pte: bytes, at: int, length: int, blob: bytes) -> bytes:
     return pte[:at] + blob + pte[at + length:]
 
 
-def draw_cases(strategy, count_: int) -> list:
-    """count_ examples of a hypothesis strategy, the same ones every CI run."""
+def draw_cases(fuzz, strategy, how_many: int) -> list:
+    """how_many examples of a hypothesis strategy, the same ones every CI run."""
     cases = []
 
-    @fuzz_settings(count_, deadline_ms=None)
+    @fuzz.settings(how_many, deadline_ms=None)
     @given(strategy)
     def collect(data):
         cases.append(data)
@@ -135,15 +110,13 @@ def draw_cases(strategy, count_: int) -> list:
     return cases
 
 
-def run_worker(tmp_path, cases: list) -> tuple:
-    """(results by case, stderr text by case) of the cases run in the worker; fails on a crash or hang."""
+def run_worker(tmp_path, cases: list, x: torch.Tensor) -> tuple:
+    """(results by case, stderr text by case) of the cases run on x in the worker; fails on a crash or hang."""
     np.savez(tmp_path / "cases.npz", **{f"c{i}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(cases)})
-    np.save(tmp_path / "x.npy", PTE_X.numpy())
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    np.save(tmp_path / "x.npy", x.numpy())
     try:
         done = subprocess.run([sys.executable, WORKER, str(tmp_path / "cases.npz"), str(tmp_path / "x.npy")],
-                              capture_output=True, text=True, errors="replace", timeout=WORKER_SECONDS, env=env)
+                              capture_output=True, text=True, errors="replace", timeout=WORKER_SECONDS)
     except subprocess.TimeoutExpired as e:
         stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         last = re.findall(r"=== case (\d+)", stderr)
@@ -169,17 +142,18 @@ def same_output(result: dict, golden: torch.Tensor) -> bool:
     return out.shape == golden.shape and torch.allclose(out, golden, rtol=1e-5, atol=1e-5)
 
 
-def test_mutated_blobs_in_a_pte_are_an_error_naming_the_problem_or_run_correctly(tmp_path, tiny_pte):
+def test_mutated_blobs_in_a_pte_are_an_error_naming_the_problem_or_run_correctly(tmp_path, tiny_pte, tiny_program,
+                                                                                fuzz, fuzz_stats):
     pte, golden, blob_at, blob_len = tiny_pte
     blob = pte[blob_at:blob_at + blob_len]
-    sites = structure(blob_module._blob_schema(), blob)
-    blobs = draw_cases(mutated(blob, sites, [("identifier", 4, 4, "file_identifier")]), n_cases(200, 0.3))
+    sites = fuzz.structure(blob_module._blob_schema(), blob)
+    blobs = draw_cases(fuzz, fuzz.mutated(blob, sites, fuzz.BLOB_HEADER_SITES), fuzz.cases(200, 0.3))
     cases = [splice(pte, blob_at, blob_len, b) for b in blobs]
-    results, logs = run_worker(tmp_path, cases)
+    results, logs = run_worker(tmp_path, cases, tiny_program.x)
     test = "pte, blob mutated"
     for i, data in enumerate(cases):
         r, log = results[i], logs.get(i, "")
-        count(test, r["outcome"])
+        fuzz_stats.count(test, r["outcome"])
         try:
             deserialize_q4linear(data[blob_at:blob_at + blob_len])
             python_accepts = True
@@ -196,13 +170,13 @@ def test_mutated_blobs_in_a_pte_are_an_error_naming_the_problem_or_run_correctly
             if r["outcome"] == "refused-load":
                 line = next(l for l in log.splitlines() if re.search(r"WebGPUBackend: .*(blob|outside)", l))
                 problem = line.split("WebGPUBackend: ", 1)[1]
-                count(test, "refused-load: " + re.sub(r"\d+|'[^']*'", "#", problem)[:60])
+                fuzz_stats.count(test, "refused-load: " + re.sub(r"\d+|'[^']*'", "#", problem)[:60])
 
 
-def run_cpp(tmp_path, data: bytes) -> tuple:
-    """(return code, stdout, stderr) of wgq4_run_pte on one .pte with PTE_X; fails on a signal or hang."""
+def run_cpp(tmp_path, data: bytes, shape: tuple) -> tuple:
+    """(return code, stdout, stderr) of wgq4_run_pte on one .pte with the input in x.f32; fails on a signal or hang."""
     (tmp_path / "case.pte").write_bytes(data)
-    args = [str(native.runner_path()), str(tmp_path / "case.pte"), "--shape", "x".join(map(str, PTE_X.shape)),
+    args = [str(native.runner_path()), str(tmp_path / "case.pte"), "--shape", "x".join(map(str, shape)),
             "--input", str(tmp_path / "x.f32"), "--output", str(tmp_path / "y.f32"), "--warmup", "0", "--iters", "1"]
     try:
         done = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=120)
@@ -216,7 +190,8 @@ def run_cpp(tmp_path, data: bytes) -> tuple:
     return done.returncode, done.stdout, done.stderr
 
 
-def test_mutated_segments_in_executorchs_cpp_runtime_are_an_error_or_run(tmp_path, tiny_pte):
+def test_mutated_segments_in_executorchs_cpp_runtime_are_an_error_or_run(tmp_path, tiny_pte, tiny_program, fuzz,
+                                                                         fuzz_stats):
     """Mutations of the .pte's segment data (the blob and what surrounds it), run by ExecuTorch's C++ Module API.
 
     One wgq4_run_pte process per case. The program flatbuffer itself is left
@@ -230,19 +205,20 @@ def test_mutated_segments_in_executorchs_cpp_runtime_are_an_error_or_run(tmp_pat
     pte, golden, blob_at, blob_len = tiny_pte
     base = int.from_bytes(pte[24:32], "little")   # segment_base_offset: where segment data starts
     tail = pte[base:]
-    sites = structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at - base)
-    PTE_X.numpy().astype("<f4").tofile(tmp_path / "x.f32")
+    sites = fuzz.structure(blob_module._blob_schema(), pte[blob_at:blob_at + blob_len], blob_at - base)
+    x = tiny_program.x
+    x.numpy().astype("<f4").tofile(tmp_path / "x.f32")
     test = "pte segments, C++ runtime"
-    tails = draw_cases(mutated(tail, sites, []), n_cases(150, 0.2))
+    tails = draw_cases(fuzz, fuzz.mutated(tail, sites, []), fuzz.cases(150, 0.2))
     for i, data in enumerate(splice(pte, base, len(tail), t) for t in tails):
-        code, out, err = run_cpp(tmp_path, data)
+        code, out, err = run_cpp(tmp_path, data, tuple(x.shape))
         if code != 0:
             assert code == 1 and "wgq4_run_pte:" in err, f"case {i}: exit {code}\n{err[-2000:]}"
             # The program is intact, so what refused the file is our delegate, saying why.
             assert re.search(r"WebGPUBackend: .*(blob|outside)", err), f"case {i}: no line naming the problem\n{err}"
-            count(test, "refused by our delegate, naming the problem")
+            fuzz_stats.count(test, "refused by our delegate, naming the problem")
             continue
-        count(test, "ran")
+        fuzz_stats.count(test, "ran")
         # The program is the original; a blob that still loads holds the original payload.
         y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype="<f4"))
         assert torch.allclose(y, golden.reshape(-1), rtol=1e-5, atol=1e-5), f"case {i}: computes something else"

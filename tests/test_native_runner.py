@@ -5,6 +5,9 @@ Python at all (the deployment path), with outputs equal to our Python
 runtime's and close to the fp64 golden, through the kernels the blob routes
 to -- and that `python -m executorch_wgpu native-bench` compares the runtimes
 on the same program.
+
+Every test is marked `native` (conftest): skipped, saying why, where the
+library is not built; failed instead when EXECUTORCH_WGPU_REQUIRE_NATIVE=1.
 """
 
 import json
@@ -16,10 +19,16 @@ import torch
 
 import executorch_wgpu.native as native
 from executorch_wgpu.runtime import Runtime
+from executorch_wgpu.tools.models import quantize_q4
+from executorch_wgpu.tools.reference import golden_linear, rel_err
 
-from helpers import golden_linear, lower, quantize_q4, rel_err, require_native_or_skip_module, single_linear
+pytestmark = pytest.mark.native
 
-require_native_or_skip_module()
+
+@pytest.fixture(scope="module")
+def small_pte(lower, single_linear):
+    """A q4 Linear(64, 16) for M in [1, 8]: the program of the error tests."""
+    return lower(single_linear(64, 16), torch.randn(2, 64), dynamic_dims={0: (1, 8)})
 
 
 def run_cpp(tmp_path, pte: bytes, x: torch.Tensor, iters: int = 2) -> tuple:
@@ -36,7 +45,7 @@ def run_python(pte: bytes, x: torch.Tensor) -> tuple:
 
 
 @pytest.mark.parametrize("m, prefill_route", [(1, None), (7, None), (9, "regtiled"), (40, "shmem")])
-def test_cpp_runner_matches_python_runtime_and_golden(tmp_path, m, prefill_route):
+def test_cpp_runner_matches_python_runtime_and_golden(tmp_path, m, prefill_route, lower, single_linear):
     model = single_linear(128, 48, bias=True, seed=m)
     options = {"prefill_route": prefill_route} if prefill_route else {}
     pte = lower(model, torch.randn(4, 128), dynamic_dims={0: (1, 64)}, **options)
@@ -50,7 +59,7 @@ def test_cpp_runner_matches_python_runtime_and_golden(tmp_path, m, prefill_route
     assert result["delegate_calls_per_execute"] == 1
 
 
-def test_cpp_runner_runs_cpu_ops_between_delegates(tmp_path):
+def test_cpp_runner_runs_cpu_ops_between_delegates(tmp_path, lower):
     """Linear -> GELU -> Linear: the non-delegated op runs on ExecuTorch's CPU kernels in the C++ process."""
     torch.manual_seed(1)
     model = quantize_q4(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval())
@@ -64,10 +73,9 @@ def test_cpp_runner_runs_cpu_ops_between_delegates(tmp_path):
     assert result["delegate_calls_per_execute"] == 2
 
 
-def test_cpp_runner_refuses_a_wrong_input_shape_with_an_error_not_a_crash(tmp_path):
-    pte = lower(single_linear(64, 16), torch.randn(2, 64), dynamic_dims={0: (1, 8)})
+def test_cpp_runner_refuses_a_wrong_input_shape_with_an_error_not_a_crash(tmp_path, small_pte):
     pte_path, x_path = tmp_path / "m.pte", tmp_path / "x.f32"
-    pte_path.write_bytes(pte)
+    pte_path.write_bytes(small_pte)
     torch.zeros(2, 32).numpy().tofile(x_path)
     done = subprocess.run([str(native.runner_path()), str(pte_path), "--shape", "2x32", "--input", str(x_path),
                            "--warmup", "0", "--iters", "1"], capture_output=True, text=True, timeout=120)
@@ -91,10 +99,9 @@ def test_native_bench_compares_three_runtimes_on_one_program(tmp_path):
     assert 0 < floor["p10_us"] <= floor["median_us"] <= floor["p90_us"]
 
 
-def test_no_adapter_is_an_error_naming_the_fix_not_a_crash(tmp_path):
+def test_no_adapter_is_an_error_naming_the_fix_not_a_crash(tmp_path, small_pte):
     """No Vulkan driver (and no EGL fallback): loading the program fails with the lavapipe hint in the log."""
-    pte = lower(single_linear(64, 16), torch.randn(2, 64))
-    (tmp_path / "m.pte").write_bytes(pte)
+    (tmp_path / "m.pte").write_bytes(small_pte)
     env = dict(os.environ, VK_ICD_FILENAMES="/nonexistent/icd.json", VK_DRIVER_FILES="/nonexistent/icd.json",
                __EGL_VENDOR_LIBRARY_FILENAMES="/nonexistent/egl.json")
     done = subprocess.run([str(native.runner_path()), str(tmp_path / "m.pte"), "--shape", "2x64", "--warmup", "0",

@@ -2,24 +2,16 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from executorch_wgpu import WebGPUPartitioner
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.route_table import RouteTable, RouteTableEntry, RouteTableError
 from executorch_wgpu.backend.routing import DECODE_KERNELS, PREFILL_KERNELS, RouteOptions, decide_route
-from executorch_wgpu.backend.serialization.blob import (
-    Q4LinearRecord,
-    Route,
-    deserialize_q4linear,
-    serialize_q4linear,
-)
+from executorch_wgpu.backend.serialization.blob import Route, deserialize_q4linear, serialize_q4linear
 from executorch_wgpu.runtime import Runtime
+from executorch_wgpu.tools.reference import golden_linear, random_q4_layer, rel_err
 from executorch_wgpu.tools.tune import LAST_BUCKET_M_MAX, TuneError, main as tune_main, table_from_bench
-
-from helpers import golden_linear, lower, rel_err, single_linear
 
 ADAPTER = {"vendor": "v", "device": "Test GPU", "description": "driver 1.2", "backend_type": "Vulkan",
            "adapter_type": "DiscreteGPU"}
@@ -224,11 +216,9 @@ def test_compile_specs_carry_the_table_routes_without_the_timings():
 
 
 def test_blob_round_trip_keeps_route_table_source_name_and_buckets():
-    codes = torch.randint(-8, 8, (64, 256), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
-    route = decide_route(256, 64, 32, RouteOptions(route_table=table([entry(256, 64)])))
-    rec = Q4LinearRecord(name="fc", in_features=256, out_features=64, group_size=32, n_stride=64, m_min=1,
-                         m_max=512, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(torch.rand(64, 8)),
-                         bias=np.zeros(64, dtype=np.float32), route=route)
+    rec = random_q4_layer(256, 64, 32, bias=True, seed=3).record(
+        "fc", RouteOptions(route_table=table([entry(256, 64)])), m_max=512)
+    route = rec.route
     got = deserialize_q4linear(serialize_q4linear(rec)).route
     assert got == route
     assert (got.source, got.table, got.prefill_buckets) == ("route-table", route.table, route.prefill_buckets)
@@ -237,7 +227,7 @@ def test_blob_round_trip_keeps_route_table_source_name_and_buckets():
 # ---- end to end: lower with a table, run on our runtime -----------------------------------------
 
 
-def lower_and_load(model, x, **partitioner_options):
+def lower_and_load(lower, model, x, **partitioner_options):
     pte = lower(model, x, {0: (1, 64)}, **partitioner_options)
     return Runtime.get().load_program(pte).load_method("forward")
 
@@ -250,27 +240,28 @@ def run_at(method, model, m, k):
     return report
 
 
-def test_lowering_with_a_table_runs_its_kernel_per_m_bucket(tmp_path):
+def test_lowering_with_a_table_runs_its_kernel_per_m_bucket(tmp_path, lower, single_linear):
     path = tmp_path / "routes.json"
     table([entry(256, 64)], name="lab-table").save(path)
     model = single_linear(256, 64)
-    method = lower_and_load(model, torch.randn(4, 256), route_table=path)
+    method = lower_and_load(lower, model, torch.randn(4, 256), route_table=path)
     for m, kernel in ((1, "gemv"), (4, "regtiled"), (32, "shmem")):
         report = run_at(method, model, m, 256)
         assert report["kernel"] == kernel
         assert "(route-table)" in report["reason"] and "M<=8 regtiled, M>8 shmem" in report["reason"]
 
 
-def test_forced_prefill_route_wins_over_the_table_at_run_time():
+def test_forced_prefill_route_wins_over_the_table_at_run_time(lower, single_linear):
     model = single_linear(256, 64)
-    method = lower_and_load(model, torch.randn(4, 256), route_table=table([entry(256, 64)]), prefill_route="regtiled")
+    method = lower_and_load(lower, model, torch.randn(4, 256), route_table=table([entry(256, 64)]),
+                            prefill_route="regtiled")
     report = run_at(method, model, 32, 256)
     assert report["kernel"] == "regtiled" and "(forced)" in report["reason"]
 
 
-def test_layer_shape_missing_from_the_table_runs_the_default_rule():
+def test_layer_shape_missing_from_the_table_runs_the_default_rule(lower, single_linear):
     model = single_linear(256, 72)
-    method = lower_and_load(model, torch.randn(4, 256), route_table=table([entry(256, 64)]))
+    method = lower_and_load(lower, model, torch.randn(4, 256), route_table=table([entry(256, 64)]))
     rule = decide_route(256, 72, 32, RouteOptions())
     for m in (1, 32):
         report = run_at(method, model, m, 256)
@@ -291,7 +282,7 @@ def test_tune_quick_writes_a_loadable_table_on_this_adapter(tmp_path, capsys):
     assert str(out) in printed and "K=256 N=256 gs=32: decode" in printed
 
 
-def test_same_table_lowers_to_identical_bytes():
+def test_same_table_lowers_to_identical_bytes(lower, single_linear):
     model = single_linear(128, 40)
     x = torch.randn(3, 128)
     routes = table([entry(128, 40)])

@@ -9,28 +9,18 @@ through the split paths; every result is checked against the fp64 golden.
 import pytest
 import torch
 
-from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
-from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, Route, round_up
+from executorch_wgpu.backend.routing import RouteOptions
+from executorch_wgpu.backend.serialization.blob import N_ALIGN, round_up
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import capped_plan_limits, gpu_context
 from executorch_wgpu.runtime_py.split_linear import Q4Linear, column_parts
-
-from helpers import rel_err
+from executorch_wgpu.tools.reference import random_q4_layer, rel_err
 
 
 def make_record(k, n, gs, bias, decode="gemv", prefill="skinny", seed=0, m_min=1):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
-    scales = torch.rand(n, k // gs, generator=g) * 0.05 + 0.005
-    b = torch.randn(n, generator=g) if bias else None
-    rec = Q4LinearRecord(
-        name="big", in_features=k, out_features=n, group_size=gs, n_stride=round_up(n, N_ALIGN), m_min=m_min,
-        m_max=4096, qweight=pack_q4gsw_weights(codes), scales=pack_q4gsw_scales(scales),
-        bias=None if b is None else b.numpy(), route=Route(decode, prefill, "forced", 0, 0, "test"),
-    )
-    w = codes.double() * scales.double().repeat_interleave(gs, dim=1)
-    golden = lambda x: x.double() @ w.T + (0 if b is None else b.double())  # noqa: E731
-    return rec, golden
+    """(the layer's record with both kernels forced, its fp64 golden: x -> x @ W^T + b)."""
+    weights = random_q4_layer(k, n, gs, bias=bias, seed=seed)
+    return weights.record("big", RouteOptions(decode_route=decode, prefill_route=prefill), m_min=m_min), weights.golden
 
 
 def test_column_parts_cover_every_column_in_16_wide_blocks_within_the_binding_limit():

@@ -16,7 +16,7 @@ packing or kernels, so that it can judge them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -78,7 +78,7 @@ def random_q4_layer(k: int, n: int, group_size: int = 32, bias: bool = False, se
 
 def dequantized_weight(linear: torch.nn.Linear) -> torch.Tensor:
     """fp64 W = codes * scale of a torchao-quantized Linear, read from torchao's own tensor (not our packing)."""
-    w = linear.weight
+    w: Any = linear.weight   # torchao's IntxUnpackedToInt8Tensor: int codes in .qdata, .scale, .zero_point
     assert bool((w.zero_point == 0).all()), "the golden assumes symmetric quantization (zero point 0)"
     codes, scales = w.qdata.double(), w.scale.double()
     return codes * scales.repeat_interleave(codes.shape[1] // scales.shape[1], dim=1)
