@@ -164,8 +164,10 @@ class StreamProbe:
         self.pipeline = ctx.pipeline("stream_read")
         self.layout = ctx.bind_group_layout("stream_read")
         self.threads = registry.kernel("stream_read").workgroup_size[0]
-        # The L2 flush: a read of flush_bytes (larger than any GPU's L2) between timed runs.
+        # The L2 flush: a read of flush_bytes (larger than any GPU's L2) between timed runs,
+        # within what one binding may hold (lavapipe: 128 MiB).
         self.flush_groups = 1024
+        flush_bytes = min(flush_bytes, ctx.plan_limits().max_binding_bytes // 16 * 16)
         self._flush_data = dev.create_buffer(size=flush_bytes, usage=wgpu.BufferUsage.STORAGE)
         self._flush_sink = dev.create_buffer(size=self.flush_groups * self.threads * 4, usage=wgpu.BufferUsage.STORAGE)
         self._flush_bind = self._bind(self._flush_data, self._flush_sink)

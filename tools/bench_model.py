@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import wgpu
 
+from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
 from executorch_wgpu.tools.models import LLAMA_CONFIGS
@@ -61,14 +62,14 @@ class ModelLayer:
 
 
 def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int = 0) -> List[ModelLayer]:
-    by_shape: Dict[Tuple[int, int], RandomQ4Layer] = {}
+    by_shape: Dict[Tuple[int, int], Tuple[RandomQ4Layer, Q4LinearRecord]] = {}
     layers = []
     for i, (kind, k, n) in enumerate(model_linears(config)):
-        if (k, n) not in by_shape:
-            by_shape[(k, n)] = random_q4_layer(k, n, group_size, seed=seed + len(by_shape))
-        weights = by_shape[(k, n)]
-        record = weights.record(f"{kind}.{i}", m_max=1 << 20)
-        layers.append(ModelLayer(kind, weights, Q4LinearGPU(ctx, record)))
+        if (k, n) not in by_shape:   # draw and pack once per shape; each layer uploads its own copy
+            weights = random_q4_layer(k, n, group_size, seed=seed + len(by_shape))
+            by_shape[(k, n)] = weights, weights.record(kind, m_max=1 << 20)
+        weights, record = by_shape[(k, n)]
+        layers.append(ModelLayer(kind, weights, Q4LinearGPU(ctx, dataclasses.replace(record, name=f"{kind}.{i}"))))
     return layers
 
 
