@@ -539,10 +539,15 @@ def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None
     m_values = [int(v) for v in args.m.split(",")] if args.m else ([1, 16] if args.quick else [1, 128, 512])
     probe = StreamProbe(ctx, flush_bytes)
     probe.spin_up()
-    result = bench_model.bench_model(
-        ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
-        stream_us=lambda nbytes: probe.us(nbytes, args.reps, args.warmup, cold=True),
-        progress=lambda s: log.info("%s", s))
+    one_binding = ctx.plan_limits().max_binding_bytes // 16 * 16
+
+    def stream_us(nbytes: int) -> float:
+        """A cold read of the bytes; beyond one binding, of one binding's worth, scaled to the bytes."""
+        read = min(nbytes, one_binding)
+        return probe.us(read, args.reps, args.warmup, cold=True) * nbytes / read
+
+    result = bench_model.bench_model(ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
+                                     stream_us=stream_us, progress=lambda s: log.info("%s", s))
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result.update(date=date, command=command, adapter=adapter_info(ctx))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -83,20 +83,29 @@ def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Pl
     """GPU µs of `reps` steps (first begin to last end) and each layer's µs per step [reps, layers].
 
     per_pass=False writes only the step's first and last timestamps (the per-layer
-    times are then zero): it shows what the other timestamp writes cost.
+    times are then zero): it shows what the other timestamp writes cost. Every
+    query of the set is written before it is resolved: resolving one never
+    written waits forever on some drivers (NVIDIA's Vulkan).
     """
     dev = ctx.device
     last = len(layers) - 1
+    per_step = 2 * len(layers) if per_pass else 2
 
     def encode_step(enc, first_query=None):
         for i, (layer, plan) in enumerate(zip(layers, plans)):
             ts = None
-            if first_query is not None and (per_pass or i in (0, last)):
+            if first_query is not None and per_pass:
                 ts = {"query_set": queries, "beginning_of_pass_write_index": first_query + 2 * i,
                       "end_of_pass_write_index": first_query + 2 * i + 1}
+            elif first_query is not None and i in (0, last):
+                ts = {"query_set": queries}
+                if i == 0:
+                    ts["beginning_of_pass_write_index"] = first_query
+                if i == last:
+                    ts["end_of_pass_write_index"] = first_query + 1
             layer.gpu.encode(enc, plan, ts)
 
-    count = 2 * len(layers) * reps
+    count = per_step * reps
     queries = dev.create_query_set(type=wgpu.QueryType.timestamp, count=count)
     for _ in range(warmup):
         enc = dev.create_command_encoder()
@@ -104,7 +113,7 @@ def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Pl
         dev.queue.submit([enc.finish()])
     for rep in range(reps):   # one submit per step, as a forward pass on the GPU would be
         enc = dev.create_command_encoder()
-        encode_step(enc, 2 * len(layers) * rep)
+        encode_step(enc, per_step * rep)
         dev.queue.submit([enc.finish()])
     resolve = dev.create_buffer(size=8 * count, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
     readback = dev.create_buffer(size=8 * count, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
@@ -113,7 +122,7 @@ def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Pl
     enc.copy_buffer_to_buffer(resolve, 0, readback, 0, 8 * count)
     dev.queue.submit([enc.finish()])
     readback.map_sync(wgpu.MapMode.READ)
-    ticks = np.frombuffer(readback.read_mapped(), dtype=np.uint64).reshape(reps, len(layers), 2).astype(np.float64)
+    ticks = np.frombuffer(readback.read_mapped(), dtype=np.uint64).reshape(reps, per_step // 2, 2).astype(np.float64)
     readback.unmap()
     for b in (resolve, readback):
         b.destroy()
