@@ -270,11 +270,15 @@ class Q4LinearGPU:
     def encode(self, encoder, plan: Plan, timestamp_writes: Optional[dict] = None) -> None:
         """Record the plan's dispatches as one compute pass (prepare() first)."""
         cpass = encoder.begin_compute_pass(**({"timestamp_writes": timestamp_writes} if timestamp_writes else {}))
+        self.record(cpass, plan)
+        cpass.end()
+
+    def record(self, cpass, plan: Plan) -> None:
+        """Record the plan's dispatches into an open compute pass (prepare() first)."""
         cpass.set_bind_group(0, self.bind_group)
         for d in plan.dispatches:
             cpass.set_pipeline(self.ctx.pipeline(d.kernel))
             cpass.dispatch_workgroups(*d.grid)
-        cpass.end()
 
     def __call__(self, x: torch.Tensor) -> tuple:
         """y = x @ dequant(W)^T + b on the GPU; returns (y, LinearCall)."""

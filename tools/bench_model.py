@@ -79,7 +79,7 @@ def step_rows(layer: ModelLayer, m: int) -> int:
 
 
 def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Plan], reps: int,
-               warmup: int, per_pass: bool = True) -> Tuple[List[float], np.ndarray]:
+               warmup: int, per_pass: bool = True, one_pass: bool = False) -> Tuple[List[float], np.ndarray]:
     """GPU µs of `reps` steps (first begin to last end) and each layer's µs per step [reps, layers].
 
     per_pass=False writes only the step's first and last timestamps (the per-layer
@@ -89,9 +89,18 @@ def time_steps(ctx: GPUContext, layers: Sequence[ModelLayer], plans: Sequence[Pl
     """
     dev = ctx.device
     last = len(layers) - 1
+    per_pass = per_pass and not one_pass
     per_step = 2 * len(layers) if per_pass else 2
 
     def encode_step(enc, first_query=None):
+        if one_pass:   # every layer's dispatches in one compute pass: no pass boundaries between layers
+            ts = {"query_set": queries, "beginning_of_pass_write_index": first_query,
+                  "end_of_pass_write_index": first_query + 1} if first_query is not None else None
+            cpass = enc.begin_compute_pass(**({"timestamp_writes": ts} if ts else {}))
+            for layer, plan in zip(layers, plans):
+                layer.gpu.record(cpass, plan)
+            cpass.end()
+            return
         for i, (layer, plan) in enumerate(zip(layers, plans)):
             ts = None
             if first_query is not None and per_pass:
@@ -164,6 +173,15 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
             ctx.device.queue.write_buffer(layer.gpu.x, 0, inputs[(rows, k)].numpy())
         totals, per_layer = time_steps(ctx, layers, plans, reps, warmup)
         step_only, _ = time_steps(ctx, layers, plans, reps, warmup, per_pass=False)
+        one_pass, _ = time_steps(ctx, layers, plans, reps, warmup, one_pass=True)
+        # The same step on one layer's buffers per shape: weights that stay in L2
+        # and TLB from layer to layer, to tell memory from per-layer fixed costs.
+        first = {}
+        for layer, plan in zip(layers, plans):
+            first.setdefault((layer.kind, layer.gpu.rec.in_features, layer.gpu.rec.out_features), (layer, plan))
+        shared = [first[(l.kind, l.gpu.rec.in_features, l.gpu.rec.out_features)] for l in layers]
+        shared_weights, _ = time_steps(ctx, [l for l, _ in shared], [p for _, p in shared], reps, warmup,
+                                       per_pass=False)
         errors: Dict[str, float] = {}
         for layer in layers:   # the first layer of each kind, after the timed steps
             if layer.kind not in errors:
@@ -184,6 +202,8 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
         row = {
             "M": m, "weight_bytes": weight_bytes, "step_us": step_us, "step_us_all": totals,
             "step_us_two_timestamps": statistics.median(step_only),
+            "step_us_one_pass": statistics.median(one_pass),
+            "step_us_shared_weights": statistics.median(shared_weights),
             "passes_us": float(layer_us.sum()),
             "weight_gbps": weight_bytes / step_us / 1e3,
             "stream_read_us": stream, "stream_read_gbps": weight_bytes / stream / 1e3,
@@ -209,15 +229,17 @@ def markdown(result: dict, adapter: str, command: str, date: str) -> str:
     lines = [f"Model linears in one submit per step, weights cold: Llama `{result['config']}` "
              f"({result['layers']} q4 linears, gs {result['group_size']}); {adapter}; {date}.",
              f"Command: `{command}`; median of {result['reps']} steps after {result['warmup']} warm-up; "
-             "GPU ms from timestamps around every pass (the last column: around the step only).", "",
+             "GPU ms from timestamps around every pass; then around the step only: with a pass per layer, "
+             "with every layer in one pass, and on one layer's buffers per shape (weights L2/TLB-warm).", "",
              "| M | weight GB | GPU ms | GB/s | stream-read GB/s | of stream | tok/s if alone | max rel err | "
-             "GPU ms, 2 timestamps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "GPU ms, 2 timestamps | one pass | one layer's buffers per shape |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['M']} | {r['weight_bytes'] / 1e9:.3f} | {r['step_us'] / 1e3:.3f} | "
                      f"{r['weight_gbps']:.1f} | {r['stream_read_gbps']:.1f} | {100 * r['vs_stream']:.0f} % | "
                      f"{r['tokens_per_s_if_alone']:,.0f} | {r['max_rel_err']:.1e} | "
-                     f"{r['step_us_two_timestamps'] / 1e3:.3f} |")
+                     f"{r['step_us_two_timestamps'] / 1e3:.3f} | {r['step_us_one_pass'] / 1e3:.3f} | "
+                     f"{r['step_us_shared_weights'] / 1e3:.3f} |")
     lines += ["", "| M | kind | layers | kernels | µs (sum) | GB/s |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for kind, v in r["by_kind"].items():
