@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NoReturn, Optional, Tuple
 
 from executorch_wgpu.backend.serialization.blob import Route
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
@@ -110,7 +110,7 @@ class RouteTable:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "route table") -> "RouteTable":
-        def fail(what: str):
+        def fail(what: str) -> NoReturn:
             raise RouteTableError(f"{source}: {what}")
 
         if not isinstance(data, dict) or data.get("format") != FORMAT:

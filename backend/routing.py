@@ -165,9 +165,10 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
     forced = [f"{what}={value} forced" for what, value in
               (("prefill", options.prefill_route), ("decode", options.decode_route)) if value]
     both_forced = bool(options.prefill_route and options.decode_route)
-    from_table = measured is not None and not both_forced
-    if from_table:
-        rest = f"route table otherwise ({measured.reason})"
+    table = measured if measured is not None and not both_forced else None   # the table's half, if it has one
+    from_table = table is not None
+    if table is not None:
+        rest = f"route table otherwise ({table.reason})"
     else:
         rest = f"default rule otherwise ({rule_text(options)}; K={k}, N={n})"
         if not both_forced:
@@ -179,6 +180,6 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
         skinny_max_m=0 if from_table else options.skinny_max_m,
         shmem_min_mn=0 if from_table else options.shmem_min_mn,
         reason=", ".join(forced) + " by the partitioner; " + rest,
-        table=measured.table if from_table else "",
+        table=table.table if table is not None else "",
         prefill_buckets=buckets,
     )

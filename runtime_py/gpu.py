@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import wgpu
 from wgpu.backends.wgpu_native import lib as wgpu_native
+from wgpu.classes import GPUAdapter, GPUBindGroupLayout, GPUComputePipeline, GPUDevice, GPUPipelineLayout
 
 from executorch_wgpu.errors import NoAdapterError
 from executorch_wgpu.shaders import registry
@@ -63,15 +64,15 @@ def capped_plan_limits(max_binding_bytes: Optional[int] = None, max_workgroups_p
 
 @dataclass
 class GPUContext:
-    adapter: wgpu.GPUAdapter
-    device: wgpu.GPUDevice
+    adapter: GPUAdapter
+    device: GPUDevice
     has_timestamps: bool
     # Nanoseconds per timestamp tick (wgpu-native's queue period): 1 on NVIDIA,
     # other values on some AMD, Intel and Apple GPUs.
     timestamp_period_ns: float = 1.0
-    _layouts: Dict[Tuple[Binding, ...], Tuple[wgpu.GPUBindGroupLayout, wgpu.GPUPipelineLayout]] = \
+    _layouts: Dict[Tuple[Binding, ...], Tuple[GPUBindGroupLayout, GPUPipelineLayout]] = \
         field(default_factory=dict)
-    _pipelines: Dict[str, wgpu.GPUComputePipeline] = field(default_factory=dict)
+    _pipelines: Dict[str, GPUComputePipeline] = field(default_factory=dict)
 
     @property
     def adapter_name(self) -> str:
@@ -92,7 +93,7 @@ class GPUContext:
             max_workgroups_per_dim=min(groups, _limit_caps.get("max_workgroups_per_dim", groups)),
         )
 
-    def bind_group_layout(self, kernel: str) -> wgpu.GPUBindGroupLayout:
+    def bind_group_layout(self, kernel: str) -> GPUBindGroupLayout:
         """The bind group layout of a kernel (shared by every kernel with the same layout)."""
         return self._layout_objects(registry.kernel(kernel).layout)[0]
 
@@ -105,7 +106,7 @@ class GPUContext:
             self._layouts[layout] = (group, self.device.create_pipeline_layout(bind_group_layouts=[group]))
         return self._layouts[layout]
 
-    def pipeline(self, name: str) -> wgpu.GPUComputePipeline:
+    def pipeline(self, name: str) -> GPUComputePipeline:
         """The compute pipeline of a registry kernel, compiled once per process."""
         if name not in self._pipelines:
             kernel = registry.kernel(name)

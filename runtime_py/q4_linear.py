@@ -13,11 +13,12 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import wgpu
+from wgpu.classes import GPUBuffer
 
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
@@ -128,7 +129,7 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
         if m != 1:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
         k_splits, k_chunk = gemv_k_split_for(k, group_size, max_groups)
-        dispatches = (Dispatch("gemv", (n_stride // COLUMNS_PER_WORKGROUP, 1, k_splits)),)
+        dispatches: Tuple[Dispatch, ...] = (Dispatch("gemv", (n_stride // COLUMNS_PER_WORKGROUP, 1, k_splits)),)
     elif kernel == "regtiled":
         c = REGTILED.constants
         dispatches = (Dispatch("regtiled", (math.ceil(n_stride / c["TILE_N"]), math.ceil(m / c["TILE_M"]), 1)),)
@@ -190,7 +191,7 @@ class Q4LinearGPU:
         self.params = dev.create_buffer(
             label=f"{rec.name}.params", size=_PARAMS.size, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
         )
-        self.params_for = None   # the (M, k_splits, k_chunk) the params buffer holds
+        self.params_for: Optional[Tuple[int, int, int]] = None   # the (M, k_splits, k_chunk) the params buffer holds
         self.query_set = None
         self.query_resolve = None
         if ctx.has_timestamps:
@@ -202,8 +203,8 @@ class Q4LinearGPU:
         # EXECUTORCH_WGPU_DIRECT=0 asks for wgpu-py's API (same commands, slower).
         self.direct = DirectCalls(dev, self.query_set) if use_direct_calls() else None
         self.capacity = 0        # rows of M the activation buffers hold
-        self.partial = None
-        self.plans = {}          # (kernel, M) -> Plan
+        self.partial: Optional[GPUBuffer] = None
+        self.plans: Dict[Tuple[str, int], Plan] = {}
 
     def plan(self, kernel: str, m: int) -> Plan:
         key = (kernel, m)
@@ -315,7 +316,7 @@ class Q4LinearGPU:
             timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
         self.encode(encoder, plan, timestamps)
         encoder.copy_buffer_to_buffer(self.y, 0, self.staging, 0, y_bytes)
-        if self.query_set is not None:
+        if self.query_set is not None and self.query_resolve is not None:
             encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
             encoder.copy_buffer_to_buffer(self.query_resolve, 0, self.staging, self.ts_offset, _TIMESTAMP_BYTES)
         dev.queue.submit([encoder.finish()])

@@ -129,8 +129,8 @@ KERNELS: Tuple[Kernel, ...] = (
 )
 
 BY_NAME: Dict[str, Kernel] = {k.name: k for k in KERNELS}
-ROUTABLE: Tuple[Kernel, ...] = tuple(sorted((k for k in KERNELS if k.route_id is not None), key=lambda k: k.route_id))
-BY_ROUTE_ID: Dict[int, Kernel] = {k.route_id: k for k in ROUTABLE if k.route_id is not None}
+BY_ROUTE_ID: Dict[int, Kernel] = {k.route_id: k for k in KERNELS if k.route_id is not None}
+ROUTABLE: Tuple[Kernel, ...] = tuple(BY_ROUTE_ID[i] for i in sorted(BY_ROUTE_ID))
 DECODE_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.decode)     # may run M == 1
 PREFILL_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.prefill)   # may run M > 1
 
@@ -148,8 +148,8 @@ def _check_registry() -> None:
         if not ok:
             raise RuntimeError(f"shaders/registry.py: {problem}")
 
-    ids = [k.route_id for k in ROUTABLE]
-    require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, got {ids}")
+    ids = sorted(k.route_id for k in KERNELS if k.route_id is not None)
+    require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, each once, got {ids}")
     require(len(BY_NAME) == len(KERNELS), "kernel names must be unique")
     for k in KERNELS:
         unknown = set(k.types) - {b.name for b in k.layout}

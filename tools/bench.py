@@ -342,7 +342,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             # Rounds: every competitor is timed once per round, interleaved, and
             # the best round's median is kept -- the GPU's clocks and any other
             # tenant vary over seconds, and this compares all in the same windows.
-            timings = {kern: [] for kern in kernels + ["stream_read", "tinygemm", "fp32_cuda"]}
+            timings: Dict[str, List[float]] = {kern: [] for kern in kernels + ["stream_read", "tinygemm", "fp32_cuda"]}
             for _ in range(cfg.rounds):
                 probe.spin_up()
                 for kernel in kernels:   # times the x that check_kernel left in the layer's buffer
@@ -390,7 +390,7 @@ def finish_row(row: dict) -> None:
             r["ok"] = r["rel_err"] <= TOLERANCE
     row["stream_read_gbps"] = row["weight_bytes"] / row["stream_read_us"] / 1e3
     timed = {k: r["us"] for k, r in row["kernels"].items() if "us" in r and r["ok"]}
-    row["fastest"] = min(timed, key=timed.get) if timed else None
+    row["fastest"] = min(timed, key=lambda k: timed[k]) if timed else None
     routed = row["kernels"].get(row["routed"], {})
     row["routed_us"] = routed.get("us")
     if row["fastest"] and row["routed_us"]:
@@ -419,18 +419,12 @@ def format_progress(row: dict) -> str:
 
 def one_linear_pte(k: int = 2048, n: int = 2048, m: int = 1) -> tuple:
     """(.pte bytes, example x) of a torchao-quantized Linear(k, n, bias=False), gs 32, lowered with WebGPUPartitioner."""
-    from executorch.exir import to_edge_transform_and_lower
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
-    from executorch_wgpu.backend.partitioner import WebGPUPartitioner
+    from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval()
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    model = quantize_q4(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval(), group_size=32)
     x = torch.randn(m, k)
-    ep = torch.export.export(model, (x,))
-    return to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch().buffer, x
+    return lower_to_pte(model, (x,), None), x
 
 
 def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30) -> dict:

@@ -176,7 +176,7 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
         one_pass, _ = time_steps(ctx, layers, plans, reps, warmup, one_pass=True)
         # The same step on one layer's buffers per shape: weights that stay in L2
         # and TLB from layer to layer, to tell memory from per-layer fixed costs.
-        first = {}
+        first: Dict[Tuple[str, int, int], Tuple[ModelLayer, Plan]] = {}
         for layer, plan in zip(layers, plans):
             first.setdefault((layer.kind, layer.gpu.rec.in_features, layer.gpu.rec.out_features), (layer, plan))
         shared = [first[(l.kind, l.gpu.rec.in_features, l.gpu.rec.out_features)] for l in layers]

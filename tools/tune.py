@@ -54,7 +54,7 @@ def correct_timings(results: dict) -> Dict[ShapeKey, Timings]:
 
 def fastest(us_by_kernel: Dict[str, float], candidates: Sequence[str]) -> Optional[str]:
     timed = {k: us for k, us in us_by_kernel.items() if k in candidates}
-    return min(timed, key=timed.get) if timed else None
+    return min(timed, key=lambda k: timed[k]) if timed else None
 
 
 def prefill_buckets(winners: List[Tuple[int, str]]) -> Tuple[Tuple[int, str], ...]:

@@ -88,10 +88,10 @@ class Q4LinearRecord:
 
 
 def payload_checksum(qweight: np.ndarray, scales: np.ndarray, bias: Optional[np.ndarray]) -> int:
-    crc = zlib.crc32(memoryview(np.ascontiguousarray(qweight)).cast("B"))
-    crc = zlib.crc32(memoryview(np.ascontiguousarray(scales)).cast("B"), crc)
+    crc = zlib.crc32(np.ascontiguousarray(qweight).data.cast("B"))
+    crc = zlib.crc32(np.ascontiguousarray(scales).data.cast("B"), crc)
     if bias is not None:
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(bias)).cast("B"), crc)
+        crc = zlib.crc32(np.ascontiguousarray(bias).data.cast("B"), crc)
     return crc
 
 
