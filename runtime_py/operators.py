@@ -102,7 +102,8 @@ def compile_kernel_call(operator: tuple, args: List[int]) -> CompiledKernelCall:
 
 
 def run_kernel_call(call: CompiledKernelCall, read: Callable[[int, str], Any], write: Callable[[int, Any], None],
-                    new_out: Callable[[int], torch.Tensor]) -> None:
+                    new_out: Callable[[int], Any]) -> None:
+    """Call the op; new_out(vid) gives an out argument (a tensor, or a list of them for a Tensor[] out)."""
     positional, keywords, outs = [], {}, []
     for spec, vid in zip(call.schema_args, call.arg_ids):
         if spec.is_out:

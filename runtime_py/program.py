@@ -244,16 +244,20 @@ class Method:
         self._check_inputs(inputs)
         values = list(self._initial)
         plan = self._plan
-        for vid, x in zip(plan.inputs, inputs):
-            values[vid] = x.contiguous() if isinstance(x, torch.Tensor) else x
 
         # The emitter elides static views: the view's value shares its source's
         # planned memory and no instruction writes it. We track which value last
-        # wrote each planned location and read such a value as a view of that one.
+        # wrote each planned location -- an input, a mutable buffer, an op's
+        # output -- and read such a value as a view of that one.
         last_writer: Dict[tuple, int] = {}
         for vid, t in self._state.items():   # mutable buffers hold what the last call left
             values[vid] = t
             last_writer[self._arena_key(plan.values[vid])] = vid
+        for vid, x in zip(plan.inputs, inputs):
+            values[vid] = x.contiguous() if isinstance(x, torch.Tensor) else x
+            key = self._arena_key(plan.values[vid])
+            if key is not None and isinstance(x, torch.Tensor):
+                last_writer[key] = vid
 
         def aliased(vid: int) -> Any:
             key = self._arena_key(plan.values[vid])
@@ -275,13 +279,24 @@ class Method:
             return v
 
         def write(vid: int, value: Any) -> None:
-            if not isinstance(values[vid], _List):   # a TensorList return aliases outs already written
-                values[vid] = value
-                key = self._arena_key(plan.values[vid])
-                if key is not None:
-                    last_writer[key] = vid
+            held = values[vid]
+            if isinstance(held, _List):
+                # A list out (split_with_sizes_copy's Tensor[] out) fills its items; a
+                # TensorList return aliases outs already written.
+                if held.kind == "tensor" and isinstance(value, list):
+                    for item, tensor in zip(held.items, value):
+                        write(item, tensor)
+                return
+            values[vid] = value
+            key = self._arena_key(plan.values[vid])
+            if key is not None:
+                last_writer[key] = vid
 
-        def new_out(vid: int) -> torch.Tensor:
+        def new_out(vid: int) -> Any:
+            """A fresh out argument: an empty tensor of the planned dtype, or a list of them for a Tensor[] out."""
+            held = values[vid]
+            if isinstance(held, _List) and held.kind == "tensor":
+                return [new_out(item) for item in held.items]
             spec = plan.values[vid].val
             if not isinstance(spec, et.Tensor):
                 raise ProgramFormatError(f"out argument {vid} is a {type(spec).__name__}, not a tensor")

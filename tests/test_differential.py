@@ -1,0 +1,182 @@
+"""Our runtime runs what ExecuTorch's runtime runs, with the same outputs.
+
+A corpus of programs -- plain and quantized, a declined layer, static and
+dynamic shapes, Tensor[] outs (chunk/split, as fused qkv and gate_up
+projections export), elided views of an input, aliased outputs, a mutable
+buffer, two methods, and real transformers architectures with random weights --
+each run by `executorch_wgpu.runtime` and by `executorch.runtime` with our
+native delegate registered. ExecuTorch's runtime is the golden: same output
+shapes and dtypes, values within float rounding of its portable CPU kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Sequence
+
+import pytest
+import torch
+from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.runtime import Runtime as EtRuntime
+
+from executorch_wgpu import WebGPUPartitioner
+from executorch_wgpu.runtime import Runtime
+from executorch_wgpu.tools.models import quantize_q4
+
+pytestmark = pytest.mark.native
+
+# ATen (ours) and ExecuTorch's portable kernels may round fp32 sums differently.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+class Case(NamedTuple):
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], tuple]                 # example inputs (also the first call's)
+    dynamic_shapes: Callable[[], object] = lambda: None
+    calls: int = 1                              # execute() calls in a row (state carries over)
+
+
+class GatedFFN(torch.nn.Module):
+    """gate and up fused into one projection, split with chunk: a Tensor[] out in the .pte."""
+
+    def __init__(self, dim: int = 64, hidden: int = 128):
+        super().__init__()
+        self.gate_up = torch.nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+class FusedQKV(torch.nn.Module):
+    """qkv in one projection, split with unequal sizes (split_with_sizes), three outputs."""
+
+    def __init__(self, dim: int = 64, kv: int = 32):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, dim + 2 * kv)
+        self.sizes = [dim, kv, kv]
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        return q, k * 2, v
+
+
+class Mlp(torch.nn.Module):
+    """Linear on a [B, T, K] input: the emitter elides the views around addmm, one of them of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Aliased(torch.nn.Module):
+    """Outputs that alias: the input itself, a view of it, and the same result twice."""
+
+    def forward(self, x):
+        y = torch.relu(x)
+        return x, x.view(-1), y, y
+
+
+class Accumulator(torch.nn.Module):
+    """A mutable buffer carried across calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(4, 32))
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        self.total.add_(self.proj(x))
+        return self.total.clone()
+
+
+def transformers_model(model_class: str, config_class: str, **config) -> torch.nn.Module:
+    """A transformers causal LM of a small config with random weights (no download), without a KV cache."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_class)(**config, use_cache=False)
+    return getattr(transformers, model_class)(cfg).eval()
+
+
+def hf_inputs(vocab: int = 128, length: int = 6) -> tuple:
+    return (torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(1)),)
+
+
+def randn(*shape: int) -> Callable[[], tuple]:
+    return lambda: (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def q4(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return quantize_q4(module.eval())
+
+
+SMALL_HF = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+CORPUS: Dict[str, Case] = {
+    "plain-static-3d": Case(lambda: Mlp().eval(), randn(2, 3, 64)),
+    "q4-static-3d": Case(lambda: q4(Mlp()), randn(2, 3, 64)),
+    "q4-dynamic-tokens": Case(lambda: q4(Mlp()), randn(1, 5, 64),
+                              lambda: ({1: torch.export.Dim("tokens", min=1, max=32)},)),
+    "declined-group-size-16": Case(lambda: quantize_q4(Mlp().eval(), group_size=16), randn(1, 4, 64)),
+    "q4-fused-gate-up-chunk": Case(lambda: q4(GatedFFN()), randn(1, 7, 64)),
+    "q4-fused-qkv-split": Case(lambda: q4(FusedQKV()), randn(1, 5, 64)),
+    "aliased-outputs": Case(lambda: Aliased(), randn(3, 8)),
+    "mutable-buffer": Case(lambda: q4(Accumulator()), randn(4, 32), calls=3),
+    "hf-gpt2": Case(lambda: transformers_model("GPT2LMHeadModel", "GPT2Config", vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                               n_positions=32), hf_inputs),
+    "hf-phi3-q4": Case(lambda: q4(transformers_model("Phi3ForCausalLM", "Phi3Config", **SMALL_HF, num_key_value_heads=2,
+                                                     pad_token_id=0)), hf_inputs),
+}
+
+
+def export_program(case: Case) -> bytes:
+    model = case.build()
+    with torch.no_grad():
+        ep = torch.export.export(model, case.inputs(), dynamic_shapes=case.dynamic_shapes(), strict=False)
+    edge = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()])
+    return edge.to_executorch(ExecutorchBackendConfig()).buffer
+
+
+def outputs_of(method, inputs: Sequence, calls: int) -> List[List[torch.Tensor]]:
+    return [[o.clone() if isinstance(o, torch.Tensor) else o for o in method.execute(list(inputs))]
+            for _ in range(calls)]
+
+
+def assert_same_outputs(ours: List[List], golden: List[List]) -> None:
+    assert len(ours) == len(golden)
+    for call, (got_call, want_call) in enumerate(zip(ours, golden)):
+        assert len(got_call) == len(want_call), f"call {call}: {len(got_call)} outputs, ExecuTorch gives {len(want_call)}"
+        for i, (got, want) in enumerate(zip(got_call, want_call)):
+            assert isinstance(got, torch.Tensor) == isinstance(want, torch.Tensor), (call, i)
+            if not isinstance(want, torch.Tensor):
+                assert got == want, (call, i)
+                continue
+            assert got.shape == want.shape and got.dtype == want.dtype, (call, i, got.shape, want.shape)
+            torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=f"call {call}, output {i}")
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_our_runtime_gives_what_executorch_runtime_gives(name, native_lib):
+    case = CORPUS[name]
+    pte = export_program(case)
+    inputs = case.inputs()
+    golden = outputs_of(EtRuntime.get().load_program(pte).load_method("forward"), inputs, case.calls)
+    ours = outputs_of(Runtime.get().load_program(pte).load_method("forward"), inputs, case.calls)
+    assert_same_outputs(ours, golden)
+
+
+def test_two_methods_of_one_program_each_match_executorch(native_lib):
+    mlp, ffn = q4(Mlp()), q4(GatedFFN())
+    x = randn(1, 3, 64)()
+    programs = {"mlp": torch.export.export(mlp, x), "ffn": torch.export.export(ffn, x)}
+    pte = to_edge_transform_and_lower(programs, partitioner=[WebGPUPartitioner()]).to_executorch().buffer
+    ours, theirs = Runtime.get().load_program(pte), EtRuntime.get().load_program(pte)
+    assert sorted(ours.method_names) == ["ffn", "mlp"]
+    for method in ("mlp", "ffn"):
+        assert_same_outputs(outputs_of(ours.load_method(method), x, 1),
+                            outputs_of(theirs.load_method(method), x, 1))
