@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # lavapipe complains on stderr when XDG_RUNTIME_DIR is unset; give it one.
 export XDG_RUNTIME_DIR ?= /tmp/executorch_wgpu-xdg
 
-.PHONY: demo test setup native
+.PHONY: demo test setup native relink
 
 demo: setup
 	$(PY) -m executorch_wgpu demo
@@ -39,14 +39,16 @@ EDITABLE := --config-settings editable_mode=strict -e
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q torch==2.13.0 'setuptools>=64'
 	$(VENV)/bin/pip install -q $(EDITABLE) '.[test,models]'
 	touch $@
 
 # The link tree holds the files that existed when it was made. Adding or removing
-# a file changes its folder's mtime, and that relinks (a second, no-deps install).
+# a file changes its folder's mtime, and that relinks (a second, no-deps install);
+# so does a link tree that is gone (rm -rf build).
 PACKAGE_DIRS := . backend backend/serialization backend/serialization/generated \
 	backend/serialization/generated/wgq4 runtime_py shaders tools
-$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_DIRS)
-	$(VENV)/bin/pip install -q --no-deps --no-build-isolation $(EDITABLE) . 2>/dev/null
+LINK_TREE := $(wildcard build/__editable__.*/executorch_wgpu/__init__.py)
+$(VENV)/.linked: $(VENV)/.installed $(PACKAGE_DIRS) $(if $(LINK_TREE),,relink)
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation $(EDITABLE) .
 	touch $@

@@ -14,7 +14,7 @@ executorch's Python extension first makes both runtimes share one registry.
 
 Beyond registering, the library has a small C API (runtime_native/c_api.h)
 this module wraps for tests and the benchmark: its reading of a blob, its
-call plans, its route report, its embedded shaders.
+call plans, its route report, the WGSL it compiles for each registry kernel.
 """
 
 from __future__ import annotations

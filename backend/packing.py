@@ -20,8 +20,7 @@ def q4gsw_shape_problem(in_features: int, out_features: int, group_size: int) ->
 
     The one place the shape preconditions live:
       * group_size is a multiple of 32: a packed u32 word (8 nibbles) never
-        straddles two groups, and the shared-memory GEMM's 32-deep K tiles
-        divide K exactly;
+        straddles two groups, and the GEMV reads a group 4 words (32 k) at a time;
       * K % group_size == 0 (torchao's PerGroup needs it too);
       * any N >= 1: columns are padded to a multiple of 16 (N_ALIGN) at pack time.
     """

@@ -45,10 +45,10 @@ class WebGPUPartitioner(Partitioner):
     """Delegates int4 group-symmetric weight-only linears to executorch_wgpu.
 
     Args:
-        prefill_route: force the M > 1 kernel of every layer ("skinny", "regtiled" or "shmem");
+        prefill_route: force the M > 1 kernel of every layer (one of shaders/registry.py PREFILL_KERNELS);
             None applies the default rule (skinny while M <= skinny_max_m or
             M*N < shmem_min_mn, else shmem; measured on an H100, see docs/PERFORMANCE.md).
-        decode_route: force the M == 1 kernel ("gemv", "skinny", "regtiled" or "shmem"); None means "gemv".
+        decode_route: force the M == 1 kernel (one of registry.DECODE_KERNELS); None: the rule's or table's.
         skinny_max_m, shmem_min_mn: knobs of the default rule (positive; defaults 32 and 2**18).
         route_table: a measured route table (`python -m executorch_wgpu tune`), as a path
             or a RouteTable. Layers whose (K, N, group size) it lists take its routes,

@@ -10,8 +10,9 @@ namespace wgq4_native {
 namespace {
 
 constexpr uint32_t kQwBlock = 16;  // columns per packed weight block
-constexpr uint64_t kColumnsPerWorkgroup = 4 * gemv::kQuads;   // gemv and skinny: one workgroup per 16 columns
-constexpr uint64_t kMinRowsPerWorkgroup = skinny::kRows;     // the fewest rows a workgroup row covers
+constexpr uint64_t kGemvColumns = 4 * gemv::kQuads;      // columns per gemv workgroup (one 16-column block)
+constexpr uint64_t kSkinnyColumns = 4 * skinny::kQuads;  // columns per skinny workgroup (one 16-column block)
+constexpr uint64_t kMinRowsPerWorkgroup = skinny::kRows;  // the fewest rows a workgroup row covers
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
@@ -52,7 +53,7 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
     case Kernel::Gemv: {
       if (m != 1) return "the gemv kernel computes M = 1 only, not M = " + std::to_string(m);
       std::tie(k_splits, k_chunk) = gemv_k_split_for(k, group_size, max_groups);
-      uint64_t g[3] = {n_stride / kColumnsPerWorkgroup, 1, k_splits};
+      uint64_t g[3] = {n_stride / kGemvColumns, 1, k_splits};
       std::copy(g, g + 3, grids[0]);
       break;
     }
@@ -62,7 +63,7 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
       break;
     }
     case Kernel::Skinny: {
-      uint64_t g[3] = {ceil_div(n_stride, kColumnsPerWorkgroup), ceil_div(m, skinny::kRows), 1};
+      uint64_t g[3] = {ceil_div(n_stride, kSkinnyColumns), ceil_div(m, skinny::kRows), 1};
       std::copy(g, g + 3, grids[0]);
       break;
     }
@@ -72,8 +73,11 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
       std::copy(g, g + 3, grids[0]);
       break;
     }
+    default:
+      return "unknown kernel " + std::to_string(int(kernel)) + ": the registry routes to it, plan.cpp has no grid for it";
   }
   static const KernelInfo* const reduce = find_kernel("splitk_reduce");
+  if (k_splits > 1 && !reduce) return "the kernel registry has no splitk_reduce";
   if (k_splits > 1) {
     uint64_t r[3] = {ceil_div(m * n, reduce->workgroup_size[0]), 1, 1};
     std::copy(r, r + 3, grids[1]);
@@ -100,9 +104,10 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
   const uint64_t k = b.in_features;
   const uint64_t bytes_per_column = std::max(k / 8, k / b.group_size) * 4;  // qweight is the larger
   const uint64_t by_binding = limits.max_binding_bytes / bytes_per_column;
-  const uint64_t by_grid = uint64_t(limits.max_workgroups_per_dim) * kQwBlock;  // gemv/skinny: a workgroup per 16 columns
+  // gemv and skinny grids: a workgroup per block of columns
+  const uint64_t by_grid = uint64_t(limits.max_workgroups_per_dim) * std::min(kGemvColumns, kSkinnyColumns);
   uint64_t width = std::min({by_binding, by_grid, uint64_t(b.n_stride)});
-  const uint64_t step = width >= 128 ? 128 : kQwBlock;
+  const uint64_t step = width >= shmem::kTn ? shmem::kTn : kQwBlock;  // whole shmem tiles when they fit
   width = width / step * step;
   if (width < kQwBlock)
     return "layer " + py_repr(b.name) + ": 16 columns of K=" + std::to_string(k) + " (" +

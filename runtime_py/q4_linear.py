@@ -61,7 +61,8 @@ SKINNY = registry.kernel("skinny")
 REGTILED = registry.kernel("regtiled")
 SHMEM = registry.kernel("shmem")
 REDUCE = registry.kernel("splitk_reduce")
-COLUMNS_PER_WORKGROUP = 4 * GEMV.constants["QUADS"]   # gemv and skinny: one workgroup per 16-column block
+GEMV_COLUMNS = 4 * GEMV.constants["QUADS"]       # columns per gemv workgroup (one 16-column block)
+SKINNY_COLUMNS = 4 * SKINNY.constants["QUADS"]   # columns per skinny workgroup (one 16-column block)
 
 
 def use_direct_calls() -> bool:
@@ -129,13 +130,13 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
         if m != 1:
             raise WebGPUDelegateError(f"the gemv kernel computes M = 1 only, not M = {m}")
         k_splits, k_chunk = gemv_k_split_for(k, group_size, max_groups)
-        dispatches: Tuple[Dispatch, ...] = (Dispatch("gemv", (n_stride // COLUMNS_PER_WORKGROUP, 1, k_splits)),)
+        dispatches: Tuple[Dispatch, ...] = (Dispatch("gemv", (n_stride // GEMV_COLUMNS, 1, k_splits)),)
     elif kernel == "regtiled":
         c = REGTILED.constants
         dispatches = (Dispatch("regtiled", (math.ceil(n_stride / c["TILE_N"]), math.ceil(m / c["TILE_M"]), 1)),)
     elif kernel == "skinny":
         rows = SKINNY.constants["ROWS"]
-        dispatches = (Dispatch("skinny", (math.ceil(n_stride / COLUMNS_PER_WORKGROUP), math.ceil(m / rows), 1)),)
+        dispatches = (Dispatch("skinny", (math.ceil(n_stride / SKINNY_COLUMNS), math.ceil(m / rows), 1)),)
     elif kernel == "shmem":
         c = SHMEM.constants
         k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups)

@@ -31,7 +31,14 @@ import torch
 from executorch_wgpu.backend.serialization.blob import QW_BLOCK, Q4LinearRecord
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, PlanLimits
-from executorch_wgpu.runtime_py.q4_linear import LinearCall, Q4LinearGPU, check_input, plan_call
+from executorch_wgpu.runtime_py.q4_linear import (
+    GEMV_COLUMNS,
+    SKINNY_COLUMNS,
+    LinearCall,
+    Q4LinearGPU,
+    check_input,
+    plan_call,
+)
 from executorch_wgpu.shaders import registry
 
 # Rows of M one workgroup row covers, per kernel (grid y = ceil(M / rows)); the
@@ -44,9 +51,10 @@ def column_parts(rec: Q4LinearRecord, limits: PlanLimits) -> List[Tuple[int, int
     k = rec.in_features
     bytes_per_column = max(k // 8, k // rec.group_size) * 4         # qweight is the larger of the two
     by_binding = limits.max_binding_bytes // bytes_per_column
-    by_grid = limits.max_workgroups_per_dim * QW_BLOCK              # gemv / skinny: one workgroup per 16 columns
+    by_grid = limits.max_workgroups_per_dim * min(GEMV_COLUMNS, SKINNY_COLUMNS)   # their grids: a workgroup per block
     width = min(by_binding, by_grid, rec.n_stride)
-    step = 128 if width >= 128 else QW_BLOCK                        # whole shmem tiles when they fit
+    tile = registry.kernel("shmem").constants["TN"]
+    step = tile if width >= tile else QW_BLOCK                      # whole shmem tiles when they fit
     width = width // step * step
     if width < QW_BLOCK:
         raise WebGPUDelegateError(

@@ -14,7 +14,8 @@
 // Partial row blocks: rows >= M read row M - 1 and are not stored.
 // Dispatch: (n_stride / 16, ceil(M / 4), 1): one workgroup per 16-column block and 4 rows. Workgroup memory: 16 KiB.
 
-var<workgroup> slice_sums: array<vec4<f32>, ROWS * SLICES * QUADS>;   // [row][slice][quad]
+const ROW_SUMS: u32 = SLICES * QUADS;   // partial sums of one row: [slice][quad]
+var<workgroup> slice_sums: array<vec4<f32>, ROWS * ROW_SUMS>;   // [row][slice][quad]
 
 // x[row, 8*k8 .. 8*k8+7] (row r = its first vec4) . the 8 x 4 dequantized block w0..w7
 fn row_dot8(r: u32, k8: u32, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>,
@@ -69,25 +70,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     }
     let slot = lid.y * QUADS + lid.x;
     slice_sums[slot] = acc0;
-    slice_sums[256u + slot] = acc1;
-    slice_sums[512u + slot] = acc2;
-    slice_sums[768u + slot] = acc3;
+    slice_sums[ROW_SUMS + slot] = acc1;
+    slice_sums[2u * ROW_SUMS + slot] = acc2;
+    slice_sums[3u * ROW_SUMS + slot] = acc3;
     workgroupBarrier();
     for (var stride = SLICES / 2u; stride > 0u; stride = stride / 2u) {
         if (lid.y < stride) {
             let other = slot + stride * QUADS;
             slice_sums[slot] += slice_sums[other];
-            slice_sums[256u + slot] += slice_sums[256u + other];
-            slice_sums[512u + slot] += slice_sums[512u + other];
-            slice_sums[768u + slot] += slice_sums[768u + other];
+            slice_sums[ROW_SUMS + slot] += slice_sums[ROW_SUMS + other];
+            slice_sums[2u * ROW_SUMS + slot] += slice_sums[2u * ROW_SUMS + other];
+            slice_sums[3u * ROW_SUMS + slot] += slice_sums[3u * ROW_SUMS + other];
         }
         workgroupBarrier();
     }
     if (lid.y == 0u && n4 < quads) {
         let b = bias[n4];
         store_row(m0, n4, slice_sums[lid.x] + b);
-        store_row(m0 + 1u, n4, slice_sums[256u + lid.x] + b);
-        store_row(m0 + 2u, n4, slice_sums[512u + lid.x] + b);
-        store_row(m0 + 3u, n4, slice_sums[768u + lid.x] + b);
+        store_row(m0 + 1u, n4, slice_sums[ROW_SUMS + lid.x] + b);
+        store_row(m0 + 2u, n4, slice_sums[2u * ROW_SUMS + lid.x] + b);
+        store_row(m0 + 3u, n4, slice_sums[3u * ROW_SUMS + lid.x] + b);
     }
 }

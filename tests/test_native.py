@@ -6,9 +6,10 @@ in C++ what runtime_py/ and backend/serialization/blob.py do in Python; this fil
 pins that the two agree:
 
   * both blob readers see the same value in every field of real blobs;
-  * both planners make the same dispatches (same shaders, grids, split K) for
+  * both planners make the same dispatches (same kernels, grids, split K) for
     the same call, and refuse the same calls;
-  * the library embeds shaders/*.wgsl byte for byte;
+  * the library compiles, for every registry kernel, the WGSL the Python runtime
+    assembles (shaders/registry.py), byte for byte;
   * ExecuTorch's runtime gives the outputs of our Python runtime (and of the
     fp64 golden) with the same kernel per call, for every kernel, split K,
     a mixed model and layers split over the binding / grid limits;
@@ -192,7 +193,7 @@ PLAN_MAX_GROUPS = (65535, 1, 2, 3, 7, 64)
 def test_cpp_and_python_plan_every_call_the_same_way(native_lib):
     seen = {"shmem split K": 0, "gemv split K": 0, "refused": 0, "n not a multiple of 16": 0}
     for kernel, m, (k, gs), n, max_groups in itertools.product(
-            registry.DECODE_KERNELS, PLAN_MS, PLAN_KS, PLAN_NS, PLAN_MAX_GROUPS):
+            registry.ROUTABLE_NAMES, PLAN_MS, PLAN_KS, PLAN_NS, PLAN_MAX_GROUPS):
         n_stride = blob_module.round_up(n, blob_module.N_ALIGN)
         expected = python_plan(kernel, m, k, n, n_stride, gs, max_groups)
         got = native_lib.plan(kernel, m, k, n, n_stride, gs, max_groups)

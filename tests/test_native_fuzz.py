@@ -3,7 +3,7 @@
 Reuses the hardening corpus of tests/test_fuzz.py (conftest's `fuzz` toolkit: the
 `mutated` strategy -- truncation, bit flips, overwrites, insertions/deletions,
 swaps and edits aimed at every flatbuffer offset, count and scalar of the valid
-buffer -- the fuzzed record and test_fuzz's TinyModel program).
+buffer -- the fuzzed record and conftest's TinyModel program, `tiny_program`).
 
   * The C++ blob reader against the Python one, in process: for every mutated
     blob both refuse it, or both accept it and read the same value in every
@@ -87,7 +87,7 @@ def test_cpp_and_python_readers_refuse_or_accept_the_same_mutated_blobs(native_l
 
 @pytest.fixture(scope="module")
 def tiny_pte(tiny_program, blob_span):
-    """test_fuzz's TinyModel .pte (conftest): (bytes, our runtime's output, the blob's offset and length inside it)."""
+    """conftest's TinyModel .pte: (bytes, our runtime's output, the blob's offset and length inside it)."""
     return (tiny_program.pte, tiny_program.y) + blob_span(tiny_program.pte)
 
 

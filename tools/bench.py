@@ -301,7 +301,7 @@ class BenchConfig:
     peers: bool = True
     route_table: Optional[RouteTable] = None
     seed: int = 0
-    kernels: Sequence[str] = registry.DECODE_KERNELS   # every routable kernel
+    kernels: Sequence[str] = registry.ROUTABLE_NAMES
     flush_bytes: int = 256 << 20   # the L2 flush between cold runs: larger than any GPU's L2
     cold_all: bool = False         # time M > 1 rows cold too (M = 1 rows always are)
 

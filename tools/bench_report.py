@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import List
 
-from executorch_wgpu.shaders.registry import DECODE_KERNELS as KERNELS   # every routable kernel, in route-id order
+from executorch_wgpu.shaders.registry import ROUTABLE_NAMES as KERNELS   # every routable kernel, in route-id order
 
 log = logging.getLogger(__name__)
 

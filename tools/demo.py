@@ -47,13 +47,9 @@ def format_report(report) -> str:
 def ffn_main(argv=None) -> None:
     """The FFN demo: quantize a small transformer FFN block to int4, lower it, run it on the
     default adapter and print outputs next to eager torch, the route report and timings."""
-    from executorch.exir import to_edge_transform_and_lower
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
-    from executorch_wgpu import WebGPUPartitioner
     from executorch_wgpu.runtime import Runtime
     from executorch_wgpu.runtime_py.gpu import gpu_context
+    from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
 
     parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo --ffn", description=ffn_main.__doc__)
     parser.add_argument("--dim", type=int, default=512)
@@ -66,17 +62,11 @@ def ffn_main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    model = FeedForward(args.dim, args.hidden).eval()
-    # torch.int4 exists at run time, but torch's stubs (_C/__init__.pyi) do not declare it.
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4,  # type: ignore[attr-defined]
-                                          granularity=PerGroup(args.group_size)))
+    model = quantize_q4(FeedForward(args.dim, args.hidden).eval(), args.group_size)
     example = torch.randn(1, args.prompt, args.dim)
     tokens = torch.export.Dim("tokens", min=1, max=args.max_tokens)
     t0 = time.perf_counter()
-    ep = torch.export.export(model, (example,), dynamic_shapes=({1: tokens},))
-    program_bytes = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()]).to_executorch().buffer
-    with open(args.pte, "wb") as f:
-        f.write(program_bytes)
+    program_bytes = lower_to_pte(model, (example,), ({1: tokens},), path=args.pte)
     print(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} ({len(program_bytes)} bytes)")
 
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry, describe_buckets
-from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS, ROUTABLE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
     cfg = BenchConfig(args.shapes, args.m, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
-                      rounds=args.rounds, peers=False, kernels=tuple(DECODE_KERNELS))
+                      rounds=args.rounds, peers=False, kernels=ROUTABLE_NAMES)
     results = bench(cfg, progress=lambda s: log.info("%s", s))
     command = "python -m executorch_wgpu tune " + " ".join(argv)
     try:
