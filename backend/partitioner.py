@@ -3,8 +3,9 @@
 Each accepted layer (see q4gsw_pattern.py) becomes its own delegate: its
 torchao dequantize node, the linear (whole, or permute_copy + addmm/mm), and
 the constant weights, scales and bias. Declined layers are logged once with
-name and reason and lowered to plain ATen ops, so the model still exports and
-runs them on the CPU.
+name, reason and what would make them delegable, and lowered to plain ATen
+ops, so the model still exports and runs them on the CPU. Each lowering ends
+with one summary line: how many q4 linears were delegated and how many not.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from executorch_wgpu.backend.route_table import RouteTable
 from executorch_wgpu.backend.routing import DEFAULT_SHMEM_MIN_MN, DEFAULT_SKINNY_MAX_M, RouteOptions
 
 log = logging.getLogger(__name__)
+
+QUANTIZE_HINT = ("quantize it first with torchao: quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, "
+                 "granularity=PerGroup(32))) (README, Use)")
 
 
 def as_route_table(route_table: Union[None, str, os.PathLike, RouteTable]) -> Optional[RouteTable]:
@@ -69,6 +73,10 @@ class WebGPUPartitioner(Partitioner):
             prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table)
         )
         self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
+        # Layers the pre-decomposition transform declined (and lowered to ATen ops), one
+        # batch per method, for partition()'s summary of the same method: ExecuTorch
+        # transforms every method first, then partitions them in the same order.
+        self._declined: List[List[Decline]] = []
 
     # -- to_edge_transform_and_lower hooks, in the order ExecuTorch calls them --
 
@@ -79,8 +87,9 @@ class WebGPUPartitioner(Partitioner):
         ep = exported_program.run_decompositions({})
         declined = [r for r in find_q4gsw_linears(ep) if isinstance(r, Decline)]
         for d in declined:
-            log.warning("WebGPUPartitioner: layer %s stays on the CPU: %s", d.name, d.reason)
+            log.warning("WebGPUPartitioner: layer %s stays on the CPU: %s", d.name, d.describe())
             inline_dequantize_affine(ep.graph_module, d.dequant)
+        self._declined.append(declined)
         if declined:
             ep.graph.eliminate_dead_code()
             ep.graph_module.recompile()
@@ -95,18 +104,34 @@ class WebGPUPartitioner(Partitioner):
 
     def partition(self, exported_program: ExportedProgram) -> PartitionResult:
         partition_tags: Dict[str, DelegationSpec] = {}
+        declined = self._declined.pop(0) if self._declined else []
         for i, result in enumerate(find_q4gsw_linears(exported_program)):
             if isinstance(result, Decline):
                 # Only reachable through to_edge() + to_backend(), which skip our
                 # pre-decomposition transform: the dequantize node stays in the graph.
                 log.warning(
-                    "WebGPUPartitioner: layer %s stays on the CPU: %s (lower with "
-                    "to_edge_transform_and_lower so its dequantize op is decomposed)", result.name, result.reason
+                    "WebGPUPartitioner: layer %s stays on the CPU: %s (and lower with "
+                    "to_edge_transform_and_lower so its dequantize op is decomposed)", result.name, result.describe()
                 )
+                declined.append(result)
                 continue
             tag = f"webgpu_q4gsw_{i}"
             for node in result.compute_nodes:
                 node.meta["delegation_tag"] = tag
             partition_tags[tag] = self.delegation_spec
         tag_constant_data(exported_program)
+        log_summary(len(partition_tags), declined)
         return PartitionResult(tagged_exported_program=exported_program, partition_tags=partition_tags)
+
+
+def log_summary(delegated: int, declined: List[Decline]) -> None:
+    """One line per lowering: what runs on the GPU, what stays on the CPU (each logged above with its fix)."""
+    total = delegated + len(declined)
+    if total == 0:
+        log.warning("WebGPUPartitioner: the program has no int4 weight-only linears, so nothing is delegated; %s",
+                    QUANTIZE_HINT)
+    elif declined:
+        log.warning("WebGPUPartitioner: %d of %d q4 linears delegated; %d stay on the CPU: %s", delegated, total,
+                    len(declined), ", ".join(d.name for d in declined))
+    else:
+        log.info("WebGPUPartitioner: %d of %d q4 linears delegated", delegated, total)

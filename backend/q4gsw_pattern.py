@@ -87,11 +87,24 @@ class Q4LinearMatch:
 
 @dataclass
 class Decline:
-    """A torchao dequantize node we will not run, and why."""
+    """A torchao dequantize node we will not run, why, and what a user can do about it ("" when nothing)."""
 
     name: str
     dequant: Node
     reason: str
+    fix: str = ""
+
+    def describe(self) -> str:
+        return f"{self.reason}; to delegate it: {self.fix}" if self.fix else self.reason
+
+
+# What to change in the quantization for a layer to be delegated (the README's "Use" has the whole recipe).
+FIX_SYMMETRIC = "quantize with mapping_type=MappingType.SYMMETRIC (zero point 0)"
+FIX_INT4 = "quantize with weight_dtype=torch.int4"
+FIX_FP32 = "quantize the float32 model (a bfloat16 or float16 model gives scales and outputs of that dtype)"
+FIX_PER_GROUP = "quantize with granularity=PerGroup(32), PerGroup(64) or PerGroup(128)"
+FIX_GROUP_SIZE = ("use a group size that is a multiple of 32 and divides in_features (PerGroup(32), 64 or 128), "
+                  "or leave this layer out of quantize_ with filter_fn")
 
 
 def _arg(node: Node, index: int, name: str, default=None):
@@ -106,8 +119,8 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
     consumer = users[0] if len(users) == 1 else None
     name = layer_name(consumer if consumer is not None else dq)
 
-    def decline(reason: str) -> Decline:
-        return Decline(name, dq, reason)
+    def decline(reason: str, fix: str = "") -> Decline:
+        return Decline(name, dq, reason, fix)
 
     if consumer is None:
         return decline(f"the dequantized weight has {len(users)} users; a q4gsw linear has exactly one")
@@ -149,13 +162,14 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
     if codes.dtype != torch.int8 or codes.dim() != 2:
         return decline(f"weight codes are {codes.dtype} of rank {codes.dim()}, expected int8 of rank 2")
     if (quant_min, quant_max) != (-8, 7):
-        return decline(f"quant range [{quant_min}, {quant_max}] is not int4 [-8, 7]")
+        return decline(f"quant range [{quant_min}, {quant_max}] is not int4 [-8, 7]", FIX_INT4)
     n, k = codes.shape
     if len(block_size) != 2 or block_size[0] != 1:
-        return decline(f"block size {block_size} is not per-group [1, gs]")
+        return decline(f"block size {block_size} is not per-group [1, gs]", FIX_PER_GROUP)
     gs = block_size[1]
     if scales.dtype != torch.float32 or tuple(scales.shape) not in ((n, k // gs),):
-        return decline(f"scales are {scales.dtype} {tuple(scales.shape)}, expected float32 {(n, k // gs)}")
+        return decline(f"scales are {scales.dtype} {tuple(scales.shape)}, expected float32 {(n, k // gs)}",
+                       FIX_FP32 if scales.dtype != torch.float32 else FIX_PER_GROUP)
     # ExecuTorch hands partition() a program whose constants are FakeTensors: value
     # checks run where real values exist (the pre-decomposition transform and preprocess).
     has_values = not isinstance(codes, FakeTensor)
@@ -164,19 +178,20 @@ def match_q4gsw_linear(ep: ExportedProgram, dq: Node) -> Union[Q4LinearMatch, De
         if zp is None:
             return decline("zero point is not a constant of the program")
         if has_values and bool((zp != 0).any()):
-            return decline("zero points are not all zero (asymmetric quantization)")
+            return decline("zero points are not all zero (asymmetric quantization)", FIX_SYMMETRIC)
     if output_dtype != torch.float32:
-        return decline(f"dequantized dtype is {output_dtype}, expected torch.float32")
+        return decline(f"dequantized dtype is {output_dtype}, expected torch.float32", FIX_FP32)
     if has_values and (int(codes.min()) < -8 or int(codes.max()) > 7):
         return decline("weight codes fall outside [-8, 7]")
     problem = q4gsw_shape_problem(k, n, gs)
     if problem:
-        return decline(problem)
+        return decline(problem, FIX_GROUP_SIZE)
 
     # Activation and bias.
     x_val = x_node.meta.get("val") if isinstance(x_node, Node) else None
     if not isinstance(x_node, Node) or x_val is None or x_val.dtype != torch.float32:
-        return decline(f"activation dtype is {getattr(x_val, 'dtype', None)}, expected torch.float32")
+        return decline(f"activation dtype is {getattr(x_val, 'dtype', None)}, expected torch.float32",
+                       "run the model in float32")
     bias = None
     if bias_node is not None:
         bias = constant_value(ep, bias_node) if isinstance(bias_node, Node) else None
