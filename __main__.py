@@ -1,29 +1,37 @@
-"""python -m executorch_wgpu <command>:
-  demo         MiniLM sentence embeddings, int4 on the default adapter (demo --ffn: the small FFN demo)
-  llama-bench  a Llama-shaped int4 decoder: prefill and decode tokens/s, time split
-  bench  time every kernel on Llama-3.2-1B shapes against its ceilings
-  tune   measure the kernels on this adapter and write a route table
-  native-bench  wall time per execute: our Python runtime vs ExecuTorch's runtime with the native delegate
-"""
+"""python -m executorch_wgpu <command> [options]: the project's tools (tools/); `<command> --help` for each."""
 
+from __future__ import annotations
+
+import argparse
+import importlib
 import sys
+from typing import Dict, Optional, Sequence, Tuple
+
+from executorch_wgpu import __version__
+
+# command -> (module with main(argv), what it does). Imported only when run: --help stays fast.
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "demo": ("executorch_wgpu.tools.demo",
+             "MiniLM sentence embeddings, int4 on the default adapter (demo --ffn: the small FFN demo)"),
+    "llama-bench": ("executorch_wgpu.tools.llama_bench",
+                    "a Llama-shaped int4 decoder: prefill and decode tokens/s, time split"),
+    "bench": ("executorch_wgpu.tools.bench",
+              "time every kernel on Llama-3.2-1B shapes against its ceilings (--model: a model's step, one submit)"),
+    "tune": ("executorch_wgpu.tools.tune", "measure the kernels on this adapter and write a route table"),
+    "native-bench": ("executorch_wgpu.tools.native_bench",
+                     "wall time per execute: our Python runtime vs ExecuTorch's runtime with the native delegate"),
+}
 
 
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "demo": "executorch_wgpu.tools.demo",
-        "bench": "executorch_wgpu.tools.bench",
-        "tune": "executorch_wgpu.tools.tune",
-        "llama-bench": "executorch_wgpu.tools.llama_bench",
-        "native-bench": "executorch_wgpu.tools.native_bench",
-    }
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m executorch_wgpu {{{','.join(commands)}}} [options]  (--help after a command)")
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    import importlib
-
-    importlib.import_module(commands[argv[0]]).main(argv[1:])
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m executorch_wgpu", description=__doc__.split(":", 1)[1].strip())
+    parser.add_argument("--version", action="version", version=f"executorch_wgpu {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (_, summary) in COMMANDS.items():
+        # The command's own parser (in its module) reads the rest, --help included.
+        commands.add_parser(name, help=summary, add_help=False)
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    importlib.import_module(COMMANDS[args.command][0]).main(rest)
 
 
 if __name__ == "__main__":
