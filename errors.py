@@ -27,3 +27,10 @@ class NoAdapterError(WebGPUDelegateError):
 
 class UnsupportedOperatorError(WebGPUDelegateError):
     """The program calls an operator the Python runtime cannot run."""
+
+
+class OperatorError(WebGPUDelegateError):
+    """An operator of the program failed while the method ran, on inputs that passed the method's checks.
+
+    Neither the input nor the file is known to be at fault: the message names the
+    operator, the instruction and what the operator said."""

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from executorch.exir import schema as et
 
-from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
+from executorch_wgpu.errors import InputError, OperatorError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.delegate import load_delegate
 from executorch_wgpu.runtime_py.operators import (
     CompiledKernelCall,
@@ -331,8 +331,9 @@ class Method:
                     run_kernel_call(instr, read, write, new_out)
         except WebGPUDelegateError:
             raise
-        except RuntimeError as e:
-            raise InputError(f"method {self.name!r} failed at instruction {pc - 1}: {e}") from e
+        except (RuntimeError, IndexError) as e:   # torch's own errors of an op (IndexError: an index out of range)
+            op = instructions[pc - 1].op if isinstance(instructions[pc - 1], CompiledKernelCall) else "an instruction"
+            raise OperatorError(f"method {self.name!r}: {op} (instruction {pc - 1}) failed: {e}") from e
         except Exception as e:   # an op handed values of the wrong kind: the program is malformed
             raise ProgramFormatError(
                 f"method {self.name!r} failed at instruction {pc - 1}: {type(e).__name__}: {e}"

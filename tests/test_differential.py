@@ -19,6 +19,7 @@ from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 from executorch.runtime import Runtime as EtRuntime
 
 from executorch_wgpu import WebGPUPartitioner
+from executorch_wgpu.errors import OperatorError
 from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.tools.models import quantize_q4
 
@@ -180,3 +181,16 @@ def test_two_methods_of_one_program_each_match_executorch(native_lib):
     for method in ("mlp", "ffn"):
         assert_same_outputs(outputs_of(ours.load_method(method), x, 1),
                             outputs_of(theirs.load_method(method), x, 1))
+
+
+def test_an_operator_failing_on_checked_inputs_is_an_operator_error_naming_it_and_the_method_recovers():
+    """A token id beyond the vocabulary passes the input checks (dtype, shape) and fails inside aten.embedding:
+    the error names that operator rather than blaming the file or the input's shape."""
+    model = torch.nn.Embedding(10, 8).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    pte = to_edge_transform_and_lower(torch.export.export(model, (ids,))).to_executorch().buffer
+    method = Runtime.get().load_program(pte).load_method("forward")
+    with pytest.raises(OperatorError, match="embedding"):
+        method.execute([torch.tensor([[1, 12, 3]])])
+    (y,) = method.execute([ids])
+    torch.testing.assert_close(y, model(ids))

@@ -37,6 +37,7 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deseriali
 from executorch_wgpu.errors import (
     BlobFormatError,
     InputError,
+    OperatorError,
     ProgramFormatError,
     UnsupportedOperatorError,
 )
@@ -158,7 +159,7 @@ def pte_case(tiny_program, fuzz, blob_span):
 
 
 PTE_LOAD_ERRORS = (ProgramFormatError, BlobFormatError, UnsupportedOperatorError)
-PTE_RUN_ERRORS = (InputError, ProgramFormatError, UnsupportedOperatorError)
+PTE_RUN_ERRORS = (InputError, OperatorError, ProgramFormatError, UnsupportedOperatorError)
 
 
 def check_pte_case(stats, test: str, original_program, x: torch.Tensor, golden: torch.Tensor, data: bytes) -> None:
