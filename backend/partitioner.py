@@ -105,6 +105,7 @@ class WebGPUPartitioner(Partitioner):
     def partition(self, exported_program: ExportedProgram) -> PartitionResult:
         partition_tags: Dict[str, DelegationSpec] = {}
         declined = self._declined.pop(0) if self._declined else []
+        accepted: List[Q4LinearMatch] = []
         for i, result in enumerate(find_q4gsw_linears(exported_program)):
             if isinstance(result, Decline):
                 # Only reachable through to_edge() + to_backend(), which skip our
@@ -119,9 +120,38 @@ class WebGPUPartitioner(Partitioner):
             for node in result.compute_nodes:
                 node.meta["delegation_tag"] = tag
             partition_tags[tag] = self.delegation_spec
+            accepted.append(result)
         tag_constant_data(exported_program)
+        log_route_table_gaps(accepted, self.route_options)
         log_summary(len(partition_tags), declined)
         return PartitionResult(tagged_exported_program=exported_program, partition_tags=partition_tags)
+
+
+def log_route_table_gaps(accepted: List[Q4LinearMatch], options: RouteOptions, shown_names: int = 3) -> None:
+    """Once per lowering given a route table: the delegated layers whose (K, N, group size) it has no entry
+    for, which take the default rule instead, and the `tune` command that measures them."""
+    table = options.route_table
+    if table is None or (options.prefill_route and options.decode_route):   # both forced: the table is unused
+        return
+    missing: Dict[Tuple[int, int, int], List[str]] = {}
+    for layer in accepted:
+        n, k = layer.codes.shape
+        if table.route_for(k, n, layer.group_size) is None:
+            missing.setdefault((k, n, layer.group_size), []).append(layer.name)
+    if not missing:
+        return
+    shapes = []
+    for (k, n, gs), names in missing.items():
+        more = f", ... ({len(names)} layers)" if len(names) > shown_names else ""
+        shapes.append(f"K={k} N={n} gs={gs} ({', '.join(names[:shown_names])}{more})")
+    commands = []
+    for group_size in sorted({gs for _, _, gs in missing}):
+        kn = ",".join(f"{k}x{n}" for k, n, gs in missing if gs == group_size)
+        commands.append(f"python -m executorch_wgpu tune --shapes {kn} --group-size {group_size} --out routes.json")
+    log.warning("WebGPUPartitioner: route table %s has no entry for %d of %d delegated layers, which use the "
+                "default rule (or their adapter class's rule) instead: %s; to measure them on this adapter: %s",
+                table.describe(), sum(len(v) for v in missing.values()), len(accepted), "; ".join(shapes),
+                " and ".join(commands))
 
 
 def log_summary(delegated: int, declined: List[Decline]) -> None:

@@ -8,6 +8,10 @@ GPU timestamps; no torch peers) and keeps, per layer shape (K, N, group size):
     geometric mean (kernel times scale roughly with log M, so the midpoint in
     log M splits the unmeasured range fairly); the last bucket serves every
     larger M; neighbouring buckets with the same kernel are merged.
+What it measures: the bench's Llama-3.2-1B shapes (--quick: its small ones), the
+names and KxN items of --shapes (`--shapes 512x1024,gate`), and with --pte every
+(K, N, group size) that a lowered .pte delegates to executorch_wgpu (read from its
+delegate blobs), each at its own group size (--group-size is --shapes').
 `WebGPUPartitioner(route_table="routes.json")` then lowers with these routes;
 `python -m executorch_wgpu bench --route-table routes.json` checks them.
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -110,15 +116,100 @@ def summary(entry: RouteTableEntry) -> str:
             f"prefill {describe_buckets(entry.prefill)}")
 
 
+SHAPE_ITEM = re.compile(r"(\d+)x(\d+)")
+
+
+@dataclass
+class PteLayers:
+    """The q4 layers a lowered .pte delegates to executorch_wgpu: layer names by (K, N, group size)."""
+
+    path: Path
+    names: Dict[ShapeKey, List[str]] = field(default_factory=dict)
+
+    @property
+    def group_sizes(self) -> List[int]:
+        return sorted({gs for _, _, gs in self.names})
+
+
+def pte_layers(path: Path) -> PteLayers:
+    """Reads every executorch_wgpu delegate blob of every method of a .pte (ValueError says what is wrong)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import DataLocation
+
+    from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear
+    from executorch_wgpu.errors import WebGPUDelegateError
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    try:
+        program = deserialize_pte_binary(data).program
+    except Exception as e:   # the flatbuffer reader raises whatever a bad offset leads it to
+        raise ValueError(f"{path} is not an ExecuTorch program (.pte): {type(e).__name__}: {e}") from e
+    layers = PteLayers(path)
+    for plan in program.execution_plan:
+        for d in plan.delegates:
+            if d.id != BACKEND_ID:
+                continue
+            if d.processed.location != DataLocation.INLINE or not 0 <= d.processed.index < len(
+                    program.backend_delegate_data):
+                raise ValueError(f"{path}: method {plan.name!r}: delegate data of {d.id} not found in the file")
+            try:
+                rec = deserialize_q4linear(program.backend_delegate_data[d.processed.index].data)
+            except WebGPUDelegateError as e:
+                raise ValueError(f"{path}: method {plan.name!r}: {e}") from e
+            names = layers.names.setdefault((rec.in_features, rec.out_features, rec.group_size), [])
+            if rec.name not in names:
+                names.append(rec.name)
+    if not layers.names:
+        raise ValueError(f"{path} delegates no layer to executorch_wgpu ({BACKEND_ID}): lower it with "
+                         f"WebGPUPartitioner after quantizing with torchao (README, Use)")
+    return layers
+
+
+def shape_name(k: int, n: int) -> str:
+    return f"{k}x{n}"
+
+
+def parse_shapes(p: argparse.ArgumentParser, items: str, named: Dict[str, Tuple[int, int]],
+                 group_size: int) -> Dict[str, Tuple[int, int]]:
+    """--shapes: names of `named` and KxN items, each checked against the group size (a parser error if not)."""
+    from executorch_wgpu.backend.packing import q4gsw_shape_problem
+
+    shapes: Dict[str, Tuple[int, int]] = {}
+    for item in (i.strip() for i in items.split(",")):
+        match = SHAPE_ITEM.fullmatch(item)
+        if item in named:
+            name, (k, n) = item, named[item]
+        elif match:
+            name, k, n = item, int(match.group(1)), int(match.group(2))
+        else:
+            p.error(f"--shapes: {item!r} is neither a shape name ({', '.join(named)}) nor KxN "
+                    f"(K inputs x N outputs of a layer, e.g. 512x1024)")
+        problem = "K and N must be at least 1" if k < 1 or n < 1 else q4gsw_shape_problem(k, n, group_size)
+        if problem:
+            p.error(f"--shapes: {item!r} (K={k}, N={n}) cannot be a q4gsw layer at --group-size {group_size}: "
+                    f"{problem}")
+        if (k, n) not in shapes.values():
+            shapes[name] = (k, n)
+    return shapes
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from executorch_wgpu.tools.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, select_shapes
+    from executorch_wgpu.backend.packing import q4gsw_shape_problem
+    from executorch_wgpu.tools.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, QUICK_SHAPES
 
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu tune", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
-    p.add_argument("--shapes", help="comma-separated subset of " + ",".join(LLAMA_1B_SHAPES))
+    p.add_argument("--shapes", help="comma-separated layer shapes: names of " + ",".join(LLAMA_1B_SHAPES) +
+                                    " (--quick: its small shapes of the same names) and/or KxN (K inputs, "
+                                    "N outputs), e.g. 512x1024,2048x8192")
+    p.add_argument("--pte", type=Path, help="a lowered .pte: measure the (K, N, group size) of every layer it "
+                                            "delegates to executorch_wgpu, at its own group size")
     p.add_argument("--m", help="comma-separated M values, 1 and at least one M > 1 "
                                "(default 1,16,64,128,512,2048; --quick: 1,16,64)")
-    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--group-size", type=int, help="group size of --shapes (default 32; a .pte's layers keep theirs)")
     p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median kept)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median is kept")
@@ -126,7 +217,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--name", help="the table's name (default: the --out file's stem)")
     args = p.parse_args(argv)
 
-    args.shapes = select_shapes(p, args.quick, args.shapes)
     try:
         m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
     except ValueError:
@@ -135,7 +225,54 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if 1 not in m_values or not any(m > 1 for m in m_values) or any(m < 1 for m in m_values):
         p.error(f"--m must hold 1 and at least one M > 1 (and nothing below 1), got {m_values}")
     args.m = sorted(set(m_values))
+    for option in ("reps", "rounds"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} must be at least 1, got {getattr(args, option)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be at least 0, got {args.warmup}")
+
+    group_size = 32 if args.group_size is None else args.group_size
+    if group_size < 1 or group_size % 32:
+        p.error(f"--group-size must be a positive multiple of 32 (32, 64, 128, ...), got {group_size}")
+    # What to measure, by group size: one bench run each (bench measures one group size at a time).
+    jobs: Dict[int, Dict[str, Tuple[int, int]]] = {}
+    args.jobs = jobs
+    args.pte_layers = None
+    if args.pte is not None:
+        try:
+            args.pte_layers = pte_layers(args.pte)
+        except ValueError as e:
+            p.error(f"--pte: {e}")
+        for k, n, gs in sorted(args.pte_layers.names):
+            args.jobs.setdefault(gs, {})[shape_name(k, n)] = (k, n)
+    if args.shapes or args.pte is None:
+        named = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
+        shapes = parse_shapes(p, args.shapes, named, group_size) if args.shapes else named
+        if not args.shapes:
+            for name, (k, n) in shapes.items():
+                problem = q4gsw_shape_problem(k, n, group_size)
+                if problem:
+                    p.error(f"shape {name} (K={k}, N={n}) cannot be a q4gsw layer at --group-size {group_size}: "
+                            f"{problem}; name the shapes to measure with --shapes")
+        job = args.jobs.setdefault(group_size, {})
+        for name, kn in shapes.items():
+            if kn not in job.values():
+                job[name] = kn
+    args.group_size_option, args.group_size = args.group_size, group_size
     return args
+
+
+def describe_pte(layers: PteLayers, group_size_option: Optional[int]) -> List[str]:
+    """What tune measures of a .pte: its layer shapes and the layers of each."""
+    lines = [f"{layers.path}: {sum(len(v) for v in layers.names.values())} q4 layers, "
+             f"{len(layers.names)} distinct (K, N, group size):"]
+    for (k, n, gs), names in sorted(layers.names.items()):
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} layers)" if len(names) > 4 else "")
+        lines.append(f"  K={k} N={n} gs={gs}: {shown}")
+    if group_size_option is not None and layers.group_sizes != [group_size_option]:
+        lines.append(f"  (measured at the .pte's group size {', '.join(map(str, layers.group_sizes))}: "
+                     f"--group-size {group_size_option} applies to --shapes only)")
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -144,10 +281,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from executorch_wgpu.tools.bench import BenchConfig, bench
 
-    # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
-    cfg = BenchConfig(args.shapes, args.m, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
-                      rounds=args.rounds, peers=False, kernels=ROUTABLE_NAMES)
-    results = bench(cfg, progress=lambda s: log.info("%s", s))
+    if args.pte_layers is not None:
+        for line in describe_pte(args.pte_layers, args.group_size_option):
+            log.info("%s", line)
+    results: Optional[dict] = None
+    for group_size, shapes in sorted(args.jobs.items()):
+        # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
+        cfg = BenchConfig(shapes, args.m, group_size=group_size, reps=args.reps, warmup=args.warmup,
+                          rounds=args.rounds, peers=False, kernels=ROUTABLE_NAMES)
+        measured = bench(cfg, progress=lambda s: log.info("%s", s))
+        if results is None:
+            results = measured
+        else:
+            results["rows"].extend(measured["rows"])
+    assert results is not None   # parse_args gives at least one job
     command = "python -m executorch_wgpu tune " + " ".join(argv)
     try:
         table = table_from_bench(results, args.name or args.out.stem, command)
