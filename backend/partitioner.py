@@ -57,7 +57,12 @@ class WebGPUPartitioner(Partitioner):
         route_table: a measured route table (`python -m executorch_wgpu tune`), as a path
             or a RouteTable. Layers whose (K, N, group size) it lists take its routes,
             the others the default rule; forced routes above win over it. A file that
-            cannot be read raises RouteTableError here, before any lowering.
+            cannot be read raises RouteTableError here, before any lowering. A table that
+            names its adapter's kind (tune writes it) gives the routes of that kind only.
+        adapter_rules: also write the routes measured per kind of adapter (routing.ADAPTER_RULES:
+            the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
+            carries a route set per kind, and the runtime takes its adapter's (the route report
+            says which). False: one route set for every adapter.
     """
 
     def __init__(
@@ -67,10 +72,11 @@ class WebGPUPartitioner(Partitioner):
         skinny_max_m: int = DEFAULT_SKINNY_MAX_M,
         shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN,
         route_table: Union[None, str, os.PathLike, RouteTable] = None,
+        adapter_rules: bool = True,
     ):
         super().__init__()
         self.route_options = RouteOptions(
-            prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table)
+            prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table), adapter_rules
         )
         self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
         # Layers the pre-decomposition transform declined (and lowered to ATen ops), one

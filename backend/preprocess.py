@@ -13,7 +13,7 @@ from torch.utils._sympy.value_ranges import bound_sympy
 
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.q4gsw_pattern import Decline, Q4LinearMatch, find_q4gsw_linears
-from executorch_wgpu.backend.routing import RouteOptions, decide_route
+from executorch_wgpu.backend.routing import RouteOptions, adapter_routes, decide_route
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up, serialize_q4linear
 
 # Upper bound recorded for M when the export leaves a leading dim unbounded.
@@ -54,6 +54,7 @@ def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOption
         scales=pack_q4gsw_scales(match.scales),
         bias=None if match.bias is None else match.bias.detach().to(torch.float32).numpy().copy(),
         route=decide_route(k, n, match.group_size, options),
+        adapter_routes=adapter_routes(k, n, match.group_size, options),
     )
 
 

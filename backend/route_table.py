@@ -5,9 +5,14 @@ reads it, and preprocess bakes the matching entry into each layer's blob
 (RouteSource "route-table", the table's name, adapter and date in Route.table).
 A shape the table does not list falls back to the default rule.
 
+A table that names its adapter's kind ("adapter_class", as tune writes it) gives
+the routes of adapters of that kind only, beside the default rule's for the rest
+(Q4Linear.adapter_routes); a table without one gives every adapter's routes.
+
 File format (version 1):
     {"format": "executorch_wgpu-route-table", "version": 1,
      "name": str, "adapter": str, "date": str, "command": str,
+     "adapter_class": "discrete-gpu" | "integrated-gpu" | "cpu",         # optional
      "entries": [{"K": int, "N": int, "group_size": int,
                   "decode": kernel,                                  # M == 1
                   "prefill": [{"m_max": int, "kernel": kernel}, ...], # M > 1, by increasing m_max
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, NoReturn, Optional, Tuple
 
-from executorch_wgpu.backend.serialization.blob import Route
+from executorch_wgpu.backend.serialization.blob import ADAPTER_CLASSES, Route
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
 FORMAT = "executorch_wgpu-route-table"
@@ -60,6 +65,7 @@ class RouteTable:
     date: str
     command: str = ""
     entries: List[RouteTableEntry] = field(default_factory=list)
+    adapter_class: Optional[str] = None   # the kind of adapter its routes are for; None: any
 
     def describe(self) -> str:
         return f"{self.name} ({self.adapter}, {self.date})"
@@ -90,7 +96,7 @@ class RouteTable:
     def without_evidence(self) -> "RouteTable":
         """The same routes without the measured timings (what lowering needs, and all it needs)."""
         entries = [replace(e, measured_us={}) for e in self.entries]
-        return RouteTable(self.name, self.adapter, self.date, self.command, entries)
+        return RouteTable(self.name, self.adapter, self.date, self.command, entries, self.adapter_class)
 
     # ---- file I/O ---------------------------------------------------------
 
@@ -98,6 +104,7 @@ class RouteTable:
         return {
             "format": FORMAT, "version": VERSION, "name": self.name, "adapter": self.adapter,
             "date": self.date, "command": self.command,
+            **({"adapter_class": self.adapter_class} if self.adapter_class else {}),
             "entries": [
                 {"K": e.K, "N": e.N, "group_size": e.group_size, "decode": e.decode,
                  "prefill": [{"m_max": m, "kernel": k} for m, k in e.prefill], "measured_us": e.measured_us}
@@ -131,8 +138,11 @@ class RouteTable:
                 if any(b <= a for a, b in zip(bounds, bounds[1:])) or bounds[0] < 2:
                     fail(f"entry {i}: prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
                 entries.append(RouteTableEntry(k, n, gs, decode, prefill, e.get("measured_us", {})))
+            adapter_class = data.get("adapter_class")
+            if adapter_class is not None and adapter_class not in ADAPTER_CLASSES:
+                fail(f"adapter_class {adapter_class!r} is not one of {ADAPTER_CLASSES}")
             return cls(str(data["name"]), str(data["adapter"]), str(data["date"]), str(data.get("command", "")),
-                       entries)
+                       entries, adapter_class)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, RouteTableError):
                 raise

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, describe_buckets
-from executorch_wgpu.backend.serialization.blob import Route
+from executorch_wgpu.backend.serialization.blob import ADAPTER_CLASSES, Route
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
 
 # The default rule: skinny while M <= 32 or while M*N is small, where shmem's 128x128
@@ -43,6 +43,7 @@ class RouteOptions:
     skinny_max_m: int = DEFAULT_SKINNY_MAX_M   # default rule: skinny for every M <= this ...
     shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN   # ... and while M*N < this; shmem above
     route_table: Optional[RouteTable] = None   # measured routes (from `tune`); shapes it lacks use the rule
+    adapter_rules: bool = True   # also write ADAPTER_RULES' routes for the adapter kinds they were measured on
 
     def __post_init__(self) -> None:
         if self.prefill_route is not None and self.prefill_route not in PREFILL_KERNELS:
@@ -65,12 +66,15 @@ class RouteOptions:
             specs.append(CompileSpec("decode_route", self.decode_route.encode()))
         if self.route_table is not None:
             specs.append(CompileSpec(ROUTE_TABLE_SPEC, route_table_spec_bytes(self.route_table)))
+        if not self.adapter_rules:
+            specs.append(CompileSpec("adapter_rules", b"0"))
         return specs
 
     @classmethod
     def from_compile_specs(cls, specs: List[CompileSpec]) -> "RouteOptions":
         values = {s.key: s.value.decode() for s in specs}
-        unknown = set(values) - {"skinny_max_m", "shmem_min_mn", "prefill_route", "decode_route", ROUTE_TABLE_SPEC}
+        unknown = set(values) - {"skinny_max_m", "shmem_min_mn", "prefill_route", "decode_route", ROUTE_TABLE_SPEC,
+                                 "adapter_rules"}
         if unknown:
             raise ValueError(f"unknown WebGPU compile specs: {sorted(unknown)}")
         table = None
@@ -83,6 +87,7 @@ class RouteOptions:
             skinny_max_m=int(values.get("skinny_max_m", DEFAULT_SKINNY_MAX_M)),
             shmem_min_mn=int(values.get("shmem_min_mn", DEFAULT_SHMEM_MIN_MN)),
             route_table=table,
+            adapter_rules=values.get("adapter_rules", "1") != "0",
         )
 
 
@@ -115,9 +120,49 @@ def default_prefill_buckets(n: int, options: RouteOptions) -> Tuple[Tuple[int, s
     return ((bound, "skinny"), (LAST_BUCKET_M_MAX, "shmem"))
 
 
+# Rules measured on one kind of adapter where its fastest kernels differ from the
+# default rule's (measured on discrete GPUs): adapter class -> the kernel for every M.
+# A CPU Vulkan (lavapipe) runs workgroup reductions serially, so the register-tiled
+# GEMM, which has none, wins every row there (docs/PERFORMANCE.md, "Routes per adapter class").
+ADAPTER_RULES = {"cpu": "regtiled"}
+
+
+def adapter_routes(k: int, n: int, group_size: int, options: RouteOptions) -> Tuple[Tuple[str, Route], ...]:
+    """The routes for particular kinds of adapter (blob Q4Linear.adapter_routes), by adapter class.
+
+    Precedence: forced routes (every adapter), then a route table (one that names its
+    adapter class: for that class; one that does not: for every adapter, so a layer it
+    lists gets no per-class routes), then the measured rules of ADAPTER_RULES (unless
+    adapter_rules=False), then the default rule (decide_route).
+    """
+    if options.prefill_route or options.decode_route:
+        return ()
+    table = options.route_table
+    if table is not None and table.adapter_class is None and table.route_for(k, n, group_size) is not None:
+        return ()
+    routes: Dict[str, Route] = {}
+    if options.adapter_rules:
+        for cls, kernel in ADAPTER_RULES.items():
+            routes[cls] = Route(
+                decode_kernel=kernel, prefill_kernel=kernel, source="default-rule", skinny_max_m=0, shmem_min_mn=0,
+                reason=f"{kernel} at every M: the rule measured on {cls} adapters (K={k}, N={n})",
+                prefill_buckets=((LAST_BUCKET_M_MAX, kernel),),
+            )
+    if table is not None and table.adapter_class is not None:
+        measured = table.route_for(k, n, group_size)
+        if measured is not None:
+            routes[table.adapter_class] = measured
+    return tuple(sorted(routes.items(), key=lambda item: ADAPTER_CLASSES.index(item[0])))
+
+
 def decide_route(k: int, n: int, group_size: int, options: RouteOptions) -> Route:
-    """The route of one layer of K inputs, N outputs and this group size."""
-    measured = options.route_table.route_for(k, n, group_size) if options.route_table is not None else None
+    """The route of one layer of K inputs, N outputs and this group size (on adapters adapter_routes does not cover).
+
+    A route table that names its adapter class serves that class only (adapter_routes), not this route.
+    """
+    table = options.route_table if options.route_table is not None and options.route_table.adapter_class is None \
+        else None
+    measured = table.route_for(k, n, group_size) if table is not None else None
     if options.prefill_route or options.decode_route:
         return forced_route(k, n, group_size, options, measured)
     if measured is not None:
@@ -127,7 +172,7 @@ def decide_route(k: int, n: int, group_size: int, options: RouteOptions) -> Rout
 
 def no_entry_note(k: int, n: int, group_size: int, options: RouteOptions) -> str:
     """Why a lowering given a route table still used the default rule ('' without a table)."""
-    if options.route_table is None:
+    if options.route_table is None or options.route_table.adapter_class is not None:
         return ""
     return f"; route table {options.route_table.describe()} has no entry for K={k}, N={n}, group_size={group_size}"
 

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <vector>
 
 #include "schema_generated.h"  // flatc --cpp backend/serialization/schema.fbs
 
@@ -119,16 +120,31 @@ std::string check_record(const LinearBlob& b) {
            std::to_string(k / gs * n_stride);
   if (b.bias && b.bias_count != n)
     return head + "bias has " + std::to_string(b.bias_count) + " values, expected " + std::to_string(n);
-  if (!kernel_info(b.route.decode_kernel).decode || !kernel_info(b.route.prefill_kernel).prefill)
-    return head + "route " + kernel_name(b.route.decode_kernel) + "/" + kernel_name(b.route.prefill_kernel) +
-           " is not a known kernel pair";
-  const auto& buckets = b.route.prefill_buckets;
-  for (size_t i = 0; i < buckets.size(); ++i)
-    if (buckets[i].m_max < 2 || (i > 0 && buckets[i].m_max <= buckets[i - 1].m_max))
-      return head + "prefill bucket bounds " + bounds_repr(buckets) + " must be >= 2 and strictly increasing";
-  for (const auto& bucket : buckets)
-    if (!kernel_info(bucket.kernel).prefill)
-      return head + "prefill buckets " + buckets_repr(buckets) + " name a kernel that cannot run M > 1";
+  std::vector<int> classes;
+  for (const auto& entry : b.adapter_routes) classes.push_back(entry.first);
+  for (size_t i = 0; i < classes.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (classes[i] == classes[j]) {
+        std::string listed;
+        for (size_t c = 0; c < classes.size(); ++c)
+          listed += std::string(c ? ", " : "") + "'" + adapter_class_name(classes[c]) + "'";
+        return head + "adapter routes for [" + listed + "] must name each of ('discrete-gpu', 'integrated-gpu', " +
+               "'cpu') at most once";
+      }
+  std::vector<const Route*> routes = {&b.route};
+  for (const auto& entry : b.adapter_routes) routes.push_back(&entry.second);
+  for (const Route* route : routes) {
+    if (!kernel_info(route->decode_kernel).decode || !kernel_info(route->prefill_kernel).prefill)
+      return head + "route " + kernel_name(route->decode_kernel) + "/" + kernel_name(route->prefill_kernel) +
+             " is not a known kernel pair";
+    const auto& buckets = route->prefill_buckets;
+    for (size_t i = 0; i < buckets.size(); ++i)
+      if (buckets[i].m_max < 2 || (i > 0 && buckets[i].m_max <= buckets[i - 1].m_max))
+        return head + "prefill bucket bounds " + bounds_repr(buckets) + " must be >= 2 and strictly increasing";
+    for (const auto& bucket : buckets)
+      if (!kernel_info(bucket.kernel).prefill)
+        return head + "prefill buckets " + buckets_repr(buckets) + " name a kernel that cannot run M > 1";
+  }
   return "";
 }
 
@@ -152,6 +168,29 @@ std::string py_repr(const std::string& s) {
     }
   }
   return out + quote;
+}
+
+const char* adapter_class_name(int adapter_class) {
+  static const char* names[kAdapterClassCount] = {"discrete-gpu", "integrated-gpu", "cpu"};
+  return 0 <= adapter_class && adapter_class < kAdapterClassCount ? names[adapter_class] : "?";
+}
+
+const Route& LinearBlob::route_for_adapter(int adapter_class, std::string* why) const {
+  for (const auto& [cls, route] : adapter_routes)
+    if (cls == adapter_class) {
+      *why = std::string("routes for ") + adapter_class_name(cls) + " adapters";
+      return route;
+    }
+  if (adapter_routes.empty()) {
+    *why = "the blob's routes for every adapter";
+    return this->route;
+  }
+  std::string named;
+  for (size_t i = 0; i < adapter_routes.size(); ++i)
+    named += std::string(i ? ", " : "") + adapter_class_name(adapter_routes[i].first);
+  *why = "default routes: the blob has routes for " + named + " adapters, not for " +
+         (adapter_class < 0 ? std::string("an adapter of unknown type") : adapter_class_name(adapter_class));
+  return this->route;
 }
 
 const char* route_source_name(uint8_t source) {
@@ -183,6 +222,44 @@ uint32_t crc32(const void* data, size_t size, uint32_t crc) {
   return ~crc;
 }
 
+namespace {
+
+// One Route table (the layer's, or an adapter route's), checked as blob.py's _read_route checks it.
+std::string read_route(const uint8_t* bytes, size_t size, const wgq4::Route* r, Route* out) {
+  if (!table_header_ok(bytes, size, r))
+    return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
+  if (r->prefill_buckets())
+    for (const wgq4::RouteBucket* bucket : *r->prefill_buckets())
+      if (!table_header_ok(bytes, size, bucket))
+        return "delegate blob is truncated or corrupted: a prefill bucket's vtable or size is invalid";
+  const int decode = static_cast<int>(r->decode_kernel()), prefill = static_cast<int>(r->prefill_kernel());
+  const int source = static_cast<int>(r->source());
+  if (source < 0 || source >= kRouteSourceCount)
+    return "delegate blob is corrupted: unknown route source enum value " + std::to_string(source);
+  if (decode < 0 || decode >= kRoutableKernelCount)
+    return "delegate blob is corrupted: unknown decode kernel route id " + std::to_string(decode);
+  if (prefill < 0 || prefill >= kRoutableKernelCount)
+    return "delegate blob is corrupted: unknown prefill kernel route id " + std::to_string(prefill);
+  out->decode_kernel = static_cast<Kernel>(decode);
+  out->prefill_kernel = static_cast<Kernel>(prefill);
+  out->source = static_cast<uint8_t>(source);
+  out->skinny_max_m = r->skinny_max_m();
+  out->shmem_min_mn = r->shmem_min_mn();
+  out->reason = fb_string(r->reason());
+  out->table = fb_string(r->table());
+  if (const auto* buckets = r->prefill_buckets()) {
+    for (const wgq4::RouteBucket* bucket : *buckets) {
+      const int kernel = static_cast<int>(bucket->kernel());
+      if (kernel < 0 || kernel >= kRoutableKernelCount)
+        return "delegate blob is corrupted: unknown prefill bucket kernel route id " + std::to_string(kernel);
+      out->prefill_buckets.push_back({bucket->m_max(), static_cast<Kernel>(kernel)});
+    }
+  }
+  return "";
+}
+
+}  // namespace
+
 std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   const auto* bytes = static_cast<const uint8_t*>(data);
   if (size < 8)
@@ -194,9 +271,10 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   uint32_t version = 0;
   if (!read_schema_version(bytes, size, &version))
     return "delegate blob is truncated or corrupted: cannot read its header";
-  if (version != WGQ4_SCHEMA_VERSION)
-    return "delegate blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads version " +
-           std::to_string(WGQ4_SCHEMA_VERSION) + " only: re-export the model with this version of executorch_wgpu";
+  if (version < WGQ4_OLDEST_READABLE_VERSION || version > WGQ4_SCHEMA_VERSION)
+    return "delegate blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads versions " +
+           std::to_string(WGQ4_OLDEST_READABLE_VERSION) + " to " + std::to_string(WGQ4_SCHEMA_VERSION) +
+           " only: re-export the model with this version of executorch_wgpu";
   // Every offset, count and length against the blob's size before any accessor follows one.
   if (size >= FLATBUFFERS_MAX_BUFFER_SIZE)
     return "delegate blob is too large: " + std::to_string(size) + " bytes";
@@ -213,35 +291,28 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
 
   const wgq4::Route* r = root->route();
   if (!r) return "delegate blob is corrupted: it has no route record";
-  const int decode = static_cast<int>(r->decode_kernel()), prefill = static_cast<int>(r->prefill_kernel());
-  const int source = static_cast<int>(r->source());
-  if (source < 0 || source >= kRouteSourceCount)
-    return "delegate blob is corrupted: unknown route source enum value " + std::to_string(source);
-
-  if (decode < 0 || decode >= kRoutableKernelCount)
-    return "delegate blob is corrupted: unknown decode kernel route id " + std::to_string(decode);
-  if (prefill < 0 || prefill >= kRoutableKernelCount)
-    return "delegate blob is corrupted: unknown prefill kernel route id " + std::to_string(prefill);
-
   LinearBlob b;
   b.schema_version = version;
-  b.route.decode_kernel = static_cast<Kernel>(decode);
-  b.route.prefill_kernel = static_cast<Kernel>(prefill);
-  b.route.source = static_cast<uint8_t>(source);
-  b.route.skinny_max_m = r->skinny_max_m();
-  b.route.shmem_min_mn = r->shmem_min_mn();
-  b.route.reason = fb_string(r->reason());
-  b.route.table = fb_string(r->table());
-  if (const auto* buckets = r->prefill_buckets()) {
-    for (const wgq4::RouteBucket* bucket : *buckets) {
-      const int kernel = static_cast<int>(bucket->kernel());
-      if (kernel < 0 || kernel >= kRoutableKernelCount)
-        return "delegate blob is corrupted: unknown prefill bucket kernel route id " + std::to_string(kernel);
-      b.route.prefill_buckets.push_back({bucket->m_max(), static_cast<Kernel>(kernel)});
+  std::string problem = read_route(bytes, size, r, &b.route);
+  if (!problem.empty()) return problem;
+  if (const auto* entries = root->adapter_routes()) {
+    for (const wgq4::AdapterRoute* entry : *entries) {
+      if (!table_header_ok(bytes, size, entry))
+        return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
+      const int cls = static_cast<int>(entry->adapter_class());
+      if (cls < 0 || cls >= kAdapterClassCount)
+        return "delegate blob is corrupted: unknown adapter class enum value " + std::to_string(cls);
+      if (!entry->route()) return "delegate blob is corrupted: an adapter route has no route record";
+      Route route;
+      problem = read_route(bytes, size, entry->route(), &route);
+      if (!problem.empty()) return problem;
+      b.adapter_routes.emplace_back(cls, std::move(route));
     }
   }
   b.name = fb_string(root->name());
-  for (const std::string* text : {&b.name, &b.route.reason, &b.route.table})
+  std::vector<const std::string*> texts = {&b.name, &b.route.reason, &b.route.table};
+  for (const auto& [cls, route] : b.adapter_routes) texts.insert(texts.end(), {&route.reason, &route.table});
+  for (const std::string* text : texts)
     if (!valid_utf8(*text)) return "delegate blob is truncated or corrupted: a string is not valid UTF-8";
   b.in_features = root->in_features();
   b.out_features = root->out_features();
@@ -261,7 +332,7 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   }
   b.checksum = root->checksum();
 
-  std::string problem = check_record(b);
+  problem = check_record(b);
   if (!problem.empty()) return problem;
   uint32_t crc = crc32(b.qweight, b.qweight_words * 4);
   crc = crc32(b.scales, b.scales_count * 4, crc);

@@ -23,6 +23,11 @@ struct RouteBucket {
   Kernel kernel;
 };
 
+// Kinds of adapter a blob may carry routes for (blob.ADAPTER_CLASSES, schema enum order);
+// -1: an adapter of no such kind (wgpu says Unknown).
+constexpr int kAdapterClassCount = 3;
+const char* adapter_class_name(int adapter_class);  // "discrete-gpu", "integrated-gpu", "cpu"
+
 struct Route {
   Kernel decode_kernel;
   Kernel prefill_kernel;
@@ -54,8 +59,13 @@ struct LinearBlob {
   size_t scales_count = 0;
   const float* bias = nullptr;  // nullptr: no bias
   size_t bias_count = 0;
-  Route route;
+  Route route;                                     // on an adapter of a kind adapter_routes does not name
+  std::vector<std::pair<int, Route>> adapter_routes;  // (adapter class, route), each class at most once
   uint32_t checksum = 0;
+
+  // The routes a runtime on an adapter of this class (-1: unknown) takes, and why in words
+  // (blob.Q4LinearRecord.route_for_adapter).
+  const Route& route_for_adapter(int adapter_class, std::string* why) const;
 };
 
 // Parses and validates a blob; returns "" and fills *out, or returns what is

@@ -75,24 +75,44 @@ char* wgq4_native_adapter() {
   GpuDevice* gpu = shared_gpu_device(&error);
   if (!gpu) return give(error_json(error));
   return give("{\"adapter\": " + quote(gpu->adapter_name) + ", \"timestamps\": " +
-              (gpu->has_timestamps ? "true" : "false") + ", \"timestamp_period_ns\": " +
+              (gpu->has_timestamps ? "true" : "false") + ", \"adapter_class\": " +
+              (gpu->adapter_class < 0 ? std::string("null") : quote(adapter_class_name(gpu->adapter_class))) +
+              ", \"timestamp_period_ns\": " +
               number(gpu->timestamp_period_ns) + ", \"max_binding_bytes\": " +
               std::to_string(gpu->limits.max_binding_bytes) + ", \"max_workgroups_per_dim\": " +
               std::to_string(gpu->limits.max_workgroups_per_dim) + "}");
 }
 
-char* wgq4_native_describe_blob(const void* data, size_t size) {
-  LinearBlob b;
-  std::string problem = read_blob(data, size, &b);
-  if (!problem.empty()) return give(error_json(problem));
-  const Route& r = b.route;
+namespace {
+
+std::string route_json(const Route& r) {
   std::string buckets;
   for (size_t i = 0; i < r.prefill_buckets.size(); ++i)
     buckets += std::string(i ? ", " : "") + "[" + std::to_string(r.prefill_buckets[i].m_max) + ", " +
                quote(kernel_name(r.prefill_buckets[i].kernel)) + "]";
+  std::string s = "{\"decode_kernel\": " + quote(kernel_name(r.decode_kernel));
+  s += ", \"prefill_kernel\": " + quote(kernel_name(r.prefill_kernel));
+  s += ", \"source\": " + quote(route_source_name(r.source));
+  s += ", \"skinny_max_m\": " + std::to_string(r.skinny_max_m);
+  s += ", \"shmem_min_mn\": " + std::to_string(r.shmem_min_mn);
+  s += ", \"reason\": " + quote(r.reason);
+  s += ", \"table\": " + quote(r.table);
+  return s + ", \"prefill_buckets\": [" + buckets + "]}";
+}
+
+}  // namespace
+
+char* wgq4_native_describe_blob(const void* data, size_t size) {
+  LinearBlob b;
+  std::string problem = read_blob(data, size, &b);
+  if (!problem.empty()) return give(error_json(problem));
   auto vec = [](const void* p, size_t count) {
     return "{\"length\": " + std::to_string(count) + ", \"crc32\": " + std::to_string(p ? crc32(p, count * 4) : 0) + "}";
   };
+  std::string adapter_routes;
+  for (size_t i = 0; i < b.adapter_routes.size(); ++i)
+    adapter_routes += std::string(i ? ", " : "") + "[" + quote(adapter_class_name(b.adapter_routes[i].first)) + ", " +
+                      route_json(b.adapter_routes[i].second) + "]";
   std::string s = "{";
   s += "\"schema_version\": " + std::to_string(b.schema_version);
   s += ", \"name\": " + quote(b.name);
@@ -105,14 +125,8 @@ char* wgq4_native_describe_blob(const void* data, size_t size) {
   s += ", \"qweight\": " + vec(b.qweight, b.qweight_words);
   s += ", \"scales\": " + vec(b.scales, b.scales_count);
   s += ", \"bias\": " + (b.bias ? vec(b.bias, b.bias_count) : std::string("null"));
-  s += ", \"route\": {\"decode_kernel\": " + quote(kernel_name(r.decode_kernel));
-  s += ", \"prefill_kernel\": " + quote(kernel_name(r.prefill_kernel));
-  s += ", \"source\": " + quote(route_source_name(r.source));
-  s += ", \"skinny_max_m\": " + std::to_string(r.skinny_max_m);
-  s += ", \"shmem_min_mn\": " + std::to_string(r.shmem_min_mn);
-  s += ", \"reason\": " + quote(r.reason);
-  s += ", \"table\": " + quote(r.table);
-  s += ", \"prefill_buckets\": [" + buckets + "]}";
+  s += ", \"route\": " + route_json(b.route);
+  s += ", \"adapter_routes\": [" + adapter_routes + "]";
   s += ", \"checksum\": " + std::to_string(b.checksum);
   return give(s + "}");
 }

@@ -16,7 +16,7 @@ extern "C" {
 
 // {"backend_id", "schema_version", "registered", "kernels": [registry kernel names]}
 WGQ4_API char* wgq4_native_info();
-// {"adapter", "timestamps", "timestamp_period_ns", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
+// {"adapter", "timestamps", "adapter_class", "timestamp_period_ns", "max_binding_bytes", "max_workgroups_per_dim"} or {"error"}
 WGQ4_API char* wgq4_native_adapter();
 // Every field of a blob as this library's reader sees it (vectors as length
 // and CRC-32 of their bytes), or {"error": what is wrong with it}.

@@ -67,6 +67,11 @@ std::string create_device(GpuDevice* g) {
   WGPUAdapterInfo info = WGPU_ADAPTER_INFO_INIT;
   if (wgpuAdapterGetInfo(g->adapter, &info) == WGPUStatus_Success) {
     g->adapter_name = to_string(info.device) + " (" + to_string(info.description) + ")";
+    // Schema enum order (blob.ADAPTER_CLASSES): discrete GPU, integrated GPU, CPU.
+    g->adapter_class = info.adapterType == WGPUAdapterType_DiscreteGPU     ? 0
+                       : info.adapterType == WGPUAdapterType_IntegratedGPU ? 1
+                       : info.adapterType == WGPUAdapterType_CPU           ? 2
+                                                                           : -1;
     wgpuAdapterInfoFreeMembers(info);
   }
   WGPULimits adapter_limits = WGPU_LIMITS_INIT;

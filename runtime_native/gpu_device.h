@@ -29,6 +29,7 @@ class GpuDevice {
   WGPUDevice device = nullptr;
   WGPUQueue queue = nullptr;
   bool has_timestamps = false;
+  int adapter_class = -1;  // the adapter's kind as blobs name it (blob_reader.h); -1: wgpu says Unknown
   Limits limits{};  // the device's own
 
   // The limits layers created now are planned against: the device's, lowered by

@@ -51,7 +51,8 @@ std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits&
   p->n_ = std::min(blob.out_features, n1) - n0;
   p->n_stride_ = n1 - n0;
   p->m_max_ = blob.m_max;
-  p->route_ = blob.route;
+  std::string why;
+  p->route_ = blob.route_for_adapter(gpu->adapter_class, &why);
   p->name_ = (n0 == 0 && n1 == blob.n_stride) ? blob.name
                                                : blob.name + "[" + std::to_string(n0) + ":" + std::to_string(n0 + p->n_) + "]";
   const uint64_t k8 = blob.in_features / 8, groups = blob.in_features / blob.group_size;
@@ -262,12 +263,16 @@ std::unique_ptr<Q4Layer> Q4Layer::create(GpuDevice* gpu, const LinearBlob& blob,
   std::unique_ptr<Q4Layer> layer(new Q4Layer());
   layer->gpu_ = gpu;
   layer->limits_ = gpu->plan_limits();
+  // The routes of this adapter's kind when the blob has them, else its default ones; the
+  // route report says which (as runtime_py/q4_linear.py words it).
+  std::string choice;
+  const Route& route = blob.route_for_adapter(gpu->adapter_class, &choice);
   layer->info_ = LayerInfo{blob.name, blob.in_features, blob.out_features, blob.group_size, blob.n_stride,
-                           blob.m_min, blob.m_max, blob.route, blob.bias != nullptr};
+                           blob.m_min, blob.m_max, route, blob.bias != nullptr};
   std::vector<std::pair<uint32_t, uint32_t>> ranges;
   *error = column_parts(blob, layer->limits_, &ranges);
   if (!error->empty()) return nullptr;
-  const std::string why = std::string(" (") + route_source_name(blob.route.source) + "); " + blob.route.reason;
+  const std::string why = std::string(" (") + route_source_name(route.source) + ") [" + choice + "]; " + route.reason;
   layer->reasons_[0] = "M == 1: decode route" + why;
   layer->reasons_[1] = "M > 1: prefill route" + why;
   std::lock_guard<std::mutex> lock(gpu->mutex);

@@ -18,6 +18,7 @@ import wgpu
 from wgpu.backends.wgpu_native import lib as wgpu_native
 from wgpu.classes import GPUAdapter, GPUBindGroupLayout, GPUComputePipeline, GPUDevice, GPUPipelineLayout
 
+from executorch_wgpu.backend.serialization.blob import adapter_class_of
 from executorch_wgpu.errors import NoAdapterError
 from executorch_wgpu.shaders import registry
 from executorch_wgpu.shaders.registry import Binding
@@ -78,6 +79,11 @@ class GPUContext:
     def adapter_name(self) -> str:
         info = self.adapter.info
         return f"{info.get('device', '?')} ({info.get('backend_type', '?')}, {info.get('description', '')})"
+
+    @property
+    def adapter_class(self) -> Optional[str]:
+        """The adapter's kind as blobs name it ("discrete-gpu", "integrated-gpu", "cpu"); None when wgpu says Unknown."""
+        return adapter_class_of(self.adapter.info.get("adapter_type"))
 
     def ticks_to_us(self, begin: int, end: int) -> Optional[float]:
         """Microseconds between two timestamp ticks of this device; None when they run backwards."""

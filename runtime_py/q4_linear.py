@@ -175,6 +175,9 @@ class Q4LinearGPU:
     def __init__(self, ctx: GPUContext, rec: Q4LinearRecord):
         self.ctx = ctx
         self.rec = rec
+        # The routes of this adapter's kind when the blob has them, else its default ones; the
+        # route report says which (route_choice).
+        self.route, self.route_choice = rec.route_for_adapter(ctx.adapter_class)
         dev = ctx.device
         self.limits = ctx.plan_limits()
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
@@ -286,7 +289,7 @@ class Q4LinearGPU:
         """y = x @ dequant(W)^T + b on the GPU; returns (y, LinearCall)."""
         rec = self.rec
         m = self.check_input(x)
-        kernel = rec.route.kernel_for(m)
+        kernel = self.route.kernel_for(m)
         plan = self.prepare(kernel, m)
         x_np = x.detach().contiguous().numpy()
         if self.direct is not None:
@@ -300,7 +303,7 @@ class Q4LinearGPU:
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
         phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
-        reason = f"{phase} ({rec.route.source}); {rec.route.reason}"
+        reason = f"{phase} ({self.route.source}) [{self.route_choice}]; {self.route.reason}"
         return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us,
                                upload_us=split[0], submit_us=split[1], wait_us=split[2], readback_us=split[3])
 

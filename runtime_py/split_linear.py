@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from executorch_wgpu.backend.serialization.blob import QW_BLOCK, Q4LinearRecord
+from executorch_wgpu.backend.serialization.blob import QW_BLOCK, Q4LinearRecord, Route
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, PlanLimits
 from executorch_wgpu.runtime_py.q4_linear import (
@@ -79,14 +79,14 @@ def part_record(rec: Q4LinearRecord, n0: int, n1: int) -> Q4LinearRecord:
     )
 
 
-def chunk_rows(rec: Q4LinearRecord, part: Q4LinearRecord, limits: PlanLimits, m: int) -> int:
-    """Most rows of M one call of every part can take: x, y and split-K scratch fit, grids fit."""
+def chunk_rows(rec: Q4LinearRecord, route: Route, part: Q4LinearRecord, limits: PlanLimits, m: int) -> int:
+    """Most rows of M one call of every part (routed by `route`) can take: x, y and split-K scratch fit, grids fit."""
     rows = min(m,
                limits.max_binding_bytes // (rec.in_features * 4),
                limits.max_binding_bytes // (part.n_stride * 4),
                limits.max_workgroups_per_dim * MIN_ROWS_PER_WORKGROUP)
     while rows > 1:
-        kernel = rec.route.kernel_for(rows)
+        kernel = route.kernel_for(rows)
         try:
             plan = plan_call(kernel, rows, rec.in_features, part.out_features, part.n_stride, rec.group_size,
                              limits.max_workgroups_per_dim)
@@ -124,7 +124,8 @@ class Q4Linear:
         m = self.check_input(x)
         rows = self._rows.get(m)
         if rows is None:   # planned once per M: calls at a given M repeat (decode, fixed prompts)
-            rows = self._rows[m] = chunk_rows(self.rec, self.parts[0].rec, self.limits, m)   # parts[0] is the widest
+            # parts[0] is the widest; every part takes the same route (the same adapter, the same blob)
+            rows = self._rows[m] = chunk_rows(self.rec, self.parts[0].route, self.parts[0].rec, self.limits, m)
         if len(self.parts) == 1 and rows >= m:
             return self.parts[0](x)
         flat = x.detach().reshape(m, self.rec.in_features)

@@ -98,11 +98,16 @@ def blob_fields(blob: bytes) -> dict:
     rec = deserialize_q4linear(blob)
     root = FbQ4Linear.GetRootAs(blob, 0)
     out = {"schema_version": root.SchemaVersion(), "checksum": root.Checksum()}
+    def route_fields(route: Route) -> dict:
+        return {r.name: ([list(b) for b in route.prefill_buckets] if r.name == "prefill_buckets"
+                         else getattr(route, r.name)) for r in dataclasses.fields(Route)}
+
     for f in dataclasses.fields(Q4LinearRecord):
         value = getattr(rec, f.name)
         if isinstance(value, Route):
-            value = {r.name: ([list(b) for b in value.prefill_buckets] if r.name == "prefill_buckets"
-                              else getattr(value, r.name)) for r in dataclasses.fields(Route)}
+            value = route_fields(value)
+        elif f.name == "adapter_routes":
+            value = [[cls, route_fields(route)] for cls, route in value]
         elif f.name in ("qweight", "scales", "bias") and value is not None:
             value = {"length": int(value.size), "crc32": zlib.crc32(np.ascontiguousarray(value).tobytes())}
         out[f.name] = value

@@ -22,7 +22,7 @@ def run(pte: bytes, *inputs):
 def test_single_linear_matches_fp64_golden_for_each_group_size(gs, bias, lower, single_linear):
     model = single_linear(256, 72, bias=bias, group_size=gs)
     x = torch.randn(5, 256)
-    (y,), method = run(lower(model, x), x)
+    (y,), method = run(lower(model, x, adapter_rules=False), x)
     assert rel_err(y, golden_linear(x, model[0])) < 1e-4
     (entry,) = method.route_report()
     assert (entry["M"], entry["K"], entry["N"], entry["kernel"]) == (5, 256, 72, "skinny")   # default rule: M <= 32
@@ -47,7 +47,7 @@ def test_forced_routes_are_obeyed_and_correct(prefill_route, decode_route, lower
 def test_default_rule_runs_skinny_at_small_m_and_shmem_above_with_the_partitioners_knobs(lower, single_linear):
     # N = 64, skinny_max_m = 4, shmem_min_mn = 512: skinny while M <= 4 or M*64 < 512, i.e. up to M = 7.
     model = single_linear(256, 64)
-    pte = lower(model, torch.randn(4, 256), {0: (1, 48)}, skinny_max_m=4, shmem_min_mn=512)
+    pte = lower(model, torch.randn(4, 256), {0: (1, 48)}, skinny_max_m=4, shmem_min_mn=512, adapter_rules=False)
     method = Runtime.get().load_program(pte).load_method("forward")
     for m, kernel in ((1, "gemv"), (4, "skinny"), (7, "skinny"), (8, "shmem"), (48, "shmem")):
         x = torch.randn(m, 256)
@@ -84,7 +84,7 @@ def test_3d_input_batch_by_sequence(lower, single_linear):
 def test_one_program_serves_decode_and_prefill_alternately(lower, single_linear):
     model = single_linear(256, 96)
     x = torch.randn(1, 40, 256)
-    method = Runtime.get().load_program(lower(model, x, {1: (1, 64)})).load_method("forward")
+    method = Runtime.get().load_program(lower(model, x, {1: (1, 64)}, adapter_rules=False)).load_method("forward")
     for s in (1, 40, 1, 7, 64, 1):
         xs = torch.randn(1, s, 256)
         (y,) = method.execute([xs])

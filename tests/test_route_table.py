@@ -261,7 +261,8 @@ def test_forced_prefill_route_wins_over_the_table_at_run_time(lower, single_line
 
 def test_layer_shape_missing_from_the_table_runs_the_default_rule(lower, single_linear):
     model = single_linear(256, 72)
-    method = lower_and_load(lower, model, torch.randn(4, 256), route_table=table([entry(256, 64)]))
+    method = lower_and_load(lower, model, torch.randn(4, 256), route_table=table([entry(256, 64)]),
+                            adapter_rules=False)
     rule = decide_route(256, 72, 32, RouteOptions())
     for m in (1, 32):
         report = run_at(method, model, m, 256)

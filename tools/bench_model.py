@@ -169,7 +169,7 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
             rows, k = step_rows(layer, m), layer.gpu.rec.in_features
             if (rows, k) not in inputs:
                 inputs[(rows, k)] = torch.randn(rows, k, generator=g)
-            plans.append(layer.gpu.prepare(layer.gpu.rec.route.kernel_for(rows), rows))
+            plans.append(layer.gpu.prepare(layer.gpu.route.kernel_for(rows), rows))
             ctx.device.queue.write_buffer(layer.gpu.x, 0, inputs[(rows, k)].numpy())
         totals, per_layer = time_steps(ctx, layers, plans, reps, warmup)
         step_only, _ = time_steps(ctx, layers, plans, reps, warmup, per_pass=False)

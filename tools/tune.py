@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry, describe_buckets
+from executorch_wgpu.backend.serialization.blob import adapter_class_of
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS, ROUTABLE_NAMES
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def table_from_bench(results: dict, name: str, command: str = "") -> RouteTable:
     """The route table the measurements of bench.bench() call for (no GPU needed: a pure function)."""
     entries = [entry_from_timings(key, t) for key, t in correct_timings(results).items()]
     return RouteTable(name=name, adapter=adapter_name(results["adapter"]), date=results["date"], command=command,
-                      entries=entries)
+                      entries=entries, adapter_class=adapter_class_of(results["adapter"].get("adapter_type")))
 
 
 def summary(entry: RouteTableEntry) -> str:

@@ -16,26 +16,36 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import flatbuffers
 import numpy as np
 
 from executorch_wgpu.errors import BlobFormatError, BlobVersionError
 from executorch_wgpu.backend.serialization import fbverify
+from executorch_wgpu.backend.serialization.generated.wgq4 import AdapterRoute as fb_adapter_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import Q4Linear as fb_linear
 from executorch_wgpu.backend.serialization.generated.wgq4 import Route as fb_route
 from executorch_wgpu.backend.serialization.generated.wgq4 import RouteBucket as fb_bucket
 from executorch_wgpu.shaders import registry
 
 # The versions and what each changed: docs/PERFORMANCE.md, "Blob schema versions".
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4              # what the writer writes
+OLDEST_READABLE_VERSION = 3     # the readers read every version from this one to SCHEMA_VERSION
 FILE_IDENTIFIER = b"WGQ4"
 # The delegate id preprocess writes into the .pte and the runtime dispatches on
 # (the name of the BackendDetails subclass, as ExecuTorch requires).
 BACKEND_ID = "WebGPUBackend"
 
 ROUTE_SOURCES = ("default-rule", "forced", "route-table")
+# Kinds of adapter a blob may carry routes for, in schema enum order (AdapterClass).
+ADAPTER_CLASSES = ("discrete-gpu", "integrated-gpu", "cpu")
+_WGPU_ADAPTER_TYPES = {"DiscreteGPU": "discrete-gpu", "IntegratedGPU": "integrated-gpu", "CPU": "cpu"}
+
+
+def adapter_class_of(adapter_type: Optional[str]) -> Optional[str]:
+    """The adapter class of a wgpu adapter type ("DiscreteGPU", ...); None for a type with no class (Unknown, virtual)."""
+    return _WGPU_ADAPTER_TYPES.get(adapter_type or "")
 
 # Shape rules the packed layout relies on; kept here because both the packer
 # and this reader must agree on them.
@@ -84,7 +94,18 @@ class Q4LinearRecord:
     qweight: np.ndarray          # uint32, (K / 8) * n_stride
     scales: np.ndarray           # float32, (K / gs) * n_stride
     bias: Optional[np.ndarray]   # float32, N, or None
-    route: Route
+    route: Route                 # on an adapter of a kind adapter_routes does not name
+    adapter_routes: Tuple[Tuple[str, Route], ...] = ()   # ((adapter class, route), ...), each class once
+
+    def route_for_adapter(self, adapter_class: Optional[str]) -> Tuple[Route, str]:
+        """The routes a runtime on an adapter of this class (None: unknown) takes, and why, in words."""
+        for cls, route in self.adapter_routes:
+            if cls == adapter_class:
+                return route, f"routes for {cls} adapters"
+        if not self.adapter_routes:
+            return self.route, "the blob's routes for every adapter"
+        named = ", ".join(cls for cls, _ in self.adapter_routes)
+        return self.route, f"default routes: the blob has routes for {named} adapters, not for {adapter_class or 'an adapter of unknown type'}"
 
 
 def payload_checksum(qweight: np.ndarray, scales: np.ndarray, bias: Optional[np.ndarray]) -> int:
@@ -104,28 +125,18 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     b = flatbuffers.Builder(qweight.nbytes + scales.nbytes + 4096)
 
     name = b.CreateString(rec.name)
-    reason = b.CreateString(rec.route.reason)
-    table = b.CreateString(rec.route.table)
-    buckets = []
-    for m_max, kernel in rec.route.prefill_buckets:
-        fb_bucket.Start(b)
-        fb_bucket.AddMMax(b, m_max)
-        fb_bucket.AddKernel(b, registry.kernel(kernel).route_id)
-        buckets.append(fb_bucket.End(b))
-    fb_route.StartPrefillBucketsVector(b, len(buckets))
-    for bucket in reversed(buckets):
-        b.PrependUOffsetTRelative(bucket)
-    bucket_vec = b.EndVector()
-    fb_route.Start(b)
-    fb_route.AddDecodeKernel(b, registry.kernel(rec.route.decode_kernel).route_id)
-    fb_route.AddPrefillKernel(b, registry.kernel(rec.route.prefill_kernel).route_id)
-    fb_route.AddSource(b, ROUTE_SOURCES.index(rec.route.source))
-    fb_route.AddSkinnyMaxM(b, rec.route.skinny_max_m)
-    fb_route.AddShmemMinMn(b, rec.route.shmem_min_mn)
-    fb_route.AddReason(b, reason)
-    fb_route.AddTable(b, table)
-    fb_route.AddPrefillBuckets(b, bucket_vec)
-    route = fb_route.End(b)
+    route = _write_route(b, rec.route)
+    adapter_entries = []
+    for cls, adapter_route in rec.adapter_routes:
+        written = _write_route(b, adapter_route)
+        fb_adapter_route.Start(b)
+        fb_adapter_route.AddAdapterClass(b, ADAPTER_CLASSES.index(cls))
+        fb_adapter_route.AddRoute(b, written)
+        adapter_entries.append(fb_adapter_route.End(b))
+    fb_linear.StartAdapterRoutesVector(b, len(adapter_entries))
+    for entry in reversed(adapter_entries):
+        b.PrependUOffsetTRelative(entry)
+    adapter_vec = b.EndVector()
     qweight_vec = b.CreateNumpyVector(qweight)
     scales_vec = b.CreateNumpyVector(scales)
     bias_vec = None if bias is None else b.CreateNumpyVector(bias)
@@ -145,8 +156,34 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
         fb_linear.AddBias(b, bias_vec)
     fb_linear.AddRoute(b, route)
     fb_linear.AddChecksum(b, payload_checksum(qweight, scales, bias))
+    fb_linear.AddAdapterRoutes(b, adapter_vec)
     b.Finish(fb_linear.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def _write_route(b: flatbuffers.Builder, route: Route) -> int:
+    reason = b.CreateString(route.reason)
+    table = b.CreateString(route.table)
+    buckets = []
+    for m_max, kernel in route.prefill_buckets:
+        fb_bucket.Start(b)
+        fb_bucket.AddMMax(b, m_max)
+        fb_bucket.AddKernel(b, registry.kernel(kernel).route_id)
+        buckets.append(fb_bucket.End(b))
+    fb_route.StartPrefillBucketsVector(b, len(buckets))
+    for bucket in reversed(buckets):
+        b.PrependUOffsetTRelative(bucket)
+    bucket_vec = b.EndVector()
+    fb_route.Start(b)
+    fb_route.AddDecodeKernel(b, registry.kernel(route.decode_kernel).route_id)
+    fb_route.AddPrefillKernel(b, registry.kernel(route.prefill_kernel).route_id)
+    fb_route.AddSource(b, ROUTE_SOURCES.index(route.source))
+    fb_route.AddSkinnyMaxM(b, route.skinny_max_m)
+    fb_route.AddShmemMinMn(b, route.shmem_min_mn)
+    fb_route.AddReason(b, reason)
+    fb_route.AddTable(b, table)
+    fb_route.AddPrefillBuckets(b, bucket_vec)
+    return fb_route.End(b)
 
 
 _schema: Optional[fbverify.Schema] = None
@@ -174,10 +211,10 @@ def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
         version = root.SchemaVersion()
     except (IndexError, struct.error, ValueError, TypeError, OverflowError) as e:
         raise BlobFormatError(f"delegate blob is truncated or corrupted: cannot read its header ({e})") from e
-    if version != SCHEMA_VERSION:
+    if not OLDEST_READABLE_VERSION <= version <= SCHEMA_VERSION:
         raise BlobVersionError(
-            f"delegate blob has schema version {version}; this executorch_wgpu reads version "
-            f"{SCHEMA_VERSION} only: re-export the model with this version of executorch_wgpu"
+            f"delegate blob has schema version {version}; this executorch_wgpu reads versions "
+            f"{OLDEST_READABLE_VERSION} to {SCHEMA_VERSION} only: re-export the model with this version of executorch_wgpu"
         )
     # Every offset, count and length against the blob's size before the generated
     # readers follow them (they trust the buffer).
@@ -200,19 +237,16 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
     r = root.Route()
     if r is None:
         raise BlobFormatError("delegate blob is corrupted: it has no route record")
-    source = r.Source()
-    if not 0 <= source < len(ROUTE_SOURCES):
-        raise BlobFormatError(f"delegate blob is corrupted: unknown route source enum value {source}")
-    route = Route(
-        decode_kernel=_kernel_named_by(r.DecodeKernel(), "decode kernel"),
-        prefill_kernel=_kernel_named_by(r.PrefillKernel(), "prefill kernel"),
-        source=ROUTE_SOURCES[source],
-        skinny_max_m=r.SkinnyMaxM(),
-        shmem_min_mn=r.ShmemMinMn(),
-        reason=(r.Reason() or b"").decode("utf-8"),
-        table=(r.Table() or b"").decode("utf-8"),
-        prefill_buckets=tuple(_read_bucket(r.PrefillBuckets(i)) for i in range(r.PrefillBucketsLength())),
-    )
+    route = _read_route(r)
+    adapter_routes = []
+    for i in range(root.AdapterRoutesLength()):
+        entry = root.AdapterRoutes(i)
+        cls, adapter_route = entry.AdapterClass(), entry.Route()
+        if not 0 <= cls < len(ADAPTER_CLASSES):
+            raise BlobFormatError(f"delegate blob is corrupted: unknown adapter class enum value {cls}")
+        if adapter_route is None:
+            raise BlobFormatError("delegate blob is corrupted: an adapter route has no route record")
+        adapter_routes.append((ADAPTER_CLASSES[cls], _read_route(adapter_route)))
     qweight = root.QweightAsNumpy()
     scales = root.ScalesAsNumpy()
     bias = root.BiasAsNumpy() if root.BiasLength() > 0 else None
@@ -230,6 +264,23 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         scales=scales,
         bias=bias if isinstance(bias, np.ndarray) else None,
         route=route,
+        adapter_routes=tuple(adapter_routes),
+    )
+
+
+def _read_route(r: fb_route.Route) -> Route:
+    source = r.Source()
+    if not 0 <= source < len(ROUTE_SOURCES):
+        raise BlobFormatError(f"delegate blob is corrupted: unknown route source enum value {source}")
+    return Route(
+        decode_kernel=_kernel_named_by(r.DecodeKernel(), "decode kernel"),
+        prefill_kernel=_kernel_named_by(r.PrefillKernel(), "prefill kernel"),
+        source=ROUTE_SOURCES[source],
+        skinny_max_m=r.SkinnyMaxM(),
+        shmem_min_mn=r.ShmemMinMn(),
+        reason=(r.Reason() or b"").decode("utf-8"),
+        table=(r.Table() or b"").decode("utf-8"),
+        prefill_buckets=tuple(_read_bucket(r.PrefillBuckets(i)) for i in range(r.PrefillBucketsLength())),
     )
 
 
@@ -264,13 +315,16 @@ def check_record(rec: Q4LinearRecord) -> None:
         fail(f"scales has {rec.scales.size} values, expected {k // gs * rec.n_stride}")
     if rec.bias is not None and rec.bias.size != n:
         fail(f"bias has {rec.bias.size} values, expected {n}")
-    route = rec.route
-    if route.decode_kernel not in registry.DECODE_KERNELS or route.prefill_kernel not in registry.PREFILL_KERNELS:
-        fail(f"route {route.decode_kernel}/{route.prefill_kernel} is not a known kernel pair")
-    if route.source not in ROUTE_SOURCES:
-        fail(f"route source {route.source!r} is not one of {ROUTE_SOURCES}")
-    bounds = [m_max for m_max, _ in route.prefill_buckets]
-    if any(b <= a for a, b in zip(bounds, bounds[1:])) or any(b < 2 for b in bounds):
-        fail(f"prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
-    if any(kernel not in registry.PREFILL_KERNELS for _, kernel in route.prefill_buckets):
-        fail(f"prefill buckets {route.prefill_buckets} name a kernel that cannot run M > 1")
+    classes = [cls for cls, _ in rec.adapter_routes]
+    if any(cls not in ADAPTER_CLASSES for cls in classes) or len(set(classes)) != len(classes):
+        fail(f"adapter routes for {classes} must name each of {ADAPTER_CLASSES} at most once")
+    for route in (rec.route, *(route for _, route in rec.adapter_routes)):
+        if route.decode_kernel not in registry.DECODE_KERNELS or route.prefill_kernel not in registry.PREFILL_KERNELS:
+            fail(f"route {route.decode_kernel}/{route.prefill_kernel} is not a known kernel pair")
+        if route.source not in ROUTE_SOURCES:
+            fail(f"route source {route.source!r} is not one of {ROUTE_SOURCES}")
+        bounds = [m_max for m_max, _ in route.prefill_buckets]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])) or any(b < 2 for b in bounds):
+            fail(f"prefill bucket bounds {bounds} must be >= 2 and strictly increasing")
+        if any(kernel not in registry.PREFILL_KERNELS for _, kernel in route.prefill_buckets):
+            fail(f"prefill buckets {route.prefill_buckets} name a kernel that cannot run M > 1")

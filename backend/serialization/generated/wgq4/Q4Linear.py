@@ -183,8 +183,33 @@ class Q4Linear(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Q4Linear
+    def AdapterRoutes(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from executorch_wgpu.backend.serialization.generated.wgq4.AdapterRoute import AdapterRoute
+            obj = AdapterRoute()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Q4Linear
+    def AdapterRoutesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Q4Linear
+    def AdapterRoutesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        return o == 0
+
 def Q4LinearStart(builder):
-    builder.StartObject(13)
+    builder.StartObject(14)
 
 def Start(builder):
     Q4LinearStart(builder)
@@ -284,6 +309,18 @@ def Q4LinearAddChecksum(builder, checksum):
 
 def AddChecksum(builder, checksum):
     Q4LinearAddChecksum(builder, checksum)
+
+def Q4LinearAddAdapterRoutes(builder, adapterRoutes):
+    builder.PrependUOffsetTRelativeSlot(13, flatbuffers.number_types.UOffsetTFlags.py_type(adapterRoutes), 0)
+
+def AddAdapterRoutes(builder, adapterRoutes):
+    Q4LinearAddAdapterRoutes(builder, adapterRoutes)
+
+def Q4LinearStartAdapterRoutesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartAdapterRoutesVector(builder, numElems):
+    return Q4LinearStartAdapterRoutesVector(builder, numElems)
 
 def Q4LinearEnd(builder):
     return builder.EndObject()
