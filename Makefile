@@ -39,7 +39,7 @@ EDITABLE := --config-settings editable_mode=strict -e
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0 'setuptools>=64'
+	$(VENV)/bin/pip install -q torch==2.13.0 'setuptools>=77'
 	$(VENV)/bin/pip install -q $(EDITABLE) '.[test,models]'
 	touch $@
 

@@ -1,14 +1,15 @@
 """Load the native delegate into this process, so ExecuTorch's own runtime runs our .pte.
 
-    import executorch_wgpu.native
-    executorch_wgpu.native.load()
+    import executorch_wgpu.native_backend   # registers WebGPUBackend: executorch_wgpu.native.register()
     from executorch.runtime import Runtime
     method = Runtime.get().load_program("model.pte").load_method("forward")
     y, = method.execute([x])
 
 The library (libexecutorch_wgpu_native.so, built by CMakeLists.txt; `make
-setup` builds it into build/native/) registers the backend "WebGPUBackend"
-with ExecuTorch's registry when it is loaded. It links libexecutorch.so and
+setup` builds it into build/native/; an installed executorch_wgpu finds it
+through $EXECUTORCH_WGPU_NATIVE_LIB) registers the backend "WebGPUBackend"
+with ExecuTorch's registry when it is loaded. Without it ExecuTorch's runtime
+says only "Backend WebGPUBackend is not registered". It links libexecutorch.so and
 wgpu-native from the installed executorch and wgpu packages; importing
 executorch's Python extension first makes both runtimes share one registry.
 
@@ -31,6 +32,7 @@ from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.shaders import registry
 
 LIBRARY_NAME = "libexecutorch_wgpu_native.so"
+LIBRARY_VARIABLE = "EXECUTORCH_WGPU_NATIVE_LIB"   # the library's path, where it is not in build/native/ here
 RUNNER_NAME = "wgq4_run_pte"   # runtime_native/run_pte.cpp: a .pte through ExecuTorch's C++ Module API
 # Where `make setup` builds it: the repository root is this package's directory.
 DEFAULT_BUILD_DIR = pathlib.Path(__file__).resolve().parent / "build" / "native"
@@ -42,7 +44,7 @@ class NativeUnavailableError(WebGPUDelegateError):
 
 def library_path() -> pathlib.Path:
     """$EXECUTORCH_WGPU_NATIVE_LIB, else build/native/ of this checkout."""
-    override = os.environ.get("EXECUTORCH_WGPU_NATIVE_LIB")
+    override = os.environ.get(LIBRARY_VARIABLE)
     return pathlib.Path(override) if override else DEFAULT_BUILD_DIR / LIBRARY_NAME
 
 
@@ -154,10 +156,24 @@ _loaded: Optional[NativeLibrary] = None
 def unavailable_reason() -> Optional[str]:
     """Why load() would fail here, or None when the library is built."""
     path = library_path()
-    if not path.is_file():
-        return (f"the native delegate is not built: no {path} (run `make setup`, or "
-                f"`cmake -S . -B build/native -DPython3_EXECUTABLE=.venv/bin/python && cmake --build build/native`)")
-    return None
+    if path.is_file():
+        return None
+    build = ("build it in a checkout of executorch_wgpu (`make setup`, or `cmake -S . -B build/native "
+             "-DPython3_EXECUTABLE=.venv/bin/python && cmake --build build/native`)")
+    if os.environ.get(LIBRARY_VARIABLE):
+        return (f"the native delegate is not where {LIBRARY_VARIABLE} says: no {path}; {build} "
+                f"and point {LIBRARY_VARIABLE} at its build/native/{LIBRARY_NAME}")
+    return (f"the native delegate is not built: no {path}; {build}. A checkout finds its own build; "
+            f"an installed executorch_wgpu needs {LIBRARY_VARIABLE}=<checkout>/build/native/{LIBRARY_NAME}")
+
+
+def register() -> NativeLibrary:
+    """Register WebGPUBackend with ExecuTorch's runtime in this process (idempotent): load().
+
+    `import executorch_wgpu.native_backend` does the same in one line. Raises
+    NativeUnavailableError, saying how to build the library or where to point it, when it cannot.
+    """
+    return load()
 
 
 def load() -> NativeLibrary:
@@ -168,6 +184,11 @@ def load() -> NativeLibrary:
     reason = unavailable_reason()
     if reason:
         raise NativeUnavailableError(reason)
+    # wgpu-native enumerates Vulkan adapters when ExecuTorch first asks the backend
+    # (is_available, init): quiet Mesa's XDG_RUNTIME_DIR complaint there too (runtime_py/xdg.py).
+    from executorch_wgpu.runtime_py.xdg import ensure_xdg_runtime_dir
+
+    ensure_xdg_runtime_dir()
     # The Python extension loads libexecutorch.so; ours then binds to that
     # copy, so both use one backend registry.
     import executorch.runtime  # noqa: F401

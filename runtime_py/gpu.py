@@ -138,6 +138,11 @@ def gpu_context() -> GPUContext:
 
 
 def _create_context() -> GPUContext:
+    # Before the first adapter request: Mesa's drivers (lavapipe) complain on
+    # stderr when XDG_RUNTIME_DIR is unset; give the process a private one.
+    from executorch_wgpu.runtime_py.xdg import ensure_xdg_runtime_dir
+
+    ensure_xdg_runtime_dir()
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as e:  # wgpu raises plain RuntimeError/GPUError when no backend loads

@@ -13,15 +13,15 @@ instructions run the named op on the CPU through torch (operators.py).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence
 
 import torch
 from executorch.exir import schema as et
 
 from executorch_wgpu.errors import InputError, OperatorError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.delegate import load_delegate
+from executorch_wgpu.runtime_py.entry import Runtime  # noqa: F401  (here too: the one Runtime)
 from executorch_wgpu.runtime_py.operators import (
     CompiledKernelCall,
     compile_kernel_call,
@@ -374,21 +374,3 @@ class Program:
         if name not in self._methods:
             self._methods[name] = Method(self._pte, self._plans[name])
         return self._methods[name]
-
-
-class Runtime:
-    """Process-wide entry point, as executorch.runtime.Runtime."""
-
-    _instance: Optional["Runtime"] = None
-
-    @classmethod
-    def get(cls) -> "Runtime":
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def load_program(self, data: Union[str, os.PathLike, bytes, bytearray, memoryview]) -> Program:
-        if isinstance(data, (str, os.PathLike)):
-            with open(data, "rb") as f:
-                data = f.read()
-        return Program(bytes(data))
