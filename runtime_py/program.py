@@ -278,29 +278,37 @@ class Method:
                 return convert_int(v, type_name)
             return v
 
-        def write(vid: int, value: Any) -> None:
-            held = values[vid]
-            if isinstance(held, _List):
-                # A list out (split_with_sizes_copy's Tensor[] out) fills its items; a
-                # TensorList return aliases outs already written.
-                if held.kind == "tensor" and isinstance(value, list):
-                    for item, tensor in zip(held.items, value):
-                        write(item, tensor)
-                return
+        # (No closure here calls itself: a self-referencing closure is a reference cycle
+        # through `self`, which would keep the method's GPU buffers alive until the
+        # cyclic GC runs instead of releasing them when the method is dropped.)
+        def write_value(vid: int, value: Any) -> None:
             values[vid] = value
             key = self._arena_key(plan.values[vid])
             if key is not None:
                 last_writer[key] = vid
 
-        def new_out(vid: int) -> Any:
-            """A fresh out argument: an empty tensor of the planned dtype, or a list of them for a Tensor[] out."""
+        def write(vid: int, value: Any) -> None:
             held = values[vid]
-            if isinstance(held, _List) and held.kind == "tensor":
-                return [new_out(item) for item in held.items]
+            if not isinstance(held, _List):
+                write_value(vid, value)
+            elif held.kind == "tensor" and isinstance(value, list):
+                # A list out (split_with_sizes_copy's Tensor[] out) fills its items; a
+                # TensorList return aliases outs already written.
+                for item, tensor in zip(held.items, value):
+                    write_value(item, tensor)
+
+        def new_tensor_out(vid: int) -> torch.Tensor:
             spec = plan.values[vid].val
             if not isinstance(spec, et.Tensor):
                 raise ProgramFormatError(f"out argument {vid} is a {type(spec).__name__}, not a tensor")
             return torch.empty(0, dtype=dtype_of(spec.scalar_type))
+
+        def new_out(vid: int) -> Any:
+            """A fresh out argument: an empty tensor of the planned dtype, or a list of them for a Tensor[] out."""
+            held = values[vid]
+            if isinstance(held, _List) and held.kind == "tensor":
+                return [new_tensor_out(item) for item in held.items]
+            return new_tensor_out(vid)
 
         calls: List[LinearCall] = []
         instructions = self._instructions
