@@ -33,22 +33,23 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
-import wgpu
-
-from executorch_wgpu.backend.route_table import RouteTable
-from executorch_wgpu.backend.routing import RouteOptions, decide_route
 from executorch_wgpu.errors import WebGPUDelegateError
-from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
-from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
-from executorch_wgpu.tools.reference import RandomQ4Layer, random_q4_layer, rel_err
 from executorch_wgpu.shaders import registry
-from executorch_wgpu.tools.models import LLAMA_CONFIGS
+from executorch_wgpu.tools import cli
+from executorch_wgpu.tools.configs import LLAMA_CONFIGS
+
+# torch, wgpu and what needs them are imported where used: `bench --help` and a usage error stay fast.
+if TYPE_CHECKING:
+    import torch
+
+    from executorch_wgpu.backend.route_table import RouteTable
+    from executorch_wgpu.runtime_py.gpu import GPUContext
+    from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
+    from executorch_wgpu.tools.reference import RandomQ4Layer
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,16 @@ TOLERANCE = 1e-4
 
 
 @dataclass
-class BenchLayer(RandomQ4Layer):
+class BenchLayer:
     """A random q4gsw layer (its codes and scales, for goldens and peers) and its packed GPU copy."""
 
+    weights: RandomQ4Layer
     name: str
     gpu: Q4LinearGPU
+
+    @property
+    def N(self) -> int:
+        return self.weights.N
 
     @property
     def weight_bytes(self) -> int:
@@ -86,9 +92,12 @@ class BenchLayer(RandomQ4Layer):
 
 def make_layer(ctx: GPUContext, name: str, k: int, n: int, group_size: int, seed: int = 0) -> BenchLayer:
     """reference.random_q4_layer (no bias) on the GPU, routed by the default rule."""
+    from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU
+    from executorch_wgpu.tools.reference import random_q4_layer
+
     weights = random_q4_layer(k, n, group_size, seed=seed)
     gpu = Q4LinearGPU(ctx, weights.record(name, m_max=1 << 20))
-    return BenchLayer(weights.codes, weights.scales, weights.bias, group_size, name, gpu)
+    return BenchLayer(weights, name, gpu)
 
 
 def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int,
@@ -98,6 +107,9 @@ def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int,
     flush(encoder), when given, records an untimed pass before every run that
     evicts the L2 (StreamProbe.flush): the timed pass then reads cold memory.
     """
+    import numpy as np
+    import wgpu
+
     dev = ctx.device
     enc = dev.create_command_encoder()
     for _ in range(warmup):
@@ -125,6 +137,10 @@ def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int,
 
 def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
     """One untimed call of a kernel (whatever the route says), for the correctness check."""
+    import numpy as np
+    import torch
+    import wgpu
+
     gpu = layer.gpu
     m = x.shape[0]
     plan = gpu.prepare(kernel, m)
@@ -142,6 +158,8 @@ def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
 
 def check_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor) -> dict:
     """Correctness of one kernel at this M: max rel err of the sampled rows against the fp64 golden."""
+    from executorch_wgpu.tools.reference import rel_err
+
     y = run_kernel(layer, kernel, x)
     plan = layer.gpu.prepare(kernel, x.shape[0])
     return {"rel_err": rel_err(y[rows], golden), "k_splits": plan.k_splits}
@@ -159,6 +177,8 @@ class StreamProbe:
     """The streaming-read ceiling: time to read n bytes once through wgpu (shaders/stream_read.wgsl)."""
 
     def __init__(self, ctx: GPUContext, flush_bytes: int = 256 << 20):
+        import wgpu
+
         self.ctx = ctx
         dev = ctx.device
         self.pipeline = ctx.pipeline("stream_read")
@@ -191,6 +211,8 @@ class StreamProbe:
 
         cold: every timed read follows a flush (as a cold kernel run does); otherwise
         a buffer that fits the L2 is read from it after the first run."""
+        import wgpu
+
         dev = self.ctx.device
         count = math.ceil(nbytes / 16)
         data = dev.create_buffer(size=count * 16, usage=wgpu.BufferUsage.STORAGE)
@@ -215,6 +237,8 @@ class StreamProbe:
 
     def spin_up(self, ms: float = 30.0) -> None:
         """Keep the GPU busy for ~ms so its clocks ramp up before a measurement (idle GPUs clock down)."""
+        import wgpu
+
         dev = self.ctx.device
         data = dev.create_buffer(size=16 << 20, usage=wgpu.BufferUsage.STORAGE)
         sink = dev.create_buffer(size=1024 * self.threads * 4, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
@@ -239,6 +263,8 @@ class StreamProbe:
 
 def cuda_median_us(fn: Callable, reps: int, warmup: int, flush_bytes: int = 0) -> float:
     """Median µs of fn on CUDA; with flush_bytes, a buffer that large is zeroed (untimed) before each run."""
+    import torch
+
     flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda") if flush_bytes else None
     for _ in range(warmup):
         fn()
@@ -259,16 +285,21 @@ class TorchPeers:
     """torch int4 tinygemm and fp32 CUDA-core matmul on the same weights (CUDA only)."""
 
     def __init__(self, layer: BenchLayer):
+        import torch
+
         dev = torch.device("cuda")
-        q = (layer.codes.to(torch.int32) + 8).to(torch.uint8)            # tinygemm: w = (q - 8) * scale + zero
+        w = layer.weights
+        q = (w.codes.to(torch.int32) + 8).to(torch.uint8)                # tinygemm: w = (q - 8) * scale + zero
         packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(dev)                  # [N, K/2], even k in the high nibble
         self.w_int4 = torch._convert_weight_to_int4pack(packed, 8)
-        scales = layer.scales.t().contiguous()                            # [K/gs, N]
+        scales = w.scales.t().contiguous()                                # [K/gs, N]
         self.scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(dev, torch.bfloat16).contiguous()
-        self.group_size = layer.group_size
-        self.w_fp32_t = layer.dequantized(slice(None), torch.float32).t().contiguous().to(dev)   # [K, N]
+        self.group_size = w.group_size
+        self.w_fp32_t = w.dequantized(slice(None), torch.float32).t().contiguous().to(dev)   # [K, N]
 
     def _calls(self, x: torch.Tensor) -> dict:
+        import torch
+
         torch.backends.cuda.matmul.allow_tf32 = False   # fp32 on CUDA cores, as our kernels compute
         xb = x.to("cuda", torch.bfloat16)
         xf = x.to("cuda")
@@ -279,6 +310,8 @@ class TorchPeers:
 
     def check(self, x: torch.Tensor, golden: torch.Tensor, rows: torch.Tensor) -> dict:
         """Rel errors of the peers (tinygemm takes bf16 activations: ~1e-2 expected)."""
+        from executorch_wgpu.tools.reference import rel_err
+
         return {f"{name}_rel_err": rel_err(fn().float().cpu()[rows], golden) for name, fn in self._calls(x).items()}
 
     def time(self, x: torch.Tensor, reps: int, warmup: int, flush_bytes: int = 0) -> dict:
@@ -308,6 +341,11 @@ class BenchConfig:
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Measure every kernel on every shape x M; returns the JSON-able results."""
+    import torch
+    import wgpu
+
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+
     ctx = gpu_context()
     if not ctx.has_timestamps:
         raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
@@ -323,7 +361,7 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             g = torch.Generator().manual_seed(cfg.seed + m)
             x = torch.randn(m, k, generator=g)
             rows = torch.unique(torch.linspace(0, m - 1, min(GOLDEN_ROWS, m)).long())
-            golden = layer.golden(x[rows])
+            golden = layer.weights.golden(x[rows])
             cold = m == 1 or cfg.cold_all
             flush = probe.flush if cold else None
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
@@ -377,6 +415,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
 
 def routed_kernel(table: Optional[RouteTable], k: int, n: int, m: int, group_size: int) -> str:
     """The kernel a lowering with this table (None: the default rule) would run at M."""
+    from executorch_wgpu.backend.routing import RouteOptions, decide_route
+
     return decide_route(k, n, group_size, RouteOptions(route_table=table)).kernel_for(m)
 
 
@@ -410,7 +450,7 @@ def finish_row(row: dict) -> None:
 def format_progress(row: dict) -> str:
     parts = [f"{row['shape']:>8} K={row['K']:<5} N={row['N']:<6} M={row['M']:<5}"]
     for kernel, r in row["kernels"].items():
-        parts.append(f"{kernel} {r['us']:9.1f} us {r['tflops']:6.2f} TF" if "us" in r else f"{kernel} n/a")
+        parts.append(f"{kernel} {r['us']:9.1f} us {cli.figure(r['tflops']):>7} TF" if "us" in r else f"{kernel} n/a")
     if "tinygemm_us" in row:
         parts.append(f"tinygemm {row['tinygemm_us']:8.1f} us  fp32 {row['fp32_cuda_us']:8.1f} us")
     parts.append(f"stream {row['stream_read_us']:.1f} us")
@@ -419,6 +459,8 @@ def format_progress(row: dict) -> str:
 
 def one_linear_pte(k: int = 2048, n: int = 2048, m: int = 1) -> tuple:
     """(.pte bytes, example x) of a torchao-quantized Linear(k, n, bias=False), gs 32, lowered with WebGPUPartitioner."""
+    import torch
+
     from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
 
     torch.manual_seed(0)
@@ -435,6 +477,8 @@ def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, wa
     minus the delegate call's wall; the delegate call splits into upload,
     encode + submit, wait (GPU work + completion signal) and readback.
     """
+    import numpy as np
+
     from executorch_wgpu.runtime import Runtime
 
     pte, x = one_linear_pte(k, n, m)
@@ -446,13 +490,14 @@ def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, wa
         wall = (time.perf_counter() - start) * 1e6
         c = method.route_report()[0]
         if i >= warmup:
-            samples.append((wall, c["wall_us"], c["gpu_us"] or 0.0, c["upload_us"], c["submit_us"], c["wait_us"],
+            samples.append((wall, c["wall_us"], c["gpu_us"], c["upload_us"], c["submit_us"], c["wait_us"],
                             c["readback_us"]))
-    med = np.median(np.array(samples), axis=0)
     names = ("execute_us", "delegate_us", "gpu_us", "upload_us", "submit_us", "wait_us", "readback_us")
-    out = {name: float(v) for name, v in zip(names, med)}
+    # gpu_us is None on an adapter without timestamp queries: then so are it and above_gpu_us, not 0
+    out: dict = {name: None if any(v is None for v in column) else float(np.median(column))
+                 for name, column in zip(names, zip(*samples))}
     out["interpreter_us"] = out["execute_us"] - out["delegate_us"]
-    out["above_gpu_us"] = out["execute_us"] - out["gpu_us"]
+    out["above_gpu_us"] = None if out["gpu_us"] is None else out["execute_us"] - out["gpu_us"]
     out.update({"K": k, "N": n, "M": m, "calls": calls, "kernel": method.route_report()[0]["kernel"]})
     return out
 
@@ -462,61 +507,115 @@ def select_shapes(parser: argparse.ArgumentParser, quick: bool, names: Optional[
     shapes = dict(QUICK_SHAPES if quick else LLAMA_1B_SHAPES)
     if not names:
         return shapes
-    wanted = names.split(",")
+    wanted = [name for name in names.split(",") if name]
     unknown = set(wanted) - set(shapes)
-    if unknown:
-        parser.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+    if unknown or not wanted:
+        parser.error(f"argument --shapes: unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
     return {k: shapes[k] for k in wanted}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, every value checked (a usage error, exit 2) before anything is imported or measured."""
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes and M for a CPU Vulkan (lavapipe)")
-    p.add_argument("--shapes", help="comma-separated subset of " + ",".join(LLAMA_1B_SHAPES))
-    p.add_argument("--m", help="comma-separated M values (default 1,16,64,128,512,2048; --quick: 1,16,64)")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median is reported")
+    p.add_argument("--shapes", help="comma-separated subset of " + ",".join(LLAMA_1B_SHAPES)
+                   + " (--quick: " + ",".join(QUICK_SHAPES) + ")")
+    p.add_argument("--m", type=cli.int_list,
+                   help="comma-separated positive M values (default 1,16,64,128,512,2048; --quick: 1,16,64)")
+    p.add_argument("--group-size", type=cli.multiple_of_32, default=32,
+                   help="q4 group size: a positive multiple of 32 that divides every K (default 32)")
+    p.add_argument("--reps", type=cli.positive_int, default=25, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=5)
+    p.add_argument("--rounds", type=cli.positive_int, default=3,
+                   help="interleaved rounds; the best round's median is reported")
     p.add_argument("--no-peers", action="store_true", help="skip the torch CUDA peers")
-    p.add_argument("--route-table", type=Path, help="route table (from `tune`) the routed column follows")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench.json/.md/.png")
+    p.add_argument("--route-table", type=cli.route_table_file,
+                   help="route table (from `tune`) the routed column follows")
+    p.add_argument("--out", type=cli.output_folder, default=Path("bench-out"),
+                   help="folder for bench.json/.md/.png")
     p.add_argument("--overhead", action="store_true",
                    help="only measure the host cost of execute() for a 1-linear 2048->2048 program at M=1")
-    p.add_argument("--flush-mb", type=int, help="MiB read between cold runs to evict the L2 (default 256; --quick 16)")
+    p.add_argument("--flush-mb", type=cli.positive_int,
+                   help="MiB read between cold runs to evict the L2 (default 256; --quick 16)")
     p.add_argument("--cold-all", action="store_true", help="time M > 1 rows cold too (M = 1 rows always are)")
     p.add_argument("--model", choices=sorted(LLAMA_CONFIGS),
                    help="time all q4 linears of this Llama config's decode step and prefill in one submit each, "
                         "weights cold (--m: the step's M values, default 1,128,512; --quick: 1,16)")
     args = p.parse_args(argv)
-    flush_bytes = (args.flush_mb or (16 if args.quick else 256)) << 20
-    command = "python -m executorch_wgpu bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.overhead:
-        result = call_overhead()
-        result["adapter"] = adapter_info(gpu_context())
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
-        log.info("%s", json.dumps(result))
-        return
+    args.shape_set = select_shapes(p, args.quick, args.shapes)
     if args.model:
-        model_main(args, flush_bytes, command)
-        return
+        c = LLAMA_CONFIGS[args.model]
+        ks = {"dim": c["dim"], "hidden_dim": c["hidden_dim"]}
+    elif not args.overhead:
+        ks = {name: k for name, (k, _) in args.shape_set.items()}
+    else:
+        ks = {}
+    undivided = [f"{name} (K = {k})" for name, k in ks.items() if k % args.group_size]
+    if undivided:
+        p.error(f"argument --group-size: {args.group_size} does not divide the in-features of {', '.join(undivided)}")
+    return args
 
-    shapes = select_shapes(p, args.quick, args.shapes)
-    m_values = [int(v) for v in args.m.split(",")] if args.m else list(QUICK_M if args.quick else LLAMA_1B_M)
-    cfg = BenchConfig(shapes, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    flush_bytes = (args.flush_mb or (16 if args.quick else 256)) << 20
+    command = "python -m executorch_wgpu bench " + " ".join(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # diagnostics on stderr, results on stdout
+    try:
+        if args.overhead:
+            overhead_main(args)
+        elif args.model:
+            model_main(args, flush_bytes, command)
+        else:
+            kernels_main(args, flush_bytes, command)
+    except WebGPUDelegateError as e:   # no adapter, no timestamp queries, ...: said in a line, not a traceback
+        cli.fail(str(e))
+
+
+def overhead_main(args: argparse.Namespace) -> None:
+    """bench --overhead: the host cost of one execute, as JSON on stdout (and overhead.json)."""
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+
+    with cli.Progress(1, "bench --overhead") as progress:
+        progress.step("export, load and time a 1-linear program")
+        result = call_overhead()
+    result["adapter"] = adapter_info(gpu_context())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+def require_timestamps(ctx: GPUContext) -> None:
+    if not ctx.has_timestamps:
+        raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
+
+
+def kernels_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None:
+    """bench: every kernel on every shape x M; the report table on stdout, progress on stderr."""
+    from executorch_wgpu.backend.route_table import RouteTable
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+    from executorch_wgpu.tools.bench_report import markdown, write_reports
+
+    m_values = args.m or list(QUICK_M if args.quick else LLAMA_1B_M)
+    cfg = BenchConfig(args.shape_set, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
                       rounds=args.rounds, peers=not args.no_peers,
                       route_table=RouteTable.load(args.route_table) if args.route_table else None,
                       flush_bytes=flush_bytes, cold_all=args.cold_all)
+    require_timestamps(gpu_context())
+    rows = sum(1 for name in cfg.shapes for m in cfg.m_values if not (name == "lm_head" and m > LM_HEAD_MAX_M))
     start = time.perf_counter()
-    results = bench(cfg, progress=lambda s: log.info("%s", s))
+    with cli.Progress(rows, "bench", unit="row") as progress:
+        def on_row(line: str) -> None:
+            progress.note(line)
+            progress.advance()
+
+        results = bench(cfg, progress=on_row)
     results["command"] = command
     results["wall_s"] = round(time.perf_counter() - start, 1)
-    from executorch_wgpu.tools.bench_report import write_reports
-
     for path in write_reports(results, args.out):
         log.info("wrote %s", path)
+    print(markdown(results), end="")
     bad = [(r["shape"], r["M"], k) for r in results["rows"] for k, v in r["kernels"].items() if v.get("ok") is False]
     if bad:
         log.error("kernels above the %.0e tolerance: %s", TOLERANCE, bad)
@@ -525,12 +624,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None:
     """bench --model: a model's linears per step in one submit (tools/bench_model.py)."""
+    from executorch_wgpu.runtime_py.gpu import gpu_context
     from executorch_wgpu.tools import bench_model
 
     ctx = gpu_context()
-    if not ctx.has_timestamps:
-        raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
-    m_values = [int(v) for v in args.m.split(",")] if args.m else ([1, 16] if args.quick else [1, 128, 512])
+    require_timestamps(ctx)
+    m_values = args.m or ([1, 16] if args.quick else [1, 128, 512])
     probe = StreamProbe(ctx, flush_bytes)
     probe.spin_up()
     one_binding = ctx.plan_limits().max_binding_bytes // 16 * 16
@@ -540,8 +639,15 @@ def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None
         read = min(nbytes, one_binding)
         return probe.us(read, args.reps, args.warmup, cold=True) * nbytes / read
 
-    result = bench_model.bench_model(ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
-                                     stream_us=stream_us, progress=lambda s: log.info("%s", s))
+    with cli.Progress(len(m_values), f"bench --model {args.model}", unit="M") as progress:
+        progress.step("loading the layers, then M = " + ", ".join(map(str, m_values)))
+
+        def on_row(line: str) -> None:
+            progress.note(line)
+            progress.advance()
+
+        result = bench_model.bench_model(ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
+                                         stream_us=stream_us, progress=on_row)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result.update(date=date, command=command, adapter=adapter_info(ctx))
     args.out.mkdir(parents=True, exist_ok=True)

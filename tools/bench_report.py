@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List
 
 from executorch_wgpu.shaders.registry import ROUTABLE_NAMES as KERNELS   # every routable kernel, in route-id order
+from executorch_wgpu.tools.cli import figure   # 3 significant digits: no "0.00" TFLOP/s on a slow adapter
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def markdown(results: dict) -> str:
         errs = [v["rel_err"] for v in ks.values() if "rel_err" in v]
         lines.append(
             f"| {r['shape']} | {r['K']}→{r['N']} | {r['M']} | {r.get('weights', 'L2-warm')} | " + " | ".join(cells) + f" | {r['routed']} | "
-            f"{_fmt(r.get('routed_tflops'), '.2f')} | {_fmt(routed.get('weight_gbps'), '.0f')} | "
+            f"{figure(r.get('routed_tflops'))} | {figure(routed.get('weight_gbps'))} | "
             f"{_fmt(r.get('routed_vs_fastest'), '.2f')} | "
             f"{r.get('default_rule', '')} ({_fmt(r.get('default_rule_vs_fastest'), '.2f')}) | "
-            f"{_fmt(r.get('stream_read_gbps'), '.0f')} | "
+            f"{figure(r.get('stream_read_gbps'))} | "
             f"{_fmt(r.get('tinygemm_us'))} | {_fmt(r.get('routed_time_vs_tinygemm'), '.2f')} | "
             f"{_fmt(r.get('fp32_cuda_us'))} | {_fmt(max(errs) if errs else None, '.1e')} |"
         )

@@ -15,63 +15,98 @@ import argparse
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
+from executorch_wgpu.tools import cli
+from executorch_wgpu.tools.configs import MINILM_MAX_SEQ
+
+# torch, transformers and the runtime are imported where used: `demo --help` and a usage error stay fast.
+if TYPE_CHECKING:
+    import torch
+
+# BERT's position embeddings (all-MiniLM-L6-v2: 512); the export's example has 8 tokens.
+MINILM_SEQ_RANGE = (8, 512)
 
 
-class FeedForward(torch.nn.Module):
+def feed_forward(dim: int, hidden: int) -> torch.nn.Module:
     """x + down(silu(gate(norm(x))) * up(norm(x))): three q4 linears plus CPU ops around them."""
+    import torch
+    import torch.nn.functional as F
 
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(dim)
-        self.gate = torch.nn.Linear(dim, hidden, bias=False)
-        self.up = torch.nn.Linear(dim, hidden, bias=False)
-        self.down = torch.nn.Linear(hidden, dim, bias=True)
+    class FeedForward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(dim)
+            self.gate = torch.nn.Linear(dim, hidden, bias=False)
+            self.up = torch.nn.Linear(dim, hidden, bias=False)
+            self.down = torch.nn.Linear(hidden, dim, bias=True)
 
-    def forward(self, x):
-        h = self.norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        def forward(self, x):
+            h = self.norm(x)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+    return FeedForward()
 
 
 def format_report(report) -> str:
     lines = [f"  {'layer':<6} {'M':>5} {'K':>6} {'N':>6}  {'kernel':<9} {'gpu_us':>9} {'wall_us':>9}  reason"]
     for e in report:
-        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "n/a"
+        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "—"
         lines.append(f"  {e['name']:<6} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {gpu:>9} "
                      f"{e['wall_us']:>9.1f}  {e['reason']}")
     return "\n".join(lines)
 
 
-def ffn_main(argv=None) -> None:
+def parse_ffn_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo --ffn", description=ffn_main.__doc__)
+    parser.add_argument("--dim", type=cli.multiple_of_32, default=512,
+                        help="model dim: in-features of gate and up (a multiple of the group size)")
+    parser.add_argument("--hidden", type=cli.multiple_of_32, default=1536,
+                        help="FFN width: in-features of down (a multiple of the group size)")
+    parser.add_argument("--group-size", type=cli.multiple_of_32, default=32, help="a positive multiple of 32")
+    parser.add_argument("--prompt", type=cli.int_in(2, 1 << 20), default=32, help="tokens of the prefill call (>= 2)")
+    parser.add_argument("--max-tokens", type=cli.int_in(2, 1 << 20), default=256,
+                        help="upper bound of the dynamic token dim (>= --prompt)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=10, help="timed calls per phase after one warm-up")
+    parser.add_argument("--pte", type=cli.output_file, default="demo_ffn.pte", help="where to write the .pte")
+    args = parser.parse_args(argv)
+    for name in ("dim", "hidden"):
+        value = getattr(args, name)
+        if value % args.group_size:
+            parser.error(f"argument --{name}: {value} is not a multiple of --group-size {args.group_size}")
+    if args.prompt > args.max_tokens:
+        parser.error(f"argument --prompt: {args.prompt} is above --max-tokens {args.max_tokens}")
+    return args
+
+
+def ffn_main(argv: Optional[Sequence[str]] = None) -> None:
     """The FFN demo: quantize a small transformer FFN block to int4, lower it, run it on the
     default adapter and print outputs next to eager torch, the route report and timings."""
-    from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.runtime_py.gpu import gpu_context
-    from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
+    args = parse_ffn_args(list(sys.argv[1:] if argv is None else argv))
+    with cli.Progress(4, "demo --ffn") as progress:
+        progress.step("importing torch")
+        import torch
 
-    parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo --ffn", description=ffn_main.__doc__)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=32, help="tokens of the prefill call")
-    parser.add_argument("--max-tokens", type=int, default=256, help="upper bound of the dynamic token dim")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per phase after one warm-up")
-    parser.add_argument("--pte", default="demo_ffn.pte")
-    args = parser.parse_args(argv)
+        from executorch_wgpu.runtime import Runtime
+        from executorch_wgpu.runtime_py.gpu import gpu_context
+        from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
 
-    torch.manual_seed(0)
-    model = quantize_q4(FeedForward(args.dim, args.hidden).eval(), args.group_size)
-    example = torch.randn(1, args.prompt, args.dim)
-    tokens = torch.export.Dim("tokens", min=1, max=args.max_tokens)
-    t0 = time.perf_counter()
-    program_bytes = lower_to_pte(model, (example,), ({1: tokens},), path=args.pte)
-    print(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} ({len(program_bytes)} bytes)")
+        progress.step("quantizing")
+        torch.manual_seed(0)
+        model = quantize_q4(feed_forward(args.dim, args.hidden).eval(), args.group_size)
+        example = torch.randn(1, args.prompt, args.dim)
+        tokens = torch.export.Dim("tokens", min=1, max=args.max_tokens)
+        progress.step("exporting and lowering")
+        t0 = time.perf_counter()
+        program_bytes = lower_to_pte(model, (example,), ({1: tokens},), path=args.pte)
+        progress.note(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} "
+                      f"({len(program_bytes)} bytes)")
 
-    t0 = time.perf_counter()
-    method = Runtime.get().load_program(args.pte).load_method("forward")
-    print(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
+        progress.step("loading the program")
+        t0 = time.perf_counter()
+        method = Runtime.get().load_program(str(args.pte)).load_method("forward")
+        progress.note(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
 
     for phase, seq in (("prefill", args.prompt), ("decode", 1)):
         x = torch.randn(1, seq, args.dim)
@@ -85,7 +120,9 @@ def ffn_main(argv=None) -> None:
             expected = model(x)
         err = (y - expected).abs().max().item()
         rel = err / expected.abs().max().item()
-        print(f"\n== {phase}: x {tuple(x.shape)} ==")
+        if phase == "decode":
+            print()
+        print(f"== {phase}: x {tuple(x.shape)} ==")
         print(f"  ours  [0, 0, :6]: {[round(v, 5) for v in y[0, 0, :6].tolist()]}")
         print(f"  eager [0, 0, :6]: {[round(v, 5) for v in expected[0, 0, :6].tolist()]}")
         print(f"  max |ours - eager| = {err:.3e} (relative {rel:.2e})")
@@ -113,7 +150,7 @@ def format_route_report(report, strip_prefix: str = "") -> str:
     width = max([5] + [len(n) for n in names])
     lines = [f"  {'layer':<{width}} {'M':>5} {'K':>6} {'N':>6}  {'kernel':<9} {'gpu_us':>9} {'wall_us':>9}"]
     for name, e in zip(names, report):
-        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "n/a"
+        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "—"
         lines.append(f"  {name:<{width}} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {gpu:>9} "
                      f"{e['wall_us']:>9.1f}")
     return "\n".join(lines)
@@ -132,49 +169,82 @@ def format_matrices(left: torch.Tensor, right: torch.Tensor, left_title: str, ri
     return "\n".join(lines)
 
 
-def minilm_main(argv=None) -> None:
-    from executorch_wgpu.tools import models
-    from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.runtime_py.gpu import gpu_context
+def nonempty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a sentence, got an empty one")
+    return text
 
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m executorch_wgpu demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ffn", action="store_true", help="run the small int4 FFN demo instead (see demo --ffn -h)")
-    parser.add_argument("--sentence", action="append", dest="sentences", metavar="TEXT",
+    parser.add_argument("--sentence", action="append", dest="sentences", metavar="TEXT", type=nonempty_text,
                         help="a sentence to embed (repeatable); default: a built-in set of paraphrase pairs")
-    parser.add_argument("--max-seq", type=int, default=models.MINILM_MAX_SEQ, help="upper bound of the token dim")
-    parser.add_argument("--repeats", type=int, default=3, help="timed embeddings of the whole set after one warm-up")
-    parser.add_argument("--prefill-route", default=None,
+    parser.add_argument("--max-seq", type=cli.int_in(*MINILM_SEQ_RANGE), default=MINILM_MAX_SEQ,
+                        help=f"upper bound of the token dim ({MINILM_SEQ_RANGE[0]} to {MINILM_SEQ_RANGE[1]}, "
+                             f"default {MINILM_MAX_SEQ})")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3,
+                        help="timed embeddings of the whole set after one warm-up")
+    parser.add_argument("--prefill-route", choices=PREFILL_KERNELS, default=None,
                         help="force the kernel of every M > 1 call (WebGPUPartitioner(prefill_route=...))")
-    parser.add_argument("--route-table", default=None, help="a route table from `python -m executorch_wgpu tune`")
-    parser.add_argument("--pte", default="minilm.pte")
-    args = parser.parse_args(argv)
+    parser.add_argument("--decode-route", choices=DECODE_KERNELS, default=None,
+                        help="force the kernel of every M = 1 call (WebGPUPartitioner(decode_route=...))")
+    parser.add_argument("--route-table", type=cli.route_table_file, default=None,
+                        help="a route table from `python -m executorch_wgpu tune`")
+    parser.add_argument("--pte", type=cli.output_file, default="minilm.pte", help="where to write the .pte")
+    return parser.parse_args(argv)
+
+
+def minilm_main(argv: Optional[Sequence[str]] = None) -> None:
+    """The MiniLM demo: progress and the adapter on stderr, the embeddings' report on stdout."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     sentences = args.sentences or SENTENCES
     partitioner_options = {k: v for k, v in (("prefill_route", args.prefill_route),
+                                             ("decode_route", args.decode_route),
                                              ("route_table", args.route_table)) if v}
 
-    t0 = time.perf_counter()
-    tokenizer, fp32 = models.load_minilm()
-    q4 = models.quantize_minilm(fp32)
-    linears = models.minilm_linear_names(q4)
-    print(f"all-MiniLM-L6-v2 from {models.minilm_path()} (loaded and quantized in {time.perf_counter() - t0:.1f} s):"
-          f" {len(linears)} encoder linears -> int4, group size {models.GROUP_SIZE}")
-    t0 = time.perf_counter()
-    with models.recording_declines() as declines:
-        program_bytes = models.export_minilm_pte(q4, args.pte, max_seq=args.max_seq, **partitioner_options)
-    print(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} "
-          f"({len(program_bytes) / 1e6:.1f} MB); declined layers: {len(declines) or 'none'}")
-    for d in declines:
-        print(f"  {d}")
+    with cli.Progress(6, "demo") as progress:
+        progress.step("importing torch")
+        t0 = time.perf_counter()
+        from executorch_wgpu.runtime import Runtime
+        from executorch_wgpu.runtime_py.gpu import gpu_context
+        from executorch_wgpu.tools import models
 
-    t0 = time.perf_counter()
-    method = Runtime.get().load_program(args.pte).load_method("forward")
-    print(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
+        progress.step("loading all-MiniLM-L6-v2")
+        tokenizer, fp32 = models.load_minilm()
+        progress.step("quantizing to int4")
+        q4 = models.quantize_minilm(fp32)
+        linears = models.minilm_linear_names(q4)
+        progress.note(f"all-MiniLM-L6-v2 from {models.minilm_path()} (loaded and quantized in "
+                      f"{time.perf_counter() - t0:.1f} s): {len(linears)} encoder linears -> int4, "
+                      f"group size {models.GROUP_SIZE}")
+        progress.step("exporting and lowering")
+        t0 = time.perf_counter()
+        with models.recording_declines() as declines:
+            program_bytes = models.export_minilm_pte(q4, args.pte, max_seq=args.max_seq, **partitioner_options)
+        progress.note(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} "
+                      f"({len(program_bytes) / 1e6:.1f} MB); declined layers: {len(declines) or 'none'}")
+        for d in declines:
+            progress.note(f"  {d}")
 
+        progress.step("loading the program")
+        t0 = time.perf_counter()
+        method = Runtime.get().load_program(str(args.pte)).load_method("forward")
+        progress.note(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
+
+        progress.step(f"embedding {len(sentences)} sentences: a warm-up and {args.repeats} timed passes")
+        ours, fp, q4_eager, walls, reports = embed_all(models, method, tokenizer, fp32, q4, sentences, args.repeats)
+    report(models, tokenizer, sentences, ours, fp, q4_eager, walls, reports)
+
+
+def embed_all(models, method, tokenizer, fp32, q4, sentences: List[str], repeats: int) -> tuple:
+    """Our embeddings (timed passes), the fp32 and int4 eager ones, the walls and route reports of each call."""
     run = models.method_runner(method)
     models.embed(run, tokenizer, sentences[:1])   # warm-up: compiles the kernels' pipelines
-    walls, reports = [], []
-    for _ in range(max(1, args.repeats)):
+    walls: List[List[float]] = []
+    reports: List[list] = []
+    for _ in range(repeats):
         per_sentence = []
 
         def timed(*inputs):
@@ -188,8 +258,13 @@ def minilm_main(argv=None) -> None:
         walls.append(per_sentence)
     fp = models.embed(models.eager_minilm_runner(fp32), tokenizer, sentences)
     q4_eager = models.embed(models.eager_minilm_runner(q4), tokenizer, sentences)
+    return ours, fp, q4_eager, walls, reports
 
-    print("\nsentences:")
+
+def report(models, tokenizer, sentences: List[str], ours, fp, q4_eager, walls: List[List[float]],
+           reports: List[list]) -> None:
+    """The results, on stdout."""
+    print("sentences:")
     for i, s in enumerate(sentences):
         print(f"  [{i}] {s}  ({models.tokenize(tokenizer, s)[0].shape[1]} tokens)")
     print()
@@ -211,10 +286,14 @@ def minilm_main(argv=None) -> None:
     print(format_route_report(last, strip_prefix="bert.encoder."))
     n = len(last)
     per_call = [statistics.median(col) for col in zip(*walls)]
-    gpu = [sum(e["gpu_us"] or 0 for e in r) / 1e3 for r in reports[-len(sentences):]]
-    dele = [sum(e["wall_us"] for e in r) / 1e3 for r in reports[-len(sentences):]]
+    last_pass = reports[-len(sentences):]
+    dele = [sum(e["wall_us"] for e in r) / 1e3 for r in last_pass]
+    if all(e["gpu_us"] is not None for r in last_pass for e in r):
+        gpu = f"GPU kernels {statistics.median(sum(e['gpu_us'] for e in r) / 1e3 for r in last_pass):.1f} ms"
+    else:   # an adapter without timestamp queries gives no GPU time: say so, not 0
+        gpu = "GPU kernels: no timestamp queries on this adapter"
     print(f"\ntimings (median of {len(walls)} passes, per sentence): execute {statistics.median(per_call):.1f} ms"
-          f" = delegate calls {statistics.median(dele):.1f} ms ({n} linears; GPU kernels {statistics.median(gpu):.1f} ms)"
+          f" = delegate calls {statistics.median(dele):.1f} ms ({n} linears; {gpu})"
           f" + CPU ops {statistics.median(per_call) - statistics.median(dele):.1f} ms")
 
 
@@ -222,7 +301,7 @@ def _pairs(ranked) -> str:
     return ", ".join(f"{i}-{j} {sim:.3f}" for (i, j), sim in ranked)
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ffn" in argv:
         argv.remove("--ffn")

@@ -1,11 +1,12 @@
 """python -m executorch_wgpu llama-bench: a Llama-shaped int4 decoder end to end on the default adapter.
 
-Builds ExecuTorch's Llama transformer with a named config ("1b": Llama-3.2-1B's
-shapes, dim 2048, FFN 8192, 16 layers, 32 / 8 heads, vocab 128256; "small": the
-CI model) and seeded random weights, quantizes every linear to int4 (group size
-32), exports ONE .pte with a KV cache and a dynamic token count, and runs it with
-our runtime: prefill at each --prompt length and greedy decode. Reports tokens/s
-and where the time goes:
+Builds ExecuTorch's Llama transformer with a named config ("small", the default:
+the CI model, seconds on a CPU Vulkan; "1b": Llama-3.2-1B's shapes, dim 2048,
+FFN 8192, 16 layers, 32 / 8 heads, vocab 128256 -- it needs a GPU: its export
+takes minutes and a CPU Vulkan runs it far too slowly) and seeded random
+weights, quantizes every linear to int4 (group size 32), exports ONE .pte with
+a KV cache and a dynamic token count, and runs it with our runtime: prefill at
+each --prompt length and greedy decode. Reports tokens/s and where the time goes:
 
   gpu_kernels_ms        sum of the route report's gpu_us (GPU timestamps of the kernels)
   delegate_wall_ms      sum of the route report's wall_us (host time of the delegate calls,
@@ -14,7 +15,8 @@ and where the time goes:
   cpu_ops_ms            execute() wall time - delegate_wall_ms (embedding, RMSNorm, RoPE,
                         attention, KV cache update, ... through torch on the CPU)
 
-Writes llama_bench.json and llama_bench.md to --out.
+Writes llama_bench.json and llama_bench.md to --out and prints the table on
+stdout; progress goes to stderr.
 
 lm_head (2048 -> 128256 for "1b") packs to K/8 * N * 4 bytes = 131.3 MB (125.25
 MiB), close to a max-storage-buffer-binding-size of 128 MiB. --lm-head auto (the
@@ -34,45 +36,42 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-import torch
+from executorch_wgpu.tools import cli
+from executorch_wgpu.tools.configs import LLAMA_CONFIGS
 
-from executorch_wgpu.tools import models
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+# torch, ExecuTorch and the models are imported where used: `llama-bench --help` and a usage error stay fast.
 
 
-def parse_args(argv) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu llama-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(models.LLAMA_CONFIGS), default="1b")
-    p.add_argument("--prompt", type=_int_list, default=[128, 512], help="prefill lengths, comma-separated")
-    p.add_argument("--decode-tokens", type=int, default=64, help="greedy decode steps timed after the first prompt")
-    p.add_argument("--repeats", type=int, default=3, help="timed prefill calls per prompt length (median)")
+    p.add_argument("--config", choices=sorted(LLAMA_CONFIGS), default="small",
+                   help="model shapes: small (default; seconds on a CPU Vulkan such as lavapipe) or 1b "
+                        "(Llama-3.2-1B's: needs a GPU -- minutes to export, far too slow on a CPU Vulkan)")
+    p.add_argument("--prompt", type=cli.int_list, default=[128, 512],
+                   help="prefill lengths, comma-separated (the longest >= 2; default 128,512)")
+    p.add_argument("--decode-tokens", type=cli.positive_int, default=64,
+                   help="greedy decode steps timed after the first prompt")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed prefill calls per prompt length (median)")
     p.add_argument("--lm-head", choices=["auto", "q4", "cpu"], default="auto",
                    help="auto: int4 on the GPU when its packed weights fit the adapter's binding limit, "
                         "else fp32 on the CPU")
-    p.add_argument("--layers", type=int, default=None, help="override the config's layer count (smoke tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--route-table", default=None, help="a route table from `python -m executorch_wgpu tune`")
-    p.add_argument("--pte", default=None, help="where to write the .pte (default: OUT/llama-CONFIG.pte); "
-                                               "with --reuse-pte an existing file is loaded instead of exporting")
+    p.add_argument("--layers", type=cli.positive_int, default=None,
+                   help="override the config's layer count (smoke tests)")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    p.add_argument("--route-table", type=cli.route_table_file, default=None,
+                   help="a route table from `python -m executorch_wgpu tune`")
+    p.add_argument("--pte", type=cli.output_file, default=None,
+                   help="where to write the .pte (default: OUT/llama-CONFIG.pte); "
+                        "with --reuse-pte an existing file is loaded instead of exporting")
     p.add_argument("--reuse-pte", action="store_true", help="load --pte when it exists (same options only!)")
-    p.add_argument("--out", default="llama_bench_out")
+    p.add_argument("--out", type=cli.output_folder, default="llama_bench_out",
+                   help="folder for llama_bench.json / .md and the default .pte")
     args = p.parse_args(argv)
-    if args.decode_tokens < 1:
-        p.error("--decode-tokens must be >= 1")
-    if args.layers is not None and args.layers < 1:
-        p.error("--layers must be >= 1")
+    if max(args.prompt) < 2:
+        p.error("argument --prompt: the longest prompt must have at least 2 tokens (the export's dynamic token dim)")
     return args
 
 
@@ -124,6 +123,8 @@ def timed_execute(method, inputs):
 
 
 def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, Any]:
+    import torch
+
     g = torch.Generator().manual_seed(seed + prompt_len)
     tokens = torch.randint(0, vocab, (1, prompt_len), generator=g)
     pos = torch.tensor([0])
@@ -143,6 +144,8 @@ def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) 
 
 
 def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) -> Dict[str, Any]:
+    import torch
+
     g = torch.Generator().manual_seed(seed + 7919)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     method.reset_state()
@@ -184,11 +187,15 @@ def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) 
 
 
 def _ms(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
+    return "—" if v is None else f"{v:.2f}"
 
 
 def markdown(result: Dict[str, Any]) -> str:
+    """The report; without GPU timestamps (an adapter without timestamp queries) the GPU columns are left out."""
     m = result["model"]
+    d = result["decode"]
+    gpu = [p["gpu_kernels_ms"] for p in result["prefill"]] + [d["gpu_kernels_ms_per_token"]]
+    timed = any(v is not None for v in gpu)
     lines = [
         f"# llama-bench: {result['config']} ({result['date']})",
         "",
@@ -201,33 +208,52 @@ def markdown(result: Dict[str, Any]) -> str:
         f"({result['pte_bytes'] / 1e6:.1f} MB .pte); load {result['load_s']:.1f} s",
         f"- command: `{result['command']}`",
         "",
-        "| phase | tokens | tokens/s | wall ms | GPU kernels ms | delegate overhead ms | CPU ops ms | kernels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| phase | tokens | tokens/s | wall ms | " + ("GPU kernels ms | delegate overhead ms | " if timed else
+                                                     "delegate calls ms | ") + "CPU ops ms | kernels |",
+        "|---" * (8 if timed else 7) + "|",
     ]
     for p in result["prefill"]:
         kernels = ", ".join(f"{k}×{v}" for k, v in sorted(p["kernels"].items()))
+        split = (f"{_ms(p['gpu_kernels_ms'])} | {_ms(p['delegate_overhead_ms'])}" if timed else
+                 f"{p['delegate_wall_ms']:.2f}")
         lines.append(f"| prefill | {p['prompt']} | {p['tokens_per_s']:.1f} | {p['wall_ms']:.2f} | "
-                     f"{_ms(p['gpu_kernels_ms'])} | {_ms(p['delegate_overhead_ms'])} | {p['cpu_ops_ms']:.2f} | {kernels} |")
-    d = result["decode"]
+                     f"{split} | {p['cpu_ops_ms']:.2f} | {kernels} |")
     kernels = ", ".join(f"{k}×{v / d['tokens']:g}" for k, v in sorted(d["kernels"].items()))
+    split = (f"{_ms(d['gpu_kernels_ms_per_token'])} | {_ms(d['delegate_overhead_ms_per_token'])}" if timed else
+             f"{d['delegate_wall_ms_per_token']:.2f}")
     lines.append(f"| decode (per token, after {d['after_prompt']}) | {d['tokens']} | {d['tokens_per_s']:.1f} | "
-                 f"{d['ms_per_token_mean']:.2f} | {_ms(d['gpu_kernels_ms_per_token'])} | "
-                 f"{_ms(d['delegate_overhead_ms_per_token'])} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
-    lines += ["", "GPU kernels = sum of gpu_us; delegate overhead = sum of wall_us - GPU kernels; "
-                  "CPU ops = execute wall - sum of wall_us.", ""]
+                 f"{d['ms_per_token_mean']:.2f} | {split} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
+    if timed:
+        lines += ["", "GPU kernels = sum of gpu_us; delegate overhead = sum of wall_us - GPU kernels; "
+                      "CPU ops = execute wall - sum of wall_us.", ""]
+    else:
+        lines += ["", "This adapter has no timestamp queries: no GPU time, so the delegate calls are not split into "
+                      "GPU kernels and overhead. delegate calls = sum of wall_us; "
+                      "CPU ops = execute wall - sum of wall_us.", ""]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Build, export, load and time; progress on stderr, the report table on stdout."""
+    # steps: import, build, export, load, each prefill length, decode
+    with cli.Progress(4 + len(args.prompt) + 1, f"llama-bench {args.config}") as progress:
+        progress.step("importing torch and ExecuTorch")
+        result = _run(args, progress)
+    print(markdown(result), end="")
+    return result
+
+
+def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     from executorch_wgpu.errors import WebGPUDelegateError
     from executorch_wgpu.runtime import Runtime
     from executorch_wgpu.runtime_py.gpu import gpu_context
+    from executorch_wgpu.tools import models
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = args.prompt
     needed = max(prompts) + args.decode_tokens + 2
-    base = models.LLAMA_CONFIGS[args.config]
+    base = LLAMA_CONFIGS[args.config]
     overrides = {"max_context_len": max(base["max_context_len"], -(-needed // 128) * 128)}
     if args.layers is not None:
         overrides["n_layers"] = args.layers
@@ -240,20 +266,23 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     def export(lm_head_mode: str):
         t0 = time.perf_counter()
-        print(f"building {args.config} (random weights, seed {args.seed}), lm_head {lm_head_mode} ...", flush=True)
+        progress.step(f"building {args.config} (random weights, seed {args.seed}; lm_head {lm_head_mode})")
         model = models.build_llama(args.config, seed=args.seed, quantize_output=lm_head_mode == "q4", **overrides)
         n_linears = len(models.llama_linear_names(model))
+        progress.step("exporting and lowering")
         with models.recording_declines() as declines:
             data = models.export_llama_pte(model, pte_path, max_tokens=max(prompts), **partitioner_options)
         del model
         return data, n_linears, list(declines), time.perf_counter() - t0
 
     if args.reuse_pte and pte_path.exists():
-        print(f"reusing {pte_path}", flush=True)
+        progress.note(f"reusing {pte_path}")
+        progress.advance(2)
         data, n_linears, declines, export_s = pte_path.read_bytes(), None, [], 0.0
     else:
         data, n_linears, declines, export_s = export(lm_head["mode"])
-    print(f"exported in {export_s:.1f} s -> {pte_path} ({len(data) / 1e6:.1f} MB)", flush=True)
+        progress.note(f"built and exported in {export_s:.1f} s -> {pte_path} ({len(data) / 1e6:.1f} MB)")
+    progress.step("loading the program")
     t0 = time.perf_counter()
     try:
         method = Runtime.get().load_program(data).load_method("forward")
@@ -262,23 +291,28 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             raise
         lm_head = {**lm_head, "mode": "cpu-fp32",
                    "why": f"auto: the runtime refused the int4 lm_head ({e}); re-exported with it fp32 on the CPU"}
-        print(lm_head["why"], flush=True)
+        progress.note(lm_head["why"])
+        progress.add(3)   # build, export and load again
         data, n_linears, declines, export_s = export("cpu-fp32")
+        progress.note(f"built and exported in {export_s:.1f} s -> {pte_path} ({len(data) / 1e6:.1f} MB)")
+        progress.step("loading the program")
         t0 = time.perf_counter()
         method = Runtime.get().load_program(data).load_method("forward")
     load_s = time.perf_counter() - t0
-    print(f"loaded in {load_s:.1f} s on {ctx.adapter_name}; lm_head: {lm_head['mode']} ({lm_head['why']})", flush=True)
+    progress.note(f"loaded in {load_s:.1f} s on {ctx.adapter_name}; lm_head: {lm_head['mode']} ({lm_head['why']})")
 
     prefill = []
     for p in prompts:
+        progress.step(f"prefill of {p} tokens, {args.repeats} timed")
         prefill.append(bench_prefill(method, p, model_args.vocab_size, args.repeats, args.seed))
         r = prefill[-1]
-        print(f"prefill {p:>5} tokens: {r['tokens_per_s']:9.1f} tok/s  wall {r['wall_ms']:.1f} ms  "
-              f"GPU {_ms(r['gpu_kernels_ms'])} ms  CPU ops {r['cpu_ops_ms']:.1f} ms  {r['kernels']}", flush=True)
+        progress.note(f"prefill {p:>5} tokens: {r['tokens_per_s']:9.1f} tok/s  wall {r['wall_ms']:.1f} ms  "
+                      f"GPU {_ms(r['gpu_kernels_ms'])} ms  CPU ops {r['cpu_ops_ms']:.1f} ms  {r['kernels']}")
+    progress.step(f"decode of {args.decode_tokens} tokens")
     decode = bench_decode(method, prompts[0], args.decode_tokens, model_args.vocab_size, args.seed)
-    print(f"decode {args.decode_tokens} tokens after {prompts[0]}: {decode['tokens_per_s']:.1f} tok/s  "
-          f"{decode['ms_per_token_mean']:.1f} ms/token (GPU {_ms(decode['gpu_kernels_ms_per_token'])}, "
-          f"CPU ops {decode['cpu_ops_ms_per_token']:.1f})  {decode['kernels']}", flush=True)
+    progress.note(f"decode {args.decode_tokens} tokens after {prompts[0]}: {decode['tokens_per_s']:.1f} tok/s  "
+                  f"{decode['ms_per_token_mean']:.1f} ms/token (GPU {_ms(decode['gpu_kernels_ms_per_token'])}, "
+                  f"CPU ops {decode['cpu_ops_ms_per_token']:.1f})  {decode['kernels']}")
 
     delegated = prefill[0]["delegate_calls"]
     result = {
@@ -303,11 +337,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     }
     (out / "llama_bench.json").write_text(json.dumps(result, indent=2))
     (out / "llama_bench.md").write_text(markdown(result))
-    print(f"wrote {out / 'llama_bench.json'} and {out / 'llama_bench.md'}")
+    progress.note(f"wrote {out / 'llama_bench.json'} and {out / 'llama_bench.md'}")
     return result
 
 
-def main(argv=None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv

@@ -30,9 +30,13 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+# Named shapes live in configs.py (no torch), for the commands' option choices.
+from executorch_wgpu.tools.configs import LLAMA_CONFIGS as LLAMA_CONFIGS
+from executorch_wgpu.tools.configs import MINILM_MAX_SEQ as MINILM_MAX_SEQ
 
 PathLike = Union[str, os.PathLike]
 # A function running the model: the .pte through our runtime, or eager torch.
@@ -120,8 +124,6 @@ def eager_runner(module: torch.nn.Module) -> Runner:
 
 
 # -- MiniLM --------------------------------------------------------------------------------------
-
-MINILM_MAX_SEQ = 128
 
 
 def minilm_path() -> Path:
@@ -228,15 +230,6 @@ def eager_minilm_runner(model: torch.nn.Module) -> Runner:
 
 
 # -- Llama-style decoder -------------------------------------------------------------------------
-
-# Shapes. "1b" is Llama-3.2-1B's (dim 2048, FFN 8192, 16 layers, 32 heads / 8 KV heads, vocab 128256).
-LLAMA_CONFIGS: Dict[str, dict] = {
-    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=1024, vocab_size=4096,
-                  max_context_len=128),
-    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
-               rope_freq_base=500000.0, use_scaled_rope=True, rope_scale_factor=32, norm_eps=1e-5,
-               max_context_len=1024),
-}
 
 
 def llama_args(config: str = "small", **overrides):
