@@ -366,8 +366,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             flush = probe.flush if cold else None
             row = {"shape": name, "K": k, "N": n, "M": m, "group_size": cfg.group_size,
                    "weight_bytes": layer.weight_bytes, "weights": "cold" if cold else "L2-warm", "kernels": {}}
-            row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size)
-            row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size)
+            row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size, ctx.adapter_class)
+            row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size, ctx.adapter_class)
             kernels = [kern for kern in KERNELS_FOR_M[m == 1] if kern in cfg.kernels]
             for kernel in kernels:
                 try:
@@ -413,11 +413,16 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
     }
 
 
-def routed_kernel(table: Optional[RouteTable], k: int, n: int, m: int, group_size: int) -> str:
-    """The kernel a lowering with this table (None: the default rule) would run at M."""
-    from executorch_wgpu.backend.routing import RouteOptions, decide_route
+def routed_kernel(table: Optional[RouteTable], k: int, n: int, m: int, group_size: int,
+                  adapter_class: Optional[str] = None) -> str:
+    """The kernel a lowering with this table (None: the rules) would run at M on an adapter of this class."""
+    from executorch_wgpu.backend.routing import RouteOptions, adapter_routes, decide_route
 
-    return decide_route(k, n, group_size, RouteOptions(route_table=table)).kernel_for(m)
+    options = RouteOptions(route_table=table)
+    for cls, route in adapter_routes(k, n, group_size, options):
+        if cls == adapter_class:
+            return route.kernel_for(m)
+    return decide_route(k, n, group_size, options).kernel_for(m)
 
 
 def finish_row(row: dict) -> None:
