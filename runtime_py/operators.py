@@ -90,7 +90,10 @@ def resolve_operator(name: str, overload: str) -> tuple:
     try:
         op = getattr(getattr(getattr(torch.ops, namespace), op_name), overload or "default")
     except (AttributeError, RuntimeError) as e:
-        raise UnsupportedOperatorError(f"operator {qualified} has no torch implementation in this process") from e
+        raise UnsupportedOperatorError(
+            f"operator {qualified} has no torch implementation in this process (a custom op runs once the library "
+            "that registers it with torch is loaded, before the method)"
+        ) from e
     return op, [ArgSpec(a.name, str(a.real_type), a.kwarg_only, a.is_out) for a in op._schema.arguments]
 
 

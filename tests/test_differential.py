@@ -3,10 +3,12 @@
 A corpus of programs -- plain and quantized, a declined layer, static and
 dynamic shapes, Tensor[] outs (chunk/split, as fused qkv and gate_up
 projections export), elided views of an input, aliased outputs, a mutable
-buffer, two methods, and real transformers architectures with random weights --
-each run by `executorch_wgpu.runtime` and by `executorch.runtime` with our
-native delegate registered. ExecuTorch's runtime is the golden: same output
-shapes and dtypes, values within float rounding of its portable CPU kernels.
+buffer, two methods, and real transformers architectures with random weights
+(GPT-2, OPT, GPT-NeoX, GPTBigCode, Phi-3, Llama, Qwen2, ModernBERT, the SigLIP
+vision tower) -- each run by `executorch_wgpu.runtime` and by
+`executorch.runtime` with our native delegate registered. ExecuTorch's runtime
+is the golden: same output shapes and dtypes, values within float rounding of
+its portable CPU kernels. An operator neither can run is refused at load_method.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 from executorch.runtime import Runtime as EtRuntime
 
 from executorch_wgpu import WebGPUPartitioner
-from executorch_wgpu.errors import OperatorError
+from executorch_wgpu.errors import OperatorError, UnsupportedOperatorError
 from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.tools.models import quantize_q4
 
@@ -95,7 +97,11 @@ class Accumulator(torch.nn.Module):
 
 
 def transformers_model(model_class: str, config_class: str, **config) -> torch.nn.Module:
-    """A transformers causal LM of a small config with random weights (no download), without a KV cache."""
+    """A transformers model of a small config with random weights (no download), without a KV cache.
+
+    (A StaticCache decoder -- transformers' TorchExportableModuleWithStaticCache -- is not in the corpus:
+    with this torch and transformers its export fails in run_decompositions, before any backend, quantized
+    or not, and ExecuTorch's own to_edge fails the same way.)"""
     import transformers
 
     torch.manual_seed(0)
@@ -105,6 +111,10 @@ def transformers_model(model_class: str, config_class: str, **config) -> torch.n
 
 def hf_inputs(vocab: int = 128, length: int = 6) -> tuple:
     return (torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(1)),)
+
+
+def images(size: int = 32) -> tuple:
+    return (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)),)
 
 
 def randn(*shape: int) -> Callable[[], tuple]:
@@ -117,6 +127,7 @@ def q4(module: torch.nn.Module) -> torch.nn.Module:
 
 
 SMALL_HF = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+SMALL_GPT = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)   # GPT-2's names for the same
 
 CORPUS: Dict[str, Case] = {
     "plain-static-3d": Case(lambda: Mlp().eval(), randn(2, 3, 64)),
@@ -132,6 +143,30 @@ CORPUS: Dict[str, Case] = {
                                                n_positions=32), hf_inputs),
     "hf-phi3-q4": Case(lambda: q4(transformers_model("Phi3ForCausalLM", "Phi3Config", **SMALL_HF, num_key_value_heads=2,
                                                      pad_token_id=0)), hf_inputs),
+    # Learned positions from a cumsum of the mask; project_in/project_out around a narrower embedding.
+    "hf-opt-q4": Case(lambda: q4(transformers_model("OPTForCausalLM", "OPTConfig", **SMALL_HF, ffn_dim=128,
+                                                    max_position_embeddings=32, word_embed_proj_dim=32)), hf_inputs),
+    # Fused query_key_value (split), partial rotary (rotary_pct 0.25), parallel residual.
+    "hf-gpt-neox-q4": Case(lambda: q4(transformers_model("GPTNeoXForCausalLM", "GPTNeoXConfig", **SMALL_HF,
+                                                         max_position_embeddings=32)), hf_inputs),
+    # Multi-query attention: c_attn split into unequal q, k, v (split_with_sizes).
+    "hf-gpt-bigcode-q4": Case(lambda: q4(transformers_model("GPTBigCodeForCausalLM", "GPTBigCodeConfig", **SMALL_GPT,
+                                                            bos_token_id=0, eos_token_id=0)), hf_inputs),
+    # Grouped-query attention, RMSNorm, rotary, SwiGLU; Qwen2 adds qkv biases.
+    "hf-llama-q4": Case(lambda: q4(transformers_model("LlamaForCausalLM", "LlamaConfig", **SMALL_HF, num_key_value_heads=2,
+                                                      max_position_embeddings=32)), hf_inputs),
+    "hf-qwen2-q4": Case(lambda: q4(transformers_model("Qwen2ForCausalLM", "Qwen2Config", **SMALL_HF, num_key_value_heads=2,
+                                                      max_position_embeddings=32)), hf_inputs),
+    # An encoder: fused Wqkv (unbind), GeGLU Wi (chunk), a global layer then a sliding-window one (window 4 of 8
+    # tokens), the masked-LM head.
+    "hf-modernbert-mlm-q4": Case(lambda: q4(transformers_model(
+        "ModernBertForMaskedLM", "ModernBertConfig", **SMALL_HF, max_position_embeddings=32, local_attention=4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)), lambda: hf_inputs(length=8)),
+    # A vision tower: patch convolution, learned positions, the attention-pooling head (nn.MultiheadAttention:
+    # its packed in_proj weight is split in the graph and stays on the CPU).
+    "hf-siglip-vision-q4": Case(lambda: q4(transformers_model(
+        "SiglipVisionModel", "SiglipVisionConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, image_size=32, patch_size=8)), images),
 }
 
 
@@ -194,3 +229,33 @@ def test_an_operator_failing_on_checked_inputs_is_an_operator_error_naming_it_an
         method.execute([torch.tensor([[1, 12, 3]])])
     (y,) = method.execute([ids])
     torch.testing.assert_close(y, model(ids))
+
+
+class HalvedRelu(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.wgpu_difftest.halve(torch.relu(x))
+
+
+def _halve_out(x: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    return out.resize_(x.shape).copy_(x * 0.5)
+
+
+def test_an_operator_this_process_lacks_is_refused_at_load_method_naming_it(native_lib):
+    """A custom op, registered with torch.library where the program was exported and gone where it is loaded
+    (as when its library is not imported): the method is refused when it loads, not midway through a call, with
+    the op's name -- ExecuTorch's runtime refuses it at load_method too. While registered, it runs."""
+    x = randn(3, 4)()
+    with torch.library._scoped_library("wgpu_difftest", "DEF") as lib:
+        lib.define("halve(Tensor x) -> Tensor")
+        lib.define("halve.out(Tensor x, *, Tensor(a!) out) -> Tensor(a!)")   # the emitter calls out variants
+        lib.impl("halve", lambda x: x * 0.5, "CompositeExplicitAutograd")
+        lib.impl("halve.out", _halve_out, "CompositeExplicitAutograd")
+        pte = to_edge_transform_and_lower(torch.export.export(HalvedRelu(), x)).to_executorch().buffer
+        (y,) = Runtime.get().load_program(pte).load_method("forward").execute(list(x))
+        torch.testing.assert_close(y, torch.relu(x[0]) * 0.5)
+    assert not hasattr(torch.ops.wgpu_difftest, "halve")
+    program = Runtime.get().load_program(pte)   # operators are looked up per method, when it loads
+    with pytest.raises(UnsupportedOperatorError, match=r"wgpu_difftest::halve\.out"):
+        program.load_method("forward")
+    with pytest.raises(RuntimeError):
+        EtRuntime.get().load_program(pte).load_method("forward")
