@@ -21,30 +21,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable, List, NoReturn, Optional, Sequence, Type
 
-# K and the group size of a q4gsw layer: multiples of this (backend/serialization/blob.py GROUP_ALIGN).
-GROUP_ALIGN = 32
+from executorch_wgpu.backend.serialization.blob import GROUP_ALIGN   # K and group sizes: multiples of this
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def int_in(low: int, high: int) -> Callable[[str], int]:
