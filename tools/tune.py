@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, RouteTableEntry, describe_buckets
 from executorch_wgpu.backend.serialization.blob import adapter_class_of
+from executorch_wgpu.tools import cli
 from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS, ROUTABLE_NAMES
 
 log = logging.getLogger(__name__)
@@ -280,21 +281,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from executorch_wgpu.tools.bench import BenchConfig, bench
+    from executorch_wgpu.tools.bench import LM_HEAD_MAX_M, BenchConfig, bench
 
     if args.pte_layers is not None:
         for line in describe_pte(args.pte_layers, args.group_size_option):
             log.info("%s", line)
     results: Optional[dict] = None
-    for group_size, shapes in sorted(args.jobs.items()):
-        # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
-        cfg = BenchConfig(shapes, args.m, group_size=group_size, reps=args.reps, warmup=args.warmup,
-                          rounds=args.rounds, peers=False, kernels=ROUTABLE_NAMES)
-        measured = bench(cfg, progress=lambda s: log.info("%s", s))
-        if results is None:
-            results = measured
-        else:
-            results["rows"].extend(measured["rows"])
+    rows = sum(1 for shapes in args.jobs.values() for name in shapes for m in args.m
+               if not (name == "lm_head" and m > LM_HEAD_MAX_M))   # as bench() skips them
+    with cli.Progress(rows, "tune", unit="row") as progress:   # a bar on stderr at a terminal
+        def on_row(line: str) -> None:
+            progress.note(line)
+            progress.advance()
+
+        for group_size, shapes in sorted(args.jobs.items()):
+            # Only kernels a route can name are worth the time; no torch peers (they cannot be routed to).
+            cfg = BenchConfig(shapes, args.m, group_size=group_size, reps=args.reps, warmup=args.warmup,
+                              rounds=args.rounds, peers=False, kernels=ROUTABLE_NAMES)
+            measured = bench(cfg, progress=on_row)
+            if results is None:
+                results = measured
+            else:
+                results["rows"].extend(measured["rows"])
     assert results is not None   # parse_args gives at least one job
     command = "python -m executorch_wgpu tune " + " ".join(argv)
     try:
