@@ -6,9 +6,11 @@ known at lowering time. So preprocess records per layer the decode kernel
 the runtime obeys them.
 
 Precedence, per half (decode, prefill): a route forced by the partitioner,
-then the route table's entry for (K, N, group size), then the default rule
-(`default_prefill_buckets`): M == 1 -> gemv; M > 1 -> skinny while
-M <= skinny_max_m or M*N < shmem_min_mn, shmem above.
+then the route table's entry for (K, N, group size), then the rule measured on
+the adapter's kind (ADAPTER_RULES, written per kind: adapter_routes), then the
+default rule (`default_prefill_buckets`): M == 1 -> gemv; M > 1 -> skinny while
+M <= skinny_max_m or M*N < shmem_min_mn, shmem above. A table that names its
+adapter's kind serves that kind only.
 """
 
 from __future__ import annotations
@@ -130,13 +132,21 @@ ADAPTER_RULES = {"cpu": "regtiled"}
 def adapter_routes(k: int, n: int, group_size: int, options: RouteOptions) -> Tuple[Tuple[str, Route], ...]:
     """The routes for particular kinds of adapter (blob Q4Linear.adapter_routes), by adapter class.
 
-    Precedence: forced routes (every adapter), then a route table (one that names its
-    adapter class: for that class; one that does not: for every adapter, so a layer it
-    lists gets no per-class routes), then the measured rules of ADAPTER_RULES (unless
+    Precedence, per half: a forced route (on every adapter: with both halves forced there
+    are no per-kind routes), then a route table (one that names its adapter class: for
+    that class; one that does not: for every adapter, so a layer it lists gets no
+    per-kind routes), then the measured rules of ADAPTER_RULES (unless
     adapter_rules=False), then the default rule (decide_route).
     """
-    if options.prefill_route or options.decode_route:
+    if options.prefill_route and options.decode_route:
         return ()
+    routes = _unforced_adapter_routes(k, n, group_size, options)
+    if options.prefill_route or options.decode_route:   # the forced half over each kind's other half
+        return tuple((cls, forced_route(k, n, group_size, options, route)) for cls, route in routes)
+    return routes
+
+
+def _unforced_adapter_routes(k: int, n: int, group_size: int, options: RouteOptions) -> Tuple[Tuple[str, Route], ...]:
     table = options.route_table
     if table is not None and table.adapter_class is None and table.route_for(k, n, group_size) is not None:
         return ()
@@ -210,10 +220,11 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
     forced = [f"{what}={value} forced" for what, value in
               (("prefill", options.prefill_route), ("decode", options.decode_route)) if value]
     both_forced = bool(options.prefill_route and options.decode_route)
-    table = measured if measured is not None and not both_forced else None   # the table's half, if it has one
+    table = measured if measured is not None and not both_forced else None   # the measured half, if one
     from_table = table is not None
     if table is not None:
-        rest = f"route table otherwise ({table.reason})"
+        what = "route table" if table.source == "route-table" else "the rule of this kind of adapter"
+        rest = f"{what} otherwise ({table.reason})"
     else:
         rest = f"default rule otherwise ({rule_text(options)}; K={k}, N={n})"
         if not both_forced:
@@ -225,6 +236,6 @@ def forced_route(k: int, n: int, group_size: int, options: RouteOptions, measure
         skinny_max_m=0 if from_table else options.skinny_max_m,
         shmem_min_mn=0 if from_table else options.shmem_min_mn,
         reason=", ".join(forced) + " by the partitioner; " + rest,
-        table=table.table if table is not None else "",
+        table=table.table if table is not None and table.source == "route-table" else "",
         prefill_buckets=buckets,
     )

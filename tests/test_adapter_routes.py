@@ -37,11 +37,23 @@ def test_a_default_lowering_carries_the_cpu_rule_beside_the_default_rule():
     assert decide_route(256, 64, 32, options).kernel_for(1) == "gemv"
 
 
-@pytest.mark.parametrize("options", [RouteOptions(prefill_route="shmem"), RouteOptions(decode_route="skinny"),
+@pytest.mark.parametrize("options", [RouteOptions(prefill_route="shmem", decode_route="gemv"),
                                      RouteOptions(adapter_rules=False), RouteOptions(route_table=table())],
-                         ids=["forced-prefill", "forced-decode", "no-adapter-rules", "table-for-every-adapter"])
+                         ids=["both-halves-forced", "no-adapter-rules", "table-for-every-adapter"])
 def test_forced_routes_and_tables_for_every_adapter_write_one_route_set(options):
     assert adapter_routes(256, 64, 32, options) == ()
+
+
+@pytest.mark.parametrize("table_class", [None, "cpu"])
+def test_forcing_one_half_keeps_each_kinds_other_half(table_class):
+    """decode forced: every kind runs it at M == 1, and keeps its own prefill (its table's, else its rule's)."""
+    options = RouteOptions(decode_route="skinny", route_table=table("cpu") if table_class else None)
+    (cls, route), = adapter_routes(256, 64, 32, options)
+    assert cls == "cpu" and route.source == "forced" and route.kernel_for(1) == "skinny"
+    assert route.kernel_for(100) == ("shmem" if table_class else "regtiled")
+    assert ("route table otherwise" if table_class else "the rule of this kind of adapter otherwise") in route.reason
+    default = decide_route(256, 64, 32, options)
+    assert default.kernel_for(1) == "skinny" and "default rule otherwise" in default.reason
 
 
 def test_a_route_table_for_one_kind_of_adapter_gives_that_kind_its_routes_only():

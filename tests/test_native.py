@@ -62,7 +62,7 @@ LAYERS = {
                             {"route_table": dataclasses.replace(route_table(256, 64, "skinny", (
                                 (LAST_BUCKET_M_MAX, "shmem"),)), adapter_class="cpu")}),
     "static-m": (256, 40, 64, True, None, {"adapter_rules": False}),
-    "forced-regtiled": (256, 40, 64, False, (1, 48), {"prefill_route": "regtiled"}),
+    "forced-regtiled": (256, 40, 64, False, (1, 48), {"prefill_route": "regtiled", "adapter_rules": False}),
     "forced-skinny": (512, 24, 128, True, (1, 48), {"prefill_route": "skinny", "decode_route": "skinny"}),
     "forced-shmem": (256, 136, 32, True, (1, 48), {"prefill_route": "shmem", "decode_route": "regtiled"}),
     "shmem-split-k": (512, 16, 32, True, (1, 48), {"prefill_route": "shmem", "decode_route": "shmem"}),
