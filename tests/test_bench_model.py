@@ -30,10 +30,17 @@ def test_model_bench_times_each_step_in_one_submit_and_checks_each_shape(tmp_pat
         assert row["weight_bytes"] == sum(v["bytes"] for v in row["by_kind"].values())
         assert sum(v["layers"] for v in row["by_kind"].values()) == result["layers"]
     decode, prefill = result["rows"]
-    assert {k for v in decode["by_kind"].values() for k in v["kernels"]} == {"gemv"}
-    assert prefill["by_kind"]["lm_head"]["kernels"] == ["gemv"]   # generation: lm_head of the last position only
-    assert "gemv" not in prefill["by_kind"]["q"]["kernels"]
-    assert "| 5 | lm_head | 1 | gemv |" in (tmp_path / "model.md").read_text()
+    # The kernels a lowered model runs on this adapter (gemv at M = 1 on a GPU, regtiled everywhere on lavapipe).
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+
+    def routed(k, n, m):
+        return bench.routed_kernel(None, k, n, m, 32, gpu_context().adapter_class)
+
+    dim, vocab = 256, 4096   # the small config
+    assert {k for v in decode["by_kind"].values() for k in v["kernels"]} == {routed(dim, dim, 1)}
+    assert prefill["by_kind"]["lm_head"]["kernels"] == [routed(dim, vocab, 1)]   # lm_head of the last position only
+    assert prefill["by_kind"]["q"]["kernels"] == [routed(dim, dim, 5)]
+    assert f"| 5 | lm_head | 1 | {routed(dim, vocab, 1)} |" in (tmp_path / "model.md").read_text()
     assert "one submit per step" in capsys.readouterr().out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import wgpu
 
+from executorch_wgpu.backend.routing import RouteOptions, adapter_routes
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
@@ -67,7 +68,11 @@ def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int =
     for i, (kind, k, n) in enumerate(model_linears(config)):
         if (k, n) not in by_shape:   # draw and pack once per shape; each layer uploads its own copy
             weights = random_q4_layer(k, n, group_size, seed=seed + len(by_shape))
-            by_shape[(k, n)] = weights, weights.record(kind, m_max=1 << 20)
+            # Routed as a default lowering routes it, per kind of adapter too: the step runs
+            # what a lowered model runs on this adapter.
+            record = weights.record(kind, m_max=1 << 20)
+            by_shape[(k, n)] = weights, dataclasses.replace(
+                record, adapter_routes=adapter_routes(k, n, group_size, RouteOptions()))
         weights, record = by_shape[(k, n)]
         layers.append(ModelLayer(kind, weights, Q4LinearGPU(ctx, dataclasses.replace(record, name=f"{kind}.{i}"))))
     return layers
