@@ -67,6 +67,12 @@ BAD_ARGUMENTS = [
     (("llama-bench", "--route-table", "missing.json"), "argument --route-table"),
     (("native-bench", "--k", "33"), "argument --k"),
     (("native-bench", "--runtimes", "python,bogus"), "argument --runtimes"),
+    (("tune", "--out", "routes.json", "--group-size", "33"), "argument --group-size"),
+    (("tune", "--out", "routes.json", "--reps", "0"), "argument --reps"),
+    (("tune", "--out", "routes.json", "--warmup", "-1"), "argument --warmup"),
+    (("tune", "--out", "routes.json", "--rounds", "x"), "argument --rounds"),
+    (("tune", "--out", "no/such/folder/routes.json"), "argument --out"),
+    (("tune", "--out", "routes.json", "--pte", "missing.pte"), "argument --pte"),
 ]
 
 
@@ -105,12 +111,15 @@ def test_a_malformed_route_table_is_a_usage_error_that_says_why(tmp_path):
 
 
 @pytest.mark.parametrize("args", [("bench", "--m", "abc"), ("demo", "--prefill-route", "bogus"),
-                                  ("llama-bench", "--prompt", "x"), ("native-bench", "--k", "33")])
+                                  ("llama-bench", "--prompt", "x"), ("native-bench", "--k", "33"),
+                                  ("tune", "--out", "routes.json", "--reps", "0"),
+                                  ("tune", "--out", "routes.json", "--m", "2,4")])
 def test_usage_errors_come_before_any_heavy_import(args):
     assert heavy_modules_after(*args) == []
 
 
-@pytest.mark.parametrize("args", [("bench",), ("demo",), ("demo", "--ffn"), ("llama-bench",), ("native-bench",)])
+@pytest.mark.parametrize("args", [("bench",), ("demo",), ("demo", "--ffn"), ("llama-bench",), ("native-bench",),
+                                  ("tune",)])
 def test_command_help_is_fast_and_quiet_and_imports_nothing_heavy(args):
     result, seconds = cli_timed(*args, "--help")
     assert result.returncode == 0 and result.stderr == "" and "usage: python -m executorch_wgpu" in result.stdout
@@ -157,3 +166,32 @@ def test_reports_leave_out_gpu_time_an_adapter_without_timestamp_queries_cannot_
     row = native_bench.markdown({"K": 64, "N": 32, "M": 1, "adapter": "a", "date": "d", "calls": 3, "rounds": 1,
                                  "runtimes": {"python": stats}}).splitlines()[-1]
     assert row.startswith("| python | 510.0 | — |") and row.endswith("| — | gemv |") and " 0.0 " not in row
+
+
+@pytest.mark.parametrize("command", ["tune", "demo"])
+def test_a_folder_as_the_output_file_is_a_usage_error_before_measuring(command, tmp_path):
+    option = "--out" if command == "tune" else "--pte"
+    result, seconds = cli_timed(command, option, str(tmp_path))
+    assert result.returncode == 2 and f"argument {option}" in result.stderr and "is a folder" in result.stderr
+    assert "Traceback" not in result.stderr and seconds < 5
+
+
+@pytest.mark.parametrize("module", ["demo", "llama_bench", "tune"])
+def test_a_delegate_error_is_one_line_not_a_traceback(module, monkeypatch, capsys, tmp_path):
+    # No adapter, an input past the export's bounds, a --reuse-pte of an old blob version: a WebGPUDelegateError
+    # from anywhere in the run ends the command with "error: ..." and status 1, as bench and native-bench do.
+    import importlib
+
+    from executorch_wgpu.errors import WebGPUDelegateError
+
+    tool = importlib.import_module(f"executorch_wgpu.tools.{module}")
+
+    def broken(*args, **kwargs):
+        raise WebGPUDelegateError("no adapter here")
+
+    target = {"demo": "minilm_main", "llama_bench": "run", "tune": "tune"}[module]
+    monkeypatch.setattr(tool, target, broken)
+    argv = ["--out", str(tmp_path / "routes.json")] if module == "tune" else []
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    assert exit_info.value.code == 1 and capsys.readouterr().err.strip().endswith("error: no adapter here")

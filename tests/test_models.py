@@ -87,6 +87,20 @@ def test_minilm_is_the_packaged_model_loaded_offline(minilm):
     assert min(sim[i, j] for i, j in PAIRS) > 0.6 > 0.2 > max(sim[i, 6] for i in range(6))
 
 
+def test_text_is_truncated_at_the_exported_bound_of_the_token_dim():
+    # demo --max-seq 8 once fed 9 tokens to a .pte exported for at most 8; above 128 --max-seq had no effect.
+    tokenizer, _ = models.load_minilm()
+    long_text = " ".join(SENTENCES) * 20   # > 512 tokens
+    assert models.tokenize(tokenizer, long_text)[0].shape[1] == models.MINILM_MAX_SEQ
+    for max_seq in (demo.MINILM_SEQ_RANGE[0], 300, demo.MINILM_SEQ_RANGE[1]):
+        input_ids, mask = models.tokenize(tokenizer, long_text, max_length=max_seq)
+        assert input_ids.shape == mask.shape == (1, max_seq)
+        seen = []
+        models.embed(lambda ids, m: seen.append(ids.shape[1]) or torch.zeros(1, ids.shape[1], 384), tokenizer,
+                     [long_text, SENTENCES[0]], max_seq=max_seq)
+        assert seen[0] == max_seq and seen[1] <= max_seq
+
+
 def test_every_encoder_linear_is_delegated_and_none_is_declined(minilm, embeddings):
     expected = models.minilm_linear_names(minilm.q4)
     assert len(expected) == minilm.q4.config.num_hidden_layers * 6   # q, k, v, attn out, FFN up, FFN down

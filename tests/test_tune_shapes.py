@@ -78,7 +78,7 @@ def test_tune_pte_and_shapes_together_measure_both(tmp_path, lower):
     (["--shapes", "48x96"], "'48x96' (K=48, N=96) cannot be a q4gsw layer at --group-size 32"),
     (["--shapes", "0x96"], "'0x96' (K=0, N=96)"),
     (["--shapes", "64x0"], "'64x0' (K=64, N=0)"),
-    (["--shapes", "64x96", "--group-size", "48"], "--group-size must be a positive multiple of 32"),
+    (["--shapes", "64x96", "--group-size", "48"], "argument --group-size: expected a positive multiple of 32"),
     (["--shapes", "q", "--group-size", "96"], "'q' (K=2048, N=2048) cannot be a q4gsw layer at --group-size 96"),
     (["--m", "4,16"], "--m must hold 1"),
 ])
@@ -91,7 +91,7 @@ def test_a_bad_shape_or_option_is_a_usage_error_naming_it(tmp_path, capsys, args
 
 
 def test_a_pte_tune_cannot_read_is_a_usage_error_naming_it(tmp_path, lower, capsys):
-    cases = {tmp_path / "absent.pte": "cannot read", tmp_path / "text.pte": "not an ExecuTorch program"}
+    cases = {tmp_path / "absent.pte": "argument --pte: no such file", tmp_path / "text.pte": "not an ExecuTorch program"}
     (tmp_path / "text.pte").write_text("not a program")
     plain = tmp_path / "plain.pte"   # a program without q4 layers: nothing delegated
     plain.write_bytes(lower(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval(), torch.randn(2, 64)))

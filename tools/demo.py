@@ -182,8 +182,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sentence", action="append", dest="sentences", metavar="TEXT", type=nonempty_text,
                         help="a sentence to embed (repeatable); default: a built-in set of paraphrase pairs")
     parser.add_argument("--max-seq", type=cli.int_in(*MINILM_SEQ_RANGE), default=MINILM_MAX_SEQ,
-                        help=f"upper bound of the token dim ({MINILM_SEQ_RANGE[0]} to {MINILM_SEQ_RANGE[1]}, "
-                             f"default {MINILM_MAX_SEQ})")
+                        help=f"upper bound of the token dim, longer sentences truncated "
+                             f"({MINILM_SEQ_RANGE[0]} to {MINILM_SEQ_RANGE[1]}, default {MINILM_MAX_SEQ})")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
                         help="timed embeddings of the whole set after one warm-up")
     parser.add_argument("--prefill-route", choices=PREFILL_KERNELS, default=None,
@@ -234,14 +234,18 @@ def minilm_main(argv: Optional[Sequence[str]] = None) -> None:
         progress.note(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
 
         progress.step(f"embedding {len(sentences)} sentences: a warm-up and {args.repeats} timed passes")
-        ours, fp, q4_eager, walls, reports = embed_all(models, method, tokenizer, fp32, q4, sentences, args.repeats)
-    report(models, tokenizer, sentences, ours, fp, q4_eager, walls, reports)
+        ours, fp, q4_eager, walls, reports = embed_all(models, method, tokenizer, fp32, q4, sentences, args.repeats,
+                                                       args.max_seq)
+    report(models, tokenizer, sentences, ours, fp, q4_eager, walls, reports, args.max_seq)
 
 
-def embed_all(models, method, tokenizer, fp32, q4, sentences: List[str], repeats: int) -> tuple:
-    """Our embeddings (timed passes), the fp32 and int4 eager ones, the walls and route reports of each call."""
+def embed_all(models, method, tokenizer, fp32, q4, sentences: List[str], repeats: int,
+              max_seq: int = MINILM_MAX_SEQ) -> tuple:
+    """Our embeddings (timed passes), the fp32 and int4 eager ones, the walls and route reports of each call.
+
+    Each sentence is truncated at max_seq tokens: the .pte's upper bound of the token dim."""
     run = models.method_runner(method)
-    models.embed(run, tokenizer, sentences[:1])   # warm-up: compiles the kernels' pipelines
+    models.embed(run, tokenizer, sentences[:1], max_seq=max_seq)   # warm-up: compiles the kernels' pipelines
     walls: List[List[float]] = []
     reports: List[list] = []
     for _ in range(repeats):
@@ -254,19 +258,19 @@ def embed_all(models, method, tokenizer, fp32, q4, sentences: List[str], repeats
             reports.append(method.route_report())
             return y
 
-        ours = models.embed(timed, tokenizer, sentences)
+        ours = models.embed(timed, tokenizer, sentences, max_seq=max_seq)
         walls.append(per_sentence)
-    fp = models.embed(models.eager_minilm_runner(fp32), tokenizer, sentences)
-    q4_eager = models.embed(models.eager_minilm_runner(q4), tokenizer, sentences)
+    fp = models.embed(models.eager_minilm_runner(fp32), tokenizer, sentences, max_seq=max_seq)
+    q4_eager = models.embed(models.eager_minilm_runner(q4), tokenizer, sentences, max_seq=max_seq)
     return ours, fp, q4_eager, walls, reports
 
 
 def report(models, tokenizer, sentences: List[str], ours, fp, q4_eager, walls: List[List[float]],
-           reports: List[list]) -> None:
+           reports: List[list], max_seq: int = MINILM_MAX_SEQ) -> None:
     """The results, on stdout."""
     print("sentences:")
     for i, s in enumerate(sentences):
-        print(f"  [{i}] {s}  ({models.tokenize(tokenizer, s)[0].shape[1]} tokens)")
+        print(f"  [{i}] {s}  ({models.tokenize(tokenizer, s, max_length=max_seq)[0].shape[1]} tokens)")
     print()
     print(format_matrices(models.cosine_matrix(ours), models.cosine_matrix(fp),
                           "cosine similarity: ours (int4 on WebGPU)", "fp32 (eager torch)"))
@@ -302,12 +306,17 @@ def _pairs(ranked) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from executorch_wgpu.errors import WebGPUDelegateError   # no torch: a plain class module
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--ffn" in argv:
-        argv.remove("--ffn")
-        ffn_main(argv)
-    else:
-        minilm_main(argv)
+    try:
+        if "--ffn" in argv:
+            argv.remove("--ffn")
+            ffn_main(argv)
+        else:
+            minilm_main(argv)
+    except WebGPUDelegateError as e:   # no adapter, an input past the export's bounds, ...: a line, not a traceback
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -345,7 +345,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv
-    return run(args)
+    from executorch_wgpu.errors import WebGPUDelegateError   # no torch: a plain class module
+
+    try:
+        return run(args)
+    except WebGPUDelegateError as e:   # no adapter, a --reuse-pte of an old blob version, ...: a line, not a traceback
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":

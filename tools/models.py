@@ -187,11 +187,13 @@ def export_minilm_pte(model: torch.nn.Module, path: Optional[PathLike] = None, m
                         ({1: seq}, {1: seq}), path, **partitioner_options)
 
 
-def tokenize(tokenizer, sentence: str, pad_to: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each [1, T] int64; with pad_to, right-padded to T = pad_to with mask 0."""
+def tokenize(tokenizer, sentence: str, pad_to: Optional[int] = None,
+             max_length: int = MINILM_MAX_SEQ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each [1, T] int64, T <= max_length (the export's upper bound of the token
+    dim: longer text is truncated); with pad_to, right-padded to T = pad_to with mask 0."""
     padding = "max_length" if pad_to else False
     enc = tokenizer(sentence, return_tensors="pt", truncation=True, padding=padding,
-                    max_length=pad_to or MINILM_MAX_SEQ)
+                    max_length=pad_to or max_length)
     return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)
 
 
@@ -202,11 +204,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 def embed(run: Runner, tokenizer, sentences: Sequence[str], pad_to: Optional[int] = None,
-          normalize: bool = True) -> torch.Tensor:
-    """Sentence embeddings [len(sentences), 384]: one call per sentence (batch 1), mean-pooled, L2-normalized."""
+          normalize: bool = True, max_seq: int = MINILM_MAX_SEQ) -> torch.Tensor:
+    """Sentence embeddings [len(sentences), 384]: one call per sentence (batch 1), mean-pooled, L2-normalized;
+    each sentence truncated at max_seq tokens (the export's upper bound of the token dim)."""
     vectors = []
     for sentence in sentences:
-        input_ids, attention_mask = tokenize(tokenizer, sentence, pad_to)
+        input_ids, attention_mask = tokenize(tokenizer, sentence, pad_to, max_length=max_seq)
         hidden = run(input_ids, attention_mask)
         vectors.append(mean_pool(hidden, attention_mask)[0])
     out = torch.stack(vectors)

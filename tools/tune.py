@@ -199,7 +199,6 @@ def parse_shapes(p: argparse.ArgumentParser, items: str, named: Dict[str, Tuple[
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from executorch_wgpu.backend.packing import q4gsw_shape_problem
     from executorch_wgpu.tools.bench import LLAMA_1B_M, LLAMA_1B_SHAPES, QUICK_M, QUICK_SHAPES
 
     p = argparse.ArgumentParser(prog="python -m executorch_wgpu tune", description=__doc__.split("\n")[0])
@@ -207,15 +206,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--shapes", help="comma-separated layer shapes: names of " + ",".join(LLAMA_1B_SHAPES) +
                                     " (--quick: its small shapes of the same names) and/or KxN (K inputs, "
                                     "N outputs), e.g. 512x1024,2048x8192")
-    p.add_argument("--pte", type=Path, help="a lowered .pte: measure the (K, N, group size) of every layer it "
-                                            "delegates to executorch_wgpu, at its own group size")
+    p.add_argument("--pte", type=cli.existing_file,
+                   help="a lowered .pte: measure the (K, N, group size) of every layer it delegates to "
+                        "executorch_wgpu, at its own group size")
     p.add_argument("--m", help="comma-separated M values, 1 and at least one M > 1 "
                                "(default 1,16,64,128,512,2048; --quick: 1,16,64)")
-    p.add_argument("--group-size", type=int, help="group size of --shapes (default 32; a .pte's layers keep theirs)")
-    p.add_argument("--reps", type=int, default=25, help="timed runs per measurement (median kept)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round's median is kept")
-    p.add_argument("--out", type=Path, required=True, help="route table file to write (JSON)")
+    p.add_argument("--group-size", type=cli.multiple_of_32,
+                   help="group size of --shapes, a positive multiple of 32 (default 32; a .pte's layers keep theirs)")
+    p.add_argument("--reps", type=cli.positive_int, default=25, help="timed runs per measurement (median kept)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=5)
+    p.add_argument("--rounds", type=cli.positive_int, default=3,
+                   help="interleaved rounds; the best round's median is kept")
+    p.add_argument("--out", type=cli.output_file, required=True, help="route table file to write (JSON)")
     p.add_argument("--name", help="the table's name (default: the --out file's stem)")
     args = p.parse_args(argv)
 
@@ -227,15 +229,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if 1 not in m_values or not any(m > 1 for m in m_values) or any(m < 1 for m in m_values):
         p.error(f"--m must hold 1 and at least one M > 1 (and nothing below 1), got {m_values}")
     args.m = sorted(set(m_values))
-    for option in ("reps", "rounds"):
-        if getattr(args, option) < 1:
-            p.error(f"--{option} must be at least 1, got {getattr(args, option)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be at least 0, got {args.warmup}")
-
     group_size = 32 if args.group_size is None else args.group_size
-    if group_size < 1 or group_size % 32:
-        p.error(f"--group-size must be a positive multiple of 32 (32, 64, 128, ...), got {group_size}")
     # What to measure, by group size: one bench run each (bench measures one group size at a time).
     jobs: Dict[int, Dict[str, Tuple[int, int]]] = {}
     args.jobs = jobs
@@ -251,6 +245,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         named = dict(QUICK_SHAPES if args.quick else LLAMA_1B_SHAPES)
         shapes = parse_shapes(p, args.shapes, named, group_size) if args.shapes else named
         if not args.shapes:
+            from executorch_wgpu.backend.packing import q4gsw_shape_problem   # torch: only once the options parse
+
             for name, (k, n) in shapes.items():
                 problem = q4gsw_shape_problem(k, n, group_size)
                 if problem:
@@ -281,6 +277,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from executorch_wgpu.errors import WebGPUDelegateError
+
+    try:
+        tune(args, argv)
+    except WebGPUDelegateError as e:   # no adapter, no timestamp queries, ...: said in a line, as bench does
+        cli.fail(str(e))
+
+
+def tune(args: argparse.Namespace, argv: List[str]) -> None:
+    """Measure args.jobs, write the route table to args.out and print it (main, once the options parse)."""
     from executorch_wgpu.tools.bench import LM_HEAD_MAX_M, BenchConfig, bench
 
     if args.pte_layers is not None:
