@@ -66,6 +66,7 @@ class CompiledKernelCall:
     schema_args: List[ArgSpec]
     arg_ids: List[int]
     ret_ids: List[int]
+    name: str = ""   # "aten::addmm.out", as the program names it (for messages)
 
 
 def _et_view(self: torch.Tensor, size: List[int]) -> torch.Tensor:
@@ -97,11 +98,11 @@ def resolve_operator(name: str, overload: str) -> tuple:
     return op, [ArgSpec(a.name, str(a.real_type), a.kwarg_only, a.is_out) for a in op._schema.arguments]
 
 
-def compile_kernel_call(operator: tuple, args: List[int]) -> CompiledKernelCall:
+def compile_kernel_call(operator: tuple, args: List[int], name: str = "") -> CompiledKernelCall:
     op, specs = operator
     if len(args) < len(specs):
-        raise UnsupportedOperatorError(f"{op}: {len(args)} args for a schema of {len(specs)}")
-    return CompiledKernelCall(op, specs, list(args[: len(specs)]), list(args[len(specs):]))
+        raise UnsupportedOperatorError(f"{name or op}: {len(args)} args for a schema of {len(specs)}")
+    return CompiledKernelCall(op, specs, list(args[: len(specs)]), list(args[len(specs):]), name or str(op))
 
 
 def run_kernel_call(call: CompiledKernelCall, read: Callable[[int, str], Any], write: Callable[[int, Any], None],

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 from executorch.exir import schema as et
+from wgpu.classes import GPUError
 
 from executorch_wgpu.errors import InputError, OperatorError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.delegate import load_delegate
@@ -75,6 +76,7 @@ class Method:
             ]
             check_delegate_io(plan, [d.record for d in self._delegates])
             operators = [resolve_operator(o.name, o.overload) for o in plan.operators]
+            self._operator_names = [f"{o.name}.{o.overload or 'default'}" for o in plan.operators]
             self._instructions = [self._compile(i.instr_args, operators) for c in plan.chains for i in c.instructions]
         except (IndexError, KeyError, TypeError, AttributeError) as e:
             raise ProgramFormatError(f"method {plan.name!r} is malformed: {type(e).__name__}: {e}") from e
@@ -138,7 +140,7 @@ class Method:
 
     def _compile(self, instr, operators):
         if isinstance(instr, et.KernelCall):
-            return compile_kernel_call(operators[instr.op_index], instr.args)
+            return compile_kernel_call(operators[instr.op_index], instr.args, self._operator_names[instr.op_index])
         if isinstance(instr, et.DelegateCall) and not 0 <= instr.delegate_index < len(self._delegates):
             raise ProgramFormatError(f"delegate call refers to delegate {instr.delegate_index}")
         return instr
@@ -339,9 +341,13 @@ class Method:
                     run_kernel_call(instr, read, write, new_out)
         except WebGPUDelegateError:
             raise
-        except (RuntimeError, IndexError) as e:   # torch's own errors of an op (IndexError: an index out of range)
-            op = instructions[pc - 1].op if isinstance(instructions[pc - 1], CompiledKernelCall) else "an instruction"
-            raise OperatorError(f"method {self.name!r}: {op} (instruction {pc - 1}) failed: {e}") from e
+        except (RuntimeError, IndexError, GPUError) as e:
+            # torch's own errors of an op (IndexError: an index out of range), or the GPU's in a delegate call.
+            failed = instructions[pc - 1]
+            what = (failed.name if isinstance(failed, CompiledKernelCall)
+                    else f"delegate call {failed.delegate_index}" if isinstance(failed, et.DelegateCall)
+                    else "an instruction")
+            raise OperatorError(f"method {self.name!r}: {what} (instruction {pc - 1}) failed: {type(e).__name__}: {e}") from e
         except Exception as e:   # an op handed values of the wrong kind: the program is malformed
             raise ProgramFormatError(
                 f"method {self.name!r} failed at instruction {pc - 1}: {type(e).__name__}: {e}"
