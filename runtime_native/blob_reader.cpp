@@ -274,7 +274,10 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (version < WGQ4_OLDEST_READABLE_VERSION || version > WGQ4_SCHEMA_VERSION)
     return "delegate blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads versions " +
            std::to_string(WGQ4_OLDEST_READABLE_VERSION) + " to " + std::to_string(WGQ4_SCHEMA_VERSION) +
-           " only: re-export the model with this version of executorch_wgpu";
+           " only: " +
+           (version > WGQ4_SCHEMA_VERSION
+                ? "a newer executorch_wgpu wrote it: upgrade executorch_wgpu, or re-export the model with this one"
+                : "re-export the model with this version of executorch_wgpu");
   // Every offset, count and length against the blob's size before any accessor follows one.
   if (size >= FLATBUFFERS_MAX_BUFFER_SIZE)
     return "delegate blob is too large: " + std::to_string(size) + " bytes";

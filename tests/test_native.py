@@ -158,6 +158,17 @@ def test_both_blob_readers_refuse_bad_blobs_with_the_same_words(native_lib, monk
     assert python_error(foreign).startswith("not an executorch_wgpu blob: ")
 
 
+def test_a_blob_too_new_says_upgrade_and_one_too_old_says_re_export_in_both_readers(native_lib, monkeypatch,
+                                                                                   blobs_in, layer):
+    (blob,) = blobs_in(layer("default-rule")[1])
+    newer = blob_of_version(blob, blob_module.SCHEMA_VERSION + 1, monkeypatch)
+    older = blob_of_version(blob, blob_module.OLDEST_READABLE_VERSION - 1, monkeypatch)
+    for bad, advice in ((newer, "upgrade executorch_wgpu"), (older, "re-export the model with this version")):
+        message = python_error(bad)
+        assert advice in message and native_lib.describe_blob(bad) == {"error": message}
+    assert "upgrade" not in python_error(older)
+
+
 def test_a_truncated_blob_of_another_version_is_refused_for_its_version_by_both_readers(native_lib, monkeypatch,
                                                                                        blobs_in, layer):
     (blob,) = blobs_in(layer("default-rule")[1])

@@ -214,7 +214,9 @@ def deserialize_q4linear(data: bytes) -> Q4LinearRecord:
     if not OLDEST_READABLE_VERSION <= version <= SCHEMA_VERSION:
         raise BlobVersionError(
             f"delegate blob has schema version {version}; this executorch_wgpu reads versions "
-            f"{OLDEST_READABLE_VERSION} to {SCHEMA_VERSION} only: re-export the model with this version of executorch_wgpu"
+            f"{OLDEST_READABLE_VERSION} to {SCHEMA_VERSION} only: "
+            + ("a newer executorch_wgpu wrote it: upgrade executorch_wgpu, or re-export the model with this one"
+               if version > SCHEMA_VERSION else "re-export the model with this version of executorch_wgpu")
         )
     # Every offset, count and length against the blob's size before the generated
     # readers follow them (they trust the buffer).
