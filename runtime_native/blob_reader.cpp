@@ -224,14 +224,36 @@ uint32_t crc32(const void* data, size_t size, uint32_t crc) {
 
 namespace {
 
-// One Route table (the layer's, or an adapter route's), checked as blob.py's _read_route checks it.
-std::string read_route(const uint8_t* bytes, size_t size, const wgq4::Route* r, Route* out) {
+// The table headers of a Route and its buckets (fbverify's table rules); "" when sound.
+std::string route_tables_problem(const uint8_t* bytes, size_t size, const wgq4::Route* r) {
+  if (!r) return "";
   if (!table_header_ok(bytes, size, r))
     return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
   if (r->prefill_buckets())
     for (const wgq4::RouteBucket* bucket : *r->prefill_buckets())
       if (!table_header_ok(bytes, size, bucket))
         return "delegate blob is truncated or corrupted: a prefill bucket's vtable or size is invalid";
+  return "";
+}
+
+// Every table header of the blob, before anything is read from it, as blob.py's fbverify
+// checks the whole buffer first.
+std::string tables_problem(const uint8_t* bytes, size_t size, const wgq4::Q4Linear* root) {
+  if (!table_header_ok(bytes, size, root))
+    return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
+  std::string problem = route_tables_problem(bytes, size, root->route());
+  if (!problem.empty() || !root->adapter_routes()) return problem;
+  for (const wgq4::AdapterRoute* entry : *root->adapter_routes()) {
+    if (!table_header_ok(bytes, size, entry))
+      return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
+    problem = route_tables_problem(bytes, size, entry->route());
+    if (!problem.empty()) return problem;
+  }
+  return "";
+}
+
+// One Route table (the layer's, or an adapter route's), checked as blob.py's _read_route checks it.
+std::string read_route(const wgq4::Route* r, Route* out) {
   const int decode = static_cast<int>(r->decode_kernel()), prefill = static_cast<int>(r->prefill_kernel());
   const int source = static_cast<int>(r->source());
   if (source < 0 || source >= kRouteSourceCount)
@@ -285,29 +307,23 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
   if (!wgq4::VerifyQ4LinearBuffer(verifier))
     return "delegate blob is truncated or corrupted: the flatbuffer verifier rejects it";
   const wgq4::Q4Linear* root = wgq4::GetQ4Linear(bytes);
-  if (!table_header_ok(bytes, size, root) || (root->route() && !table_header_ok(bytes, size, root->route())))
-    return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
-  if (root->route() && root->route()->prefill_buckets())
-    for (const wgq4::RouteBucket* bucket : *root->route()->prefill_buckets())
-      if (!table_header_ok(bytes, size, bucket))
-        return "delegate blob is truncated or corrupted: a prefill bucket's vtable or size is invalid";
+  std::string problem = tables_problem(bytes, size, root);
+  if (!problem.empty()) return problem;
 
   const wgq4::Route* r = root->route();
   if (!r) return "delegate blob is corrupted: it has no route record";
   LinearBlob b;
   b.schema_version = version;
-  std::string problem = read_route(bytes, size, r, &b.route);
+  problem = read_route(r, &b.route);
   if (!problem.empty()) return problem;
   if (const auto* entries = root->adapter_routes()) {
     for (const wgq4::AdapterRoute* entry : *entries) {
-      if (!table_header_ok(bytes, size, entry))
-        return "delegate blob is truncated or corrupted: a table's vtable or size is invalid";
       const int cls = static_cast<int>(entry->adapter_class());
       if (cls < 0 || cls >= kAdapterClassCount)
         return "delegate blob is corrupted: unknown adapter class enum value " + std::to_string(cls);
       if (!entry->route()) return "delegate blob is corrupted: an adapter route has no route record";
       Route route;
-      problem = read_route(bytes, size, entry->route(), &route);
+      problem = read_route(entry->route(), &route);
       if (!problem.empty()) return problem;
       b.adapter_routes.emplace_back(cls, std::move(route));
     }
