@@ -176,8 +176,10 @@ class Q4LinearGPU:
         self.ctx = ctx
         self.rec = rec
         # The routes of this adapter's kind when the blob has them, else its default ones; the
-        # route report says which (route_choice).
-        self.route, self.route_choice = rec.route_for_adapter(ctx.adapter_class)
+        # route report says which; its reasons are built once, not per call (as the native twin does).
+        self.route, route_choice = rec.route_for_adapter(ctx.adapter_class)
+        why = f"({self.route.source}) [{route_choice}]; {self.route.reason}"
+        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}")
         dev = ctx.device
         self.limits = ctx.plan_limits()
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
@@ -302,8 +304,7 @@ class Q4LinearGPU:
             y, ticks, split = self._run_through_wgpu_py(x_np, plan)
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
-        phase = "M == 1: decode route" if m == 1 else "M > 1: prefill route"
-        reason = f"{phase} ({self.route.source}) [{self.route_choice}]; {self.route.reason}"
+        reason = self.reasons[0 if m == 1 else 1]
         return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us,
                                upload_us=split[0], submit_us=split[1], wait_us=split[2], readback_us=split[3])
 
