@@ -46,8 +46,8 @@ $(VENV)/.installed: pyproject.toml
 # The link tree holds the files that existed when it was made. Adding or removing
 # a file changes its folder's mtime, and that relinks (a second, no-deps install);
 # so does a link tree that is gone (rm -rf build).
-PACKAGE_DIRS := . backend backend/serialization backend/serialization/generated \
-	backend/serialization/generated/wgq4 runtime_py shaders tools
+PACKAGE_DIRS := . backend backend/graph backend/serialization backend/serialization/generated \
+	backend/serialization/generated/wggr backend/serialization/generated/wgq4 runtime_py shaders tools
 LINK_TREE := $(wildcard build/__editable__.*/executorch_wgpu/__init__.py)
 $(VENV)/.linked: $(VENV)/.installed $(PACKAGE_DIRS) $(if $(LINK_TREE),,relink)
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation $(EDITABLE) .

@@ -16,12 +16,13 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from executorch.exir.backend.partitioner import DelegationSpec, Partitioner, PartitionResult
+from executorch.exir.backend.compile_spec_schema import CompileSpec
 from executorch.exir.backend.utils import tag_constant_data
 from torch.export import ExportedProgram
 from torch.fx import Node
 
 from executorch_wgpu.backend.decompose import inline_dequantize_affine
-from executorch_wgpu.backend.preprocess import WebGPUBackend
+from executorch_wgpu.backend.preprocess import GRAPH_SPEC, WebGPUBackend
 from executorch_wgpu.backend.q4gsw_pattern import (
     LINEAR,
     Decline,
@@ -59,6 +60,10 @@ class WebGPUPartitioner(Partitioner):
             the others the default rule; forced routes above win over it. A file that
             cannot be read raises RouteTableError here, before any lowering. A table that
             names its adapter's kind (tune writes it) gives the routes of that kind only.
+        linears_only: True (the default for now): one delegate per q4gsw linear, every other op on the CPU;
+            the native delegate runs these. False: graph mode -- the largest regions of ops the GPU
+            runs (backend/graph/ops.py), each one delegate with its weights and KV cache on the GPU
+            and one submit per call; the Python runtime runs these.
         adapter_rules: also write the routes measured per kind of adapter (routing.ADAPTER_RULES:
             the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
             carries a route set per kind, and the runtime takes its adapter's (the route report
@@ -73,12 +78,17 @@ class WebGPUPartitioner(Partitioner):
         shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN,
         route_table: Union[None, str, os.PathLike, RouteTable] = None,
         adapter_rules: bool = True,
+        linears_only: bool = True,
     ):
         super().__init__()
+        self.linears_only = linears_only
         self.route_options = RouteOptions(
             prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table), adapter_rules
         )
-        self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, self.route_options.to_compile_specs())
+        specs = self.route_options.to_compile_specs()
+        if not linears_only:
+            specs.append(CompileSpec(GRAPH_SPEC, b"1"))
+        self.delegation_spec = DelegationSpec(WebGPUBackend.__name__, specs)
         # Layers the pre-decomposition transform declined (and lowered to ATen ops), one
         # batch per method, for partition()'s summary of the same method: ExecuTorch
         # transforms every method first, then partitions them in the same order.
@@ -112,7 +122,17 @@ class WebGPUPartitioner(Partitioner):
         partition_tags: Dict[str, DelegationSpec] = {}
         declined = self._declined.pop(0) if self._declined else []
         accepted: List[Q4LinearMatch] = []
-        for i, result in enumerate(find_q4gsw_linears(exported_program)):
+        results = find_q4gsw_linears(exported_program)
+        if not self.linears_only:
+            from executorch_wgpu.backend.graph.partition import partition_graph
+
+            accepted = [r for r in results if isinstance(r, Q4LinearMatch)]
+            declined += [r for r in results if isinstance(r, Decline)]
+            partition_tags = partition_graph(exported_program, accepted, self.delegation_spec)
+            log_route_table_gaps(accepted, self.route_options)
+            log_summary(len(accepted), declined)
+            return PartitionResult(tagged_exported_program=exported_program, partition_tags=partition_tags)
+        for i, result in enumerate(results):
             if isinstance(result, Decline):
                 # Only reachable through to_edge() + to_backend(), which skip our
                 # pre-decomposition transform: the dequantize node stays in the graph.

@@ -1,4 +1,9 @@
-"""WebGPUBackend.preprocess: one partition (one q4gsw linear) -> one delegate blob."""
+"""WebGPUBackend.preprocess: one partition -> one delegate blob.
+
+A partition of the graph mode (compile spec GRAPH_SPEC) becomes a graph blob
+(backend/graph/compile.py) with its weights in the program's named data; a
+linear-only partition (one q4gsw linear) a WGQ4 blob.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weight
 from executorch_wgpu.backend.q4gsw_pattern import Decline, Q4LinearMatch, find_q4gsw_linears
 from executorch_wgpu.backend.routing import RouteOptions, adapter_routes, decide_route
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up, serialize_q4linear
+
+# The compile spec that marks a graph-mode partition (WebGPUPartitioner(linears_only=False)).
+GRAPH_SPEC = "graph"
 
 # Upper bound recorded for M when the export leaves a leading dim unbounded.
 M_UNBOUNDED = 2**62
@@ -61,6 +69,12 @@ def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOption
 class WebGPUBackend(BackendDetails):
     @staticmethod
     def preprocess(edge_program: ExportedProgram, compile_specs: List[CompileSpec]) -> PreprocessResult:
+        if any(s.key == GRAPH_SPEC for s in compile_specs):
+            from executorch_wgpu.backend.graph.compile import compile_graph
+
+            blob, named_data = compile_graph(
+                edge_program, RouteOptions.from_compile_specs([s for s in compile_specs if s.key != GRAPH_SPEC]))
+            return PreprocessResult(processed_bytes=blob, data_store_output=named_data)
         options = RouteOptions.from_compile_specs(compile_specs)
         results = find_q4gsw_linears(edge_program)
         if len(results) != 1:

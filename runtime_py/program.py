@@ -61,6 +61,18 @@ def _constant_tensor(t: et.Tensor, buffers: List[et.Buffer]) -> torch.Tensor:
     return torch.frombuffer(bytearray(storage[:nbytes]), dtype=dtype).reshape(list(t.sizes))
 
 
+def _named_data_reader(pte):
+    """key -> bytes of the program's named data (where delegates keep their weights); KeyError when absent."""
+    store = pte.named_data
+
+    def read(key: str) -> bytes:
+        if store is None or key not in store.pte_data:
+            raise KeyError(key)
+        return store.buffers[store.pte_data[key].buffer_index]
+
+    return read
+
+
 class Method:
     """One execution plan: values, compiled instructions and loaded delegates."""
 
@@ -71,8 +83,9 @@ class Method:
         check_plan(plan, program)   # ids, indices, jump targets, tensor shapes vs the memory plan
         try:
             self._initial = [self._initial_value(v, program, pte) for v in plan.values]
+            named = _named_data_reader(pte)
             self._delegates = [
-                load_delegate(d.id, self._delegate_bytes(program, d)) for d in plan.delegates
+                load_delegate(d.id, self._delegate_bytes(program, d), named) for d in plan.delegates
             ]
             check_delegate_io(plan, [d.record for d in self._delegates])
             operators = [resolve_operator(o.name, o.overload) for o in plan.operators]
@@ -189,15 +202,15 @@ class Method:
                 written.add(self._arena_key(plan.values[vid]))
         return state
 
-    @staticmethod
-    def _reads_and_writes(instr) -> tuple:
+    def _reads_and_writes(self, instr) -> tuple:
         """(value ids an instruction reads, value ids it writes)."""
         if isinstance(instr, CompiledKernelCall):
             reads = [vid for spec, vid in zip(instr.schema_args, instr.arg_ids) if not spec.is_out]
             writes = [vid for spec, vid in zip(instr.schema_args, instr.arg_ids) if spec.is_out] + instr.ret_ids
             return reads, writes
         if isinstance(instr, et.DelegateCall):
-            return list(instr.args[:-1]), [instr.args[-1]]
+            n_out = self._delegates[instr.delegate_index].n_outputs
+            return list(instr.args[:-n_out]), list(instr.args[-n_out:])
         if isinstance(instr, et.MoveCall):
             return [instr.move_from], [instr.move_to]
         if isinstance(instr, et.JumpFalseCall):
@@ -205,9 +218,12 @@ class Method:
         return [], []
 
     def reset_state(self) -> None:
-        """Put every mutable buffer (KV cache) back to its value at load, as a freshly loaded method has."""
+        """Put every mutable buffer (KV cache) back to its value at load, as a freshly loaded method has:
+        those the CPU holds, and those a graph delegate holds on the GPU."""
         for vid, t in self._state_at_load.items():
             self._state[vid] = t.clone()
+        for d in self._delegates:
+            d.reset_state()
 
     # -- run --
 
@@ -326,10 +342,12 @@ class Method:
                         f"method {self.name!r} ran {step_limit} instructions without finishing: its jumps loop "
                         "(EXECUTORCH_WGPU_MAX_STEPS raises the limit)"
                     )
-                if isinstance(instr, et.DelegateCall):   # args: the inputs, then the output
-                    inputs = [read(vid, "Tensor") for vid in instr.args[:-1]]
-                    (y,) = self._delegates[instr.delegate_index].execute(inputs, calls)
-                    write(instr.args[-1], y)
+                if isinstance(instr, et.DelegateCall):   # args: the inputs, then the outputs
+                    delegate = self._delegates[instr.delegate_index]
+                    n_out = delegate.n_outputs
+                    inputs = [read(vid, "Tensor") for vid in instr.args[:-n_out]]
+                    for vid, y in zip(instr.args[-n_out:], delegate.execute(inputs, calls)):
+                        write(vid, y)
                 elif isinstance(instr, et.MoveCall):
                     values[instr.move_to] = values[instr.move_from]
                 elif isinstance(instr, et.JumpFalseCall):

@@ -64,6 +64,38 @@ Q4_LINEAR_LAYOUT = (
 )
 
 
+# ---- graph kernels' shared declarations ----
+
+# elementwise.wgsl: out[o] = op(a[ia], b[ib]) over an iteration shape of RANK dims (leading
+# dims padded with size 1), each operand addressed by its own offset and strides (in elements):
+# broadcasts, permutes, slices, cats and cache writes are all this one kernel.
+ELEMENTWISE_RANK = 6
+ELEMENTWISE_OPS = {
+    # binary: b from the buffer, or the f32 field `scalar` when b_is_scalar = 1
+    "OP_ADD": 0, "OP_SUB": 1, "OP_MUL": 2, "OP_DIV": 3, "OP_POW": 4, "OP_MAX": 5, "OP_MIN": 6,
+    # unary: b unused
+    "OP_COPY": 16, "OP_NEG": 17, "OP_RSQRT": 18, "OP_SQRT": 19, "OP_EXP": 20, "OP_SIGMOID": 21,
+    "OP_SILU": 22, "OP_TANH": 23, "OP_GELU_ERF": 24, "OP_GELU_TANH": 25, "OP_RECIPROCAL": 26, "OP_ABS": 27,
+    "OP_LOG": 28, "OP_COS": 29, "OP_SIN": 30, "OP_RELU": 31,
+}
+ELEMENTWISE_PARAMS = (("n", "op", "scalar_bits", "b_is_scalar", "a_off", "b_off", "out_off", "_pad0")
+                      + tuple(f"d{i}" for i in range(ELEMENTWISE_RANK))
+                      + tuple(f"sa{i}" for i in range(ELEMENTWISE_RANK))
+                      + tuple(f"sb{i}" for i in range(ELEMENTWISE_RANK))
+                      + tuple(f"so{i}" for i in range(ELEMENTWISE_RANK)))
+# reduce_rows.wgsl: one workgroup per row of a contiguous [rows][n] input.
+REDUCE_OPS = {"REDUCE_SUM": 0, "REDUCE_MEAN": 1, "REDUCE_MAX": 2,
+              "ROWS_SOFTMAX": 8,     # out[r][:] = softmax(a[r][:])
+              "ROWS_RMS_NORM": 9,    # out[r][:] = a[r][:] * rsqrt(mean(a[r]^2) + eps) (* w when has_w)
+              "ROWS_LAYER_NORM": 10}  # (a - mean) * rsqrt(var + eps) (* w[0:n] + w[n:2n] when has_w)
+ELEMENTWISE_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-storage"),
+                      Binding("b", "read-only-storage"), Binding("out", "storage"))
+ROWS_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-storage"),
+               Binding("w", "read-only-storage"), Binding("out", "storage"))
+SDPA_LAYOUT = (Binding("params", "uniform"), Binding("q", "read-only-storage"), Binding("k", "read-only-storage"),
+               Binding("v", "read-only-storage"), Binding("out", "storage"))
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One WGSL kernel and the facts about it that anything outside its file needs."""
@@ -121,6 +153,27 @@ KERNELS: Tuple[Kernel, ...] = (
     _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
         types={"params": "Params", "bias": F32, "y": F32, "partial": F32},
         workgroup_size=(256, 1, 1)),
+    # ---- graph kernels (backend/graph/): the ops around the linears. Each reads the
+    # Params fields it names; an f32 field holds the float's bits (bitcast<f32> in WGSL).
+    # Every tensor is contiguous from element 0 of its own buffer unless a field says otherwise.
+    Kernel("elementwise", "elementwise.wgsl", layout=ELEMENTWISE_LAYOUT,
+           types={"params": "Params", "a": F32, "b": F32, "out": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants={"RANK": ELEMENTWISE_RANK, **ELEMENTWISE_OPS},
+           params=ELEMENTWISE_PARAMS),
+    Kernel("reduce_rows", "reduce_rows.wgsl", layout=ROWS_LAYOUT,
+           types={"params": "Params", "a": F32, "w": F32, "out": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants=REDUCE_OPS,
+           params=("rows", "n", "op", "eps_bits", "has_w", "_pad0", "_pad1", "_pad2")),
+    Kernel("embedding", "embedding.wgsl", layout=ROWS_LAYOUT,
+           types={"params": "Params", "a": U32, "w": F32, "out": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           params=("n_ids", "dim", "vocab", "_pad0")),
+    Kernel("sdpa", "sdpa.wgsl", layout=SDPA_LAYOUT,
+           types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
+           workgroup_size=(64, 1, 1), prelude=("graph_prelude.wgsl",),
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
     # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
     Kernel("stream_read", "stream_read.wgsl",
            layout=(Binding("data", "read-only-storage"), Binding("sink", "storage")),

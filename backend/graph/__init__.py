@@ -1,0 +1,1 @@
+"""The graph delegate's compiler: op rules, lowering, partitioning."""

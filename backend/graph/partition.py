@@ -1,0 +1,90 @@
+"""Graph mode of WebGPUPartitioner: maximal regions of supported ops, one delegate each.
+
+A node is supported when it belongs to an accepted q4gsw linear or a rule of
+ops.py covers it and its check passes. torch's CapabilityBasedPartitioner
+merges supported nodes into the largest regions that create no cycle, as
+ExecuTorch's Vulkan and XNNPACK partitioners do; ExecuTorch's tag helpers
+then hand each region its constants and the mutable buffers (KV cache) it
+reads, so the delegate owns them on the GPU across calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+from typing import Dict, List, Optional, Set
+
+from executorch.exir.backend.partitioner import DelegationSpec
+from executorch.exir.backend.utils import tag_constant_data, tag_mutated_buffer
+from torch.export import ExportedProgram
+from torch.fx import Node
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from executorch_wgpu.backend.graph import ops
+from executorch_wgpu.backend.q4gsw_pattern import DEQUANTIZE_AFFINE, Q4LinearMatch
+
+log = logging.getLogger("executorch_wgpu.backend.partitioner")
+
+# Nodes that compute nothing on the device: symbols, checks, reading input_pos.
+_HOST_OPS = {"aten.sym_size.int", "aten._assert_scalar.default", "aten._local_scalar_dense.default"}
+
+
+def _wrapped_op(node: Node) -> str:
+    """The op an auto_functionalized(_v2) node wraps, as RULES names it."""
+    return str(node.args[0]) if node.args else ""
+
+
+class GraphSupport(OperatorSupportBase):
+    def __init__(self, q4_nodes: Set[Node]):
+        super().__init__()
+        self.q4_nodes = q4_nodes
+        self.declined: Counter = Counter()   # (op, reason) -> nodes
+
+    def reason(self, node: Node) -> Optional[str]:
+        if node in self.q4_nodes:
+            return None
+        name = ops.target_name(node)
+        if name in ("auto_functionalized_v2", "auto_functionalized"):
+            wrapped = _wrapped_op(node)
+            return None if wrapped in ops.RULES else f"no graph rule for {wrapped}"
+        if node.target is operator.getitem:
+            src = node.args[0]
+            return None if isinstance(src, Node) and self.reason(src) is None else "it reads an unsupported node"
+        if name == DEQUANTIZE_AFFINE or name in ("aten.mm.default", "aten.linear.default", "aten.addmm.default"):
+            return "not part of an accepted q4gsw linear (fp32 matmuls stay on the CPU)"
+        return ops.unsupported_reason(node)
+
+    def is_node_supported(self, submodules, node: Node) -> bool:
+        if node.op != "call_function":
+            return False
+        why = self.reason(node)
+        if why is not None:
+            self.declined[(ops.target_name(node), why)] += 1
+        return why is None
+
+
+def partition_graph(ep: ExportedProgram, accepted: List[Q4LinearMatch], spec: DelegationSpec,
+                    tag_prefix: str = "webgpu_graph") -> Dict[str, DelegationSpec]:
+    """Tag the regions of `ep` the GPU runs; returns {tag: spec}. Logs what stays on the CPU, once."""
+    q4_nodes = {n for m in accepted for n in m.compute_nodes}
+    support = GraphSupport(q4_nodes)
+    partitions = CapabilityBasedPartitioner(ep.graph_module, support,
+                                            allows_single_node_partition=True).propose_partitions()
+    tags: Dict[str, DelegationSpec] = {}
+    for p in partitions:
+        device_work = [n for n in p.nodes if ops.target_name(n) not in _HOST_OPS
+                       and getattr(n.target, "__module__", None) != "_operator"]
+        if not device_work:
+            continue   # only host arithmetic: leave it to the CPU
+        tag = f"{tag_prefix}_{len(tags)}"
+        for n in p.nodes:
+            n.meta["delegation_tag"] = tag
+        tags[tag] = spec
+    tag_constant_data(ep)
+    tag_mutated_buffer(ep)
+    for (op, why), count in sorted(support.declined.items()):
+        log.warning("WebGPUPartitioner: %d %s node(s) stay on the CPU: %s", count, op, why)
+    log.info("WebGPUPartitioner: %d graph delegate(s), %d q4 linears inside", len(tags), len(accepted))
+    return tags

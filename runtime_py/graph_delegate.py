@@ -1,0 +1,359 @@
+"""A graph blob on the GPU: buffers allocated once, one command buffer and one submit per call.
+
+The loader creates every buffer the blob lists (constants and the initial
+state from the program's named data), one 256-byte uniform slot per step,
+and every bind group, once. A call then
+
+  1. reads the symbols (input dims, input_pos) from the inputs, checks their
+     ranges and the export's assertions, and evaluates the blob's expression
+     table with one compiled Python function;
+  2. writes the inputs (int64 token ids become i32, checked) and every step's
+     Params in one upload;
+  3. encodes every step into one compute pass -- a q4gsw linear takes the
+     kernel its route gives this M, as a linear-only delegate does -- copies
+     the outputs to a staging buffer, submits once and maps once.
+
+The interpreter knows no op: what each step computes was decided by
+preprocess (backend/graph/).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import wgpu
+from wgpu.classes import GPUBindGroup, GPUBuffer, GPUComputePipeline, GPUQuerySet
+
+from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deserialize_q4linear
+from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, compile_exprs, deserialize_graph
+from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
+from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
+from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call
+from executorch_wgpu.shaders import registry
+
+SLOT_BYTES = 256    # one step's Params: WebGPU's minUniformBufferOffsetAlignment
+SLOT_WORDS = SLOT_BYTES // 4
+_USAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+_TORCH_DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64}
+_I32_MAX = 2**31 - 1
+
+
+@dataclass
+class GraphCall:
+    """What the last call of a graph delegate did, for profiles and llama-bench."""
+
+    dispatches: int
+    gpu_us: Optional[float]     # the compute pass, by GPU timestamps, when the adapter has them
+    prepare_us: float           # symbols, checks, expressions, Params (host)
+    encode_us: float            # writing inputs, encoding, submitting (host)
+    wait_us: float              # submit to mapped outputs
+    readback_us: float
+
+
+class _Linear:
+    """A q4gsw linear step: its weights, its route, and a bind group over the graph's x and y buffers."""
+
+    def __init__(self, ctx: GPUContext, rec: Q4LinearRecord, slot: int, x: int, y: int):
+        self.rec = rec
+        self.slot = slot
+        self.x, self.y = x, y     # the graph's buffers of its activations and outputs
+        self.route, choice = rec.route_for_adapter(ctx.adapter_class)
+        why = f"({self.route.source}) [{choice}]; {self.route.reason}"
+        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}")
+        largest = max(rec.qweight.nbytes, rec.scales.nbytes)
+        if largest > ctx.plan_limits().max_binding_bytes:
+            raise WebGPUDelegateError(
+                f"layer {rec.name!r}: a {largest}-byte weight buffer exceeds this adapter's "
+                f"{ctx.plan_limits().max_binding_bytes}-byte binding limit; export with "
+                "WebGPUPartitioner(linears_only=True), which splits such layers")
+        dev = ctx.device
+        self.qweight = dev.create_buffer_with_data(label=f"{rec.name}.qweight", data=rec.qweight, usage=_USAGE)
+        self.scales = dev.create_buffer_with_data(label=f"{rec.name}.scales", data=rec.scales, usage=_USAGE)
+        bias = np.zeros(rec.n_stride, dtype=np.float32)
+        if rec.bias is not None:
+            bias[: rec.out_features] = rec.bias
+        self.bias = dev.create_buffer_with_data(label=f"{rec.name}.bias", data=bias, usage=_USAGE)
+        self.plans: Dict[int, Plan] = {}
+        self.max_groups = ctx.plan_limits().max_workgroups_per_dim
+
+    def plan(self, m: int) -> Plan:
+        plan = self.plans.get(m)
+        if plan is None:
+            rec = self.rec
+            plan = self.plans[m] = plan_call(self.route.kernel_for(m), m, rec.in_features, rec.out_features,
+                                             rec.n_stride, rec.group_size, self.max_groups)
+        return plan
+
+    def params(self, plan: Plan) -> List[int]:
+        rec = self.rec
+        values = {"M": plan.m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
+                  "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
+        return [values[f] for f in registry.Q4_PARAMS]
+
+
+class GraphDelegate:
+    """One graph blob loaded onto the shared GPU device."""
+
+    def __init__(self, blob: bytes, named_data: Callable[[str], bytes]):
+        self.record: GraphRecord = deserialize_graph(blob)
+        rec = self.record
+        self.ctx = ctx = gpu_context()
+        dev = ctx.device
+        self.n_outputs = len(rec.outputs)
+        self._values = compile_exprs(rec.exprs, len(rec.symbols))
+        self._named_data = named_data
+
+        self.buffers = []
+        self._state_init: List[Tuple[int, Optional[bytes]]] = []
+        for i, b in enumerate(rec.buffers):
+            size = max(16, -(-b.bytes // 16) * 16)
+            if b.kind == "constant" or (b.kind == "state" and b.data_key):
+                data = self._data(b.data_key, b.bytes, b.name)
+                padded = data + bytes(size - len(data))
+                self.buffers.append(dev.create_buffer_with_data(label=b.name, data=padded, usage=_USAGE))
+                if b.kind == "state":
+                    self._state_init.append((i, padded))
+            else:
+                self.buffers.append(dev.create_buffer(label=b.name, size=size, usage=_USAGE))
+                if b.kind == "state":
+                    self._state_init.append((i, None))
+
+        # One uniform slot per step, in step order; linears keep theirs across their dispatches.
+        self.uniform = dev.create_buffer(label="graph params", size=max(1, len(rec.steps)) * SLOT_BYTES,
+                                         usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        self.linears: List[_Linear] = []
+        self._kernel_steps: List[int] = []        # step indices of kernel dispatches
+        self._pipelines: Dict[int, GPUComputePipeline] = {}   # step -> its pipeline (kernel steps)
+        self._bind_groups: List[Optional[GPUBindGroup]] = []
+        for s, st in enumerate(rec.steps):
+            if st.linear >= 0:
+                lin = rec.linears[st.linear]
+                key = lin.blob_key
+                q4 = _Linear(ctx, deserialize_q4linear(self._data(key, None, f"linear {st.node}")), s, lin.x, lin.y)
+                self.linears.append(q4)
+                self._bind_groups.append(None)   # built by _linear_bind_groups (needs the split-K scratch)
+                continue
+            k = registry.kernel(st.kernel)
+            entries = []
+            for i, (binding, buf) in enumerate(zip(k.layout, st.bindings)):
+                if binding.kind == "uniform":
+                    entries.append({"binding": i, "resource": {"buffer": self.uniform, "offset": s * SLOT_BYTES,
+                                                               "size": SLOT_BYTES}})
+                else:
+                    entries.append({"binding": i, "resource": {"buffer": self.buffers[buf], "offset": 0,
+                                                               "size": self.buffers[buf].size}})
+            self._pipelines[s] = ctx.pipeline(k.name)
+            self._bind_groups.append(dev.create_bind_group(label=st.node, layout=ctx.bind_group_layout(k.name),
+                                                           entries=entries))
+            self._kernel_steps.append(s)
+        self.scratch = self._linear_bind_groups(16)
+
+        # Index arrays: the Params and grids of kernel steps gathered from the expression values at once.
+        n_fields = max([len(registry.kernel(rec.steps[s].kernel).params) for s in self._kernel_steps] or [0])
+        self._param_index = np.full((len(self._kernel_steps), max(n_fields, 1)), -1, dtype=np.int64)
+        self._group_index = np.zeros((len(self._kernel_steps), 3), dtype=np.int64)
+        for row, s in enumerate(self._kernel_steps):
+            st = rec.steps[s]
+            self._param_index[row, :len(st.params)] = st.params
+            self._group_index[row] = st.groups
+        self._slots = np.array(self._kernel_steps, dtype=np.int64)
+        self._output_offsets: List[int] = []
+        size = 0
+        for o in rec.outputs:
+            self._output_offsets.append(size)
+            size += -(-rec.buffers[o.buffer].bytes // 256) * 256
+        self._staging = dev.create_buffer(label="graph outputs", size=max(size, 256) + 16,
+                                          usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self._ts_offset = max(size, 256)
+        self.query_set: Optional[GPUQuerySet] = None
+        self.query_resolve: Optional[GPUBuffer] = None
+        if ctx.has_timestamps:
+            self.query_set = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+            self.query_resolve = dev.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE
+                                                   | wgpu.BufferUsage.COPY_SRC)
+        self.last_call: Optional[GraphCall] = None
+        self.reset_state()
+
+    # ---- load helpers ----
+
+    def _data(self, key: str, nbytes: Optional[int], what: str) -> bytes:
+        try:
+            data = bytes(self._named_data(key))
+        except KeyError:
+            raise ProgramFormatError(f"graph delegate: {what} needs named data {key!r}, which the program lacks") \
+                from None
+        if nbytes is not None and len(data) != nbytes:
+            raise ProgramFormatError(f"graph delegate: named data {key!r} of {what} holds {len(data)} bytes, "
+                                     f"the blob expects {nbytes}")
+        return data
+
+    def _linear_bind_groups(self, scratch_bytes: int) -> GPUBuffer:
+        """(Re)build the linears' bind groups around a new split-K scratch buffer of at least scratch_bytes."""
+        dev = self.ctx.device
+        scratch = dev.create_buffer(label="split-K partial sums", size=max(16, scratch_bytes),
+                                    usage=wgpu.BufferUsage.STORAGE)
+        layout = self.ctx.bind_group_layout("gemv")   # the layout every q4gsw linear kernel shares
+        for lin in self.linears:
+            buffers = {"x": self.buffers[lin.x], "qweight": lin.qweight, "scales": lin.scales, "bias": lin.bias,
+                       "y": self.buffers[lin.y], "partial": scratch}
+            entries = []
+            for i, b in enumerate(registry.Q4_LINEAR_LAYOUT):
+                if b.kind == "uniform":
+                    entries.append({"binding": i, "resource": {"buffer": self.uniform, "offset": lin.slot * SLOT_BYTES,
+                                                               "size": SLOT_BYTES}})
+                else:
+                    buf = buffers[b.name]
+                    entries.append({"binding": i, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
+            self._bind_groups[lin.slot] = dev.create_bind_group(label=lin.rec.name, layout=layout, entries=entries)
+        return scratch
+
+    def reset_state(self) -> None:
+        """Put every state buffer (the KV cache) back to its value at load, in one submit."""
+        dev = self.ctx.device
+        encoder = dev.create_command_encoder()
+        for i, data in self._state_init:
+            if data is None:
+                encoder.clear_buffer(self.buffers[i])
+        dev.queue.submit([encoder.finish()])
+        for i, data in self._state_init:
+            if data is not None:
+                dev.queue.write_buffer(self.buffers[i], 0, data)
+
+    # ---- a call ----
+
+    def _symbols(self, inputs: Sequence[torch.Tensor]) -> List[int]:
+        values = []
+        for s in self.record.symbols:
+            x = inputs[s.input]
+            if s.source == "input-dim":
+                v = int(x.shape[s.index]) if s.index < x.dim() else None
+            else:
+                v = int(x.reshape(-1)[s.index]) if s.index < x.numel() else None
+            if v is None:
+                raise InputError(f"input {s.input} has shape {tuple(x.shape)}: it has no {s.source} {s.index} "
+                                 f"({s.name})")
+            if not s.min <= v <= s.max:
+                what = f"dim {s.index}" if s.source == "input-dim" else f"element {s.index}"
+                raise InputError(f"input {s.input} {what} is {v}, outside the exported range [{s.min}, {s.max}]")
+            values.append(v)
+        return values
+
+    def execute(self, inputs: Sequence, calls: List[LinearCall]) -> list:
+        rec = self.record
+        t0 = time.perf_counter()
+        if len(inputs) != len(rec.inputs):
+            raise ProgramFormatError(f"graph delegate takes {len(rec.inputs)} inputs, the program passes {len(inputs)}")
+        values = self._values(self._symbols(inputs))
+        for c in rec.checks:
+            if not values[c.expr]:
+                raise InputError(f"the inputs break a condition of the export: {c.message}")
+        data_in = []
+        for i, (io, x) in enumerate(zip(rec.inputs, inputs)):
+            want = [values[d] for d in io.shape]
+            if list(x.shape) != want:
+                raise InputError(f"input {i} ({io.name}) has shape {tuple(x.shape)}, expected {tuple(want)}")
+            if io.dtype in ("i64", "i32"):
+                flat = x.detach().reshape(-1)
+                if flat.numel():
+                    lo, hi = int(flat.min()), int(flat.max())
+                    if io.max_value > 0 and (lo < 0 or hi >= io.max_value):
+                        raise InputError(f"input {i} ({io.name}) holds {lo if lo < 0 else hi}, outside [0, "
+                                         f"{io.max_value}) (token ids of a {io.max_value}-row embedding)")
+                    if lo < -_I32_MAX - 1 or hi > _I32_MAX:
+                        raise InputError(f"input {i} ({io.name}) holds values outside int32")
+                data_in.append(flat.to(torch.int32).numpy())
+            else:
+                data_in.append(x.detach().to(torch.float32).contiguous().reshape(-1).numpy())
+
+        # Params of every step, one upload.
+        value_array = np.asarray(values + [0], dtype=np.int64)   # index -1 (a missing field) reads the 0
+        params = np.zeros((len(rec.steps), SLOT_WORDS), dtype=np.int64)
+        if len(self._kernel_steps):
+            params[self._slots, :self._param_index.shape[1]] = value_array[self._param_index]
+        linear_plans = []
+        need_scratch = 0
+        for lin in self.linears:
+            m = int(values[rec.linears[rec.steps[lin.slot].linear].m])
+            plan = lin.plan(m)
+            need_scratch = max(need_scratch, plan.partial_bytes)
+            params[lin.slot, :len(registry.Q4_PARAMS)] = lin.params(plan)
+            linear_plans.append(plan)
+        if params.min(initial=0) < 0 or params.max(initial=0) > 0xFFFFFFFF:
+            raise WebGPUDelegateError("graph delegate: a kernel parameter does not fit in 32 bits for these inputs")
+        if need_scratch > self.scratch.size:
+            self.scratch = self._linear_bind_groups(need_scratch)
+        groups = value_array[self._group_index] if len(self._kernel_steps) else np.zeros((0, 3), dtype=np.int64)
+        t1 = time.perf_counter()
+
+        dev = self.ctx.device
+        queue = dev.queue
+        for io, data in zip(rec.inputs, data_in):
+            if data.nbytes:
+                queue.write_buffer(self.buffers[io.buffer], 0, data)
+        queue.write_buffer(self.uniform, 0, params.astype(np.uint32))
+        encoder = dev.create_command_encoder()
+        timestamps = None
+        if self.query_set is not None:
+            timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0,
+                          "end_of_pass_write_index": 1}
+        cpass = encoder.begin_compute_pass(timestamp_writes=timestamps)
+        dispatches = 0
+        row = 0
+        lin_i = 0
+        for s, st in enumerate(rec.steps):
+            if st.linear >= 0:
+                plan = linear_plans[lin_i]
+                lin_i += 1
+                cpass.set_bind_group(0, self._bind_groups[s])
+                for d in plan.dispatches:
+                    cpass.set_pipeline(self.ctx.pipeline(d.kernel))
+                    cpass.dispatch_workgroups(*d.grid)
+                    dispatches += 1
+                continue
+            gx, gy, gz = (int(g) for g in groups[row])
+            row += 1
+            if gx == 0 or gy == 0 or gz == 0:
+                continue
+            cpass.set_pipeline(self._pipelines[s])
+            cpass.set_bind_group(0, self._bind_groups[s])
+            cpass.dispatch_workgroups(gx, gy, gz)
+            dispatches += 1
+        cpass.end()
+        out_bytes = []
+        for io, offset in zip(rec.outputs, self._output_offsets):
+            n = 4 * int(np.prod([values[d] for d in io.shape], dtype=np.int64))
+            out_bytes.append(n)
+            if n:
+                encoder.copy_buffer_to_buffer(self.buffers[io.buffer], 0, self._staging, offset, -(-n // 4) * 4)
+        if self.query_set is not None and self.query_resolve is not None:
+            encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
+            encoder.copy_buffer_to_buffer(self.query_resolve, 0, self._staging, self._ts_offset, 16)
+        queue.submit([encoder.finish()])
+        t2 = time.perf_counter()
+        self._staging.map_sync("READ_NOSYNC")
+        t3 = time.perf_counter()
+        outputs = []
+        try:
+            for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes):
+                shape = [values[d] for d in io.shape]
+                raw = self._staging.read_mapped(offset, n, copy=True) if n else b""
+                outputs.append(torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
+                               if n else torch.empty(shape, dtype=torch.float32))
+            gpu_us = None
+            if self.query_set is not None:
+                ticks = np.frombuffer(self._staging.read_mapped(self._ts_offset, 16, copy=False), dtype=np.uint64)
+                gpu_us = self.ctx.ticks_to_us(int(ticks[0]), int(ticks[1]))
+        finally:
+            self._staging.unmap()
+        t4 = time.perf_counter()
+        self.last_call = GraphCall(dispatches, gpu_us, (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6,
+                                   (t4 - t3) * 1e6)
+        for lin, plan in zip(self.linears, linear_plans):
+            r = lin.rec
+            calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
+                                    lin.reasons[0 if plan.m == 1 else 1], None))
+        return outputs
