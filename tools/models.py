@@ -267,11 +267,16 @@ class LlamaDecoder(torch.nn.Module):
 
 
 def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = True,
-                group_size: int = GROUP_SIZE, **overrides) -> LlamaDecoder:
+                group_size: int = GROUP_SIZE, llm_ops: bool = False, **overrides) -> LlamaDecoder:
     """ExecuTorch's Llama transformer with seeded random weights, every linear q4gsw.
 
     quantize_output=False keeps the output projection (lm_head) fp32: it is then
     not a q4gsw layer, so it stays on the CPU.
+
+    llm_ops=True applies ExecuTorch's LLM export transforms, as its export_llama does:
+    attention becomes llama::custom_sdpa and the KV cache llama::update_cache on
+    [B, C, H, D] buffers. The graph delegate (WebGPUPartitioner(linears_only=False))
+    runs these; eager, they run ExecuTorch's CPU kernels of the same ops.
     """
     from executorch.examples.models.llama.llama_transformer import construct_transformer
 
@@ -285,6 +290,13 @@ def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = Tr
     keep_fp32 = set() if quantize_output else {"transformer.output"}
     quantize_q4(model, group_size,
                 filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in keep_fp32)
+    if llm_ops:
+        from executorch.examples.models.llama.source_transformation.custom_kv_cache import (
+            replace_kv_cache_with_custom_kv_cache,
+        )
+        from executorch.examples.models.llama.source_transformation.sdpa import replace_sdpa_with_custom_op
+
+        model = replace_kv_cache_with_custom_kv_cache(replace_sdpa_with_custom_op(model))
     return model
 
 
