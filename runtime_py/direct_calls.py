@@ -112,3 +112,59 @@ class DirectCalls:
         t4 = time.perf_counter()
         self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
         return y, ticks
+
+    def run_dispatches(self, writes: Sequence, dispatches: Sequence, copies: Sequence, staging, read_bytes: int,
+                       ts_resolve=None, ts_offset: int = 0) -> tuple:
+        """A graph's call: write buffers, run every dispatch in one pass, copy results to staging, read back.
+
+        writes: (buffer, contiguous array); dispatches: (pipeline, bind group, gx, gy, gz) as wgpu-py
+        objects' C handles (`._internal`); copies: (source buffer, staging offset, bytes). Returns
+        (a copy of the staging bytes [0, read_bytes), (tick0, tick1) or None); last_split_us says
+        where the host time went.
+        """
+        t0 = time.perf_counter()
+        for buffer, data in writes:
+            lib.wgpuQueueWriteBuffer(self._queue, buffer._internal, 0, ffi.from_buffer(data), data.nbytes)
+        t1 = time.perf_counter()
+        encoder = lib.wgpuDeviceCreateCommandEncoder(self._device, self._encoder_desc)
+        cpass = lib.wgpuCommandEncoderBeginComputePass(encoder, self._pass_desc)
+        set_pipeline, set_bind_group = lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
+        dispatch, null = lib.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL
+        for pipeline, bind_group, gx, gy, gz in dispatches:
+            set_pipeline(cpass, pipeline)
+            set_bind_group(cpass, 0, bind_group, 0, null)
+            dispatch(cpass, gx, gy, gz)
+        lib.wgpuComputePassEncoderEnd(cpass)
+        lib.wgpuComputePassEncoderRelease(cpass)
+        for source, offset, nbytes in copies:
+            lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, source._internal, 0, staging._internal, offset, nbytes)
+        total = read_bytes
+        if self._query_set is not None and ts_resolve is not None:
+            lib.wgpuCommandEncoderResolveQuerySet(encoder, self._query_set, 0, 2, ts_resolve._internal, 0)
+            lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, ts_resolve._internal, 0, staging._internal, ts_offset, 16)
+            total = ts_offset + 16
+        self._commands[0] = lib.wgpuCommandEncoderFinish(encoder, self._buffer_desc)
+        lib.wgpuQueueSubmit(self._queue, 1, self._commands)
+        lib.wgpuCommandBufferRelease(self._commands[0])
+        lib.wgpuCommandEncoderRelease(encoder)
+        t2 = time.perf_counter()
+        self._map_status[0] = 0
+        lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, max(total, 4), self._map_info[0])
+        spin_until = time.perf_counter() + SPIN_SECONDS
+        while self._map_status[0] == 0:
+            lib.wgpuDevicePoll(self._device, time.perf_counter() > spin_until, ffi.NULL)
+        if self._map_status[0] != lib.WGPUMapAsyncStatus_Success:
+            raise WebGPUDelegateError(f"reading the result back failed (map status {self._map_status[0]})")
+        t3 = time.perf_counter()
+        try:
+            mapped = ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, max(total, 4)), max(total, 4))
+            data = bytes(mapped[:read_bytes])
+            ticks: Optional[tuple] = None
+            if total > read_bytes:
+                t = np.frombuffer(mapped, dtype=np.uint64, count=2, offset=ts_offset)
+                ticks = (int(t[0]), int(t[1]))
+        finally:
+            lib.wgpuBufferUnmap(staging._internal)
+        t4 = time.perf_counter()
+        self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
+        return data, ticks

@@ -32,7 +32,8 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deseriali
 from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, compile_exprs, deserialize_graph
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
-from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call
+from executorch_wgpu.runtime_py.direct_calls import DirectCalls
+from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, use_direct_calls
 from executorch_wgpu.shaders import registry
 
 SLOT_BYTES = 256    # one step's Params: WebGPU's minUniformBufferOffsetAlignment
@@ -48,8 +49,8 @@ class GraphCall:
 
     dispatches: int
     gpu_us: Optional[float]     # the compute pass, by GPU timestamps, when the adapter has them
-    prepare_us: float           # symbols, checks, expressions, Params (host)
-    encode_us: float            # writing inputs, encoding, submitting (host)
+    prepare_us: float           # symbols, checks, expressions, Params, the dispatch list (host)
+    encode_us: float            # writing inputs and Params, encoding, submitting (host)
     wait_us: float              # submit to mapped outputs
     readback_us: float
 
@@ -175,6 +176,9 @@ class GraphDelegate:
             self.query_set = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2)
             self.query_resolve = dev.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE
                                                    | wgpu.BufferUsage.COPY_SRC)
+        # The hot path: wgpu-native's C API directly (direct_calls.py), unless
+        # EXECUTORCH_WGPU_DIRECT=0 asks for wgpu-py's API (same commands, slower).
+        self.direct = DirectCalls(dev, self.query_set) if use_direct_calls() else None
         self.last_call: Optional[GraphCall] = None
         self.reset_state()
 
@@ -287,73 +291,81 @@ class GraphDelegate:
         if need_scratch > self.scratch.size:
             self.scratch = self._linear_bind_groups(need_scratch)
         groups = value_array[self._group_index] if len(self._kernel_steps) else np.zeros((0, 3), dtype=np.int64)
+        # The dispatch list: (pipeline, bind group, grid) per dispatch, zero-sized grids skipped.
+        dispatches = []
+        row = 0
+        linear_at = iter(linear_plans)
+        for s, st in enumerate(rec.steps):
+            if st.linear >= 0:
+                plan = next(linear_at)
+                for d in plan.dispatches:
+                    dispatches.append((self.ctx.pipeline(d.kernel), self._bind_groups[s], *d.grid))
+                continue
+            gx, gy, gz = (int(g) for g in groups[row])
+            row += 1
+            if gx and gy and gz:
+                dispatches.append((self._pipelines[s], self._bind_groups[s], gx, gy, gz))
+        out_bytes = [4 * int(np.prod([values[d] for d in io.shape], dtype=np.int64)) for io in rec.outputs]
+        copies = [(self.buffers[io.buffer], offset, n)
+                  for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes) if n]
+        writes = [(self.buffers[io.buffer], data) for io, data in zip(rec.inputs, data_in) if data.nbytes]
+        writes.append((self.uniform, params.astype(np.uint32)))
         t1 = time.perf_counter()
+        read_bytes = self._output_offsets[-1] + out_bytes[-1] if rec.outputs else 0
+        if self.direct is not None:
+            handles = [(p._internal, b._internal, gx, gy, gz) for p, b, gx, gy, gz in dispatches]
+            raw, ticks = self.direct.run_dispatches(writes, handles, copies, self._staging, read_bytes,
+                                                    self.query_resolve, self._ts_offset)
+            split = self.direct.last_split_us
+        else:
+            raw, ticks, split = self._run_through_wgpu_py(writes, dispatches, copies, read_bytes)
+        outputs = []
+        for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes):
+            shape = [values[d] for d in io.shape]
+            outputs.append(torch.frombuffer(bytearray(raw[offset:offset + n]), dtype=torch.float32).reshape(shape)
+                           if n else torch.empty(shape, dtype=torch.float32))
+        gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
+        self.last_call = GraphCall(len(dispatches), gpu_us, (t1 - t0) * 1e6, split[0] + split[1], split[2], split[3])
+        for lin, plan in zip(self.linears, linear_plans):
+            r = lin.rec
+            calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
+                                    lin.reasons[0 if plan.m == 1 else 1], None))
+        return outputs
 
+    def _run_through_wgpu_py(self, writes, dispatches, copies, read_bytes: int) -> tuple:
+        """The call of DirectCalls.run_dispatches through wgpu-py's API: (bytes, ticks or None, split µs)."""
         dev = self.ctx.device
-        queue = dev.queue
-        for io, data in zip(rec.inputs, data_in):
-            if data.nbytes:
-                queue.write_buffer(self.buffers[io.buffer], 0, data)
-        queue.write_buffer(self.uniform, 0, params.astype(np.uint32))
+        t0 = time.perf_counter()
+        for buffer, data in writes:
+            dev.queue.write_buffer(buffer, 0, data)
+        t1 = time.perf_counter()
         encoder = dev.create_command_encoder()
         timestamps = None
         if self.query_set is not None:
             timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0,
                           "end_of_pass_write_index": 1}
         cpass = encoder.begin_compute_pass(timestamp_writes=timestamps)
-        dispatches = 0
-        row = 0
-        lin_i = 0
-        for s, st in enumerate(rec.steps):
-            if st.linear >= 0:
-                plan = linear_plans[lin_i]
-                lin_i += 1
-                cpass.set_bind_group(0, self._bind_groups[s])
-                for d in plan.dispatches:
-                    cpass.set_pipeline(self.ctx.pipeline(d.kernel))
-                    cpass.dispatch_workgroups(*d.grid)
-                    dispatches += 1
-                continue
-            gx, gy, gz = (int(g) for g in groups[row])
-            row += 1
-            if gx == 0 or gy == 0 or gz == 0:
-                continue
-            cpass.set_pipeline(self._pipelines[s])
-            cpass.set_bind_group(0, self._bind_groups[s])
+        for pipeline, bind_group, gx, gy, gz in dispatches:
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
             cpass.dispatch_workgroups(gx, gy, gz)
-            dispatches += 1
         cpass.end()
-        out_bytes = []
-        for io, offset in zip(rec.outputs, self._output_offsets):
-            n = 4 * int(np.prod([values[d] for d in io.shape], dtype=np.int64))
-            out_bytes.append(n)
-            if n:
-                encoder.copy_buffer_to_buffer(self.buffers[io.buffer], 0, self._staging, offset, -(-n // 4) * 4)
+        for source, offset, nbytes in copies:
+            encoder.copy_buffer_to_buffer(source, 0, self._staging, offset, nbytes)
         if self.query_set is not None and self.query_resolve is not None:
             encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
             encoder.copy_buffer_to_buffer(self.query_resolve, 0, self._staging, self._ts_offset, 16)
-        queue.submit([encoder.finish()])
+        dev.queue.submit([encoder.finish()])
         t2 = time.perf_counter()
         self._staging.map_sync("READ_NOSYNC")
         t3 = time.perf_counter()
-        outputs = []
         try:
-            for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes):
-                shape = [values[d] for d in io.shape]
-                raw = self._staging.read_mapped(offset, n, copy=True) if n else b""
-                outputs.append(torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(shape)
-                               if n else torch.empty(shape, dtype=torch.float32))
-            gpu_us = None
+            raw = bytes(self._staging.read_mapped(0, max(read_bytes, 4), copy=True))[:read_bytes]
+            ticks = None
             if self.query_set is not None:
-                ticks = np.frombuffer(self._staging.read_mapped(self._ts_offset, 16, copy=False), dtype=np.uint64)
-                gpu_us = self.ctx.ticks_to_us(int(ticks[0]), int(ticks[1]))
+                t = np.frombuffer(self._staging.read_mapped(self._ts_offset, 16, copy=False), dtype=np.uint64)
+                ticks = (int(t[0]), int(t[1]))
         finally:
             self._staging.unmap()
         t4 = time.perf_counter()
-        self.last_call = GraphCall(dispatches, gpu_us, (t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6,
-                                   (t4 - t3) * 1e6)
-        for lin, plan in zip(self.linears, linear_plans):
-            r = lin.rec
-            calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
-                                    lin.reasons[0 if plan.m == 1 else 1], None))
-        return outputs
+        return raw, ticks, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)

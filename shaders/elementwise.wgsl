@@ -57,6 +57,7 @@ fn apply(op: u32, x: f32, y: f32) -> f32 {
         case OP_POW: { return pow_torch(x, y); }
         case OP_MAX: { return max(x, y); }
         case OP_MIN: { return min(x, y); }
+        case OP_SILU_MUL: { return x / (1.0 + exp(-x)) * y; }
         case OP_COPY: { return x; }
         case OP_NEG: { return -x; }
         case OP_RSQRT: { return inverseSqrt(x); }

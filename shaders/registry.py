@@ -77,6 +77,8 @@ ELEMENTWISE_OPS = {
     "OP_COPY": 16, "OP_NEG": 17, "OP_RSQRT": 18, "OP_SQRT": 19, "OP_EXP": 20, "OP_SIGMOID": 21,
     "OP_SILU": 22, "OP_TANH": 23, "OP_GELU_ERF": 24, "OP_GELU_TANH": 25, "OP_RECIPROCAL": 26, "OP_ABS": 27,
     "OP_LOG": 28, "OP_COS": 29, "OP_SIN": 30, "OP_RELU": 31,
+    # fused binary: silu(a) * b (SwiGLU's gate times up)
+    "OP_SILU_MUL": 7,
 }
 ELEMENTWISE_PARAMS = (("n", "op", "scalar_bits", "b_is_scalar", "a_off", "b_off", "out_off", "_pad0")
                       + tuple(f"d{i}" for i in range(ELEMENTWISE_RANK))
@@ -92,6 +94,9 @@ ELEMENTWISE_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-stor
                       Binding("b", "read-only-storage"), Binding("out", "storage"))
 ROWS_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-storage"),
                Binding("w", "read-only-storage"), Binding("out", "storage"))
+ROPE_LAYOUT = (Binding("params", "uniform"), Binding("x", "read-only-storage"),
+               Binding("cos_t", "read-only-storage"), Binding("sin_t", "read-only-storage"),
+               Binding("out", "storage"))
 SDPA_LAYOUT = (Binding("params", "uniform"), Binding("q", "read-only-storage"), Binding("k", "read-only-storage"),
                Binding("v", "read-only-storage"), Binding("out", "storage"))
 
@@ -166,6 +171,11 @@ KERNELS: Tuple[Kernel, ...] = (
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            constants=REDUCE_OPS,
            params=("rows", "n", "op", "eps_bits", "has_w", "_pad0", "_pad1", "_pad2")),
+    Kernel("rope", "rope.wgsl", layout=ROPE_LAYOUT,
+           types={"params": "Params", "x": F32, "cos_t": F32, "sin_t": F32, "out": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           params=("n_pairs", "d0", "d1", "d2", "d3", "c0", "c1", "c2", "c3", "s0", "s1", "s2", "s3",
+                   "_pad0", "_pad1", "_pad2")),
     Kernel("embedding", "embedding.wgsl", layout=ROWS_LAYOUT,
            types={"params": "Params", "a": U32, "w": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),

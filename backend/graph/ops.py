@@ -21,6 +21,7 @@ import sympy
 import torch
 from torch.fx import Node
 
+from executorch_wgpu.backend.graph import patterns
 from executorch_wgpu.backend.graph.exprs import ExprError, IntExpr, ceildiv, sym
 from executorch_wgpu.backend.graph.lowering import Lowerer, LoweringError, TensorRef
 from executorch_wgpu.backend.q4gsw_pattern import op_name
@@ -293,6 +294,8 @@ def lower_select(lw: Lowerer, node: Node) -> None:
 
 @rule("aten.cat.default")
 def lower_cat(lw: Lowerer, node: Node) -> None:
+    if _lower_rope(lw, node):
+        return
     parts = [lw.tensor(p) for p in args_of(node)[0]]
     out = lw.out_tensor(node)
     dim = _dim(args_of(node)[1] if len(node.args) > 1 else 0, len(out.shape))
@@ -346,6 +349,8 @@ def _operand(lw: Lowerer, arg) -> TensorRef:
 
 @rule(*_BINARY, check=_check_arith)
 def lower_binary(lw: Lowerer, node: Node) -> None:
+    if target_name(node) == "aten.mul.Tensor" and (_lower_rms_norm(lw, node) or _lower_silu_mul(lw, node)):
+        return
     shape = _meta_shape(node)
     out = lw.out_tensor(node)
     x, y = args_of(node)[0], args_of(node)[1]
@@ -392,6 +397,58 @@ def lower_gelu(lw: Lowerer, node: Node) -> None:
     op = "OP_GELU_TANH" if node.kwargs.get("approximate", "none") == "tanh" else "OP_GELU_ERF"
     elementwise(lw, node, op, out, shape, (a, 0, a.strides()))
     lw.values[node] = out
+
+
+# ---- fused patterns (patterns.py): the anchor's rule emits one step; the chain's steps go unread ----
+
+def _lower_rms_norm(lw: Lowerer, node: Node) -> bool:
+    m = patterns.match_rms_norm(lw.ep, node)
+    if m is None:
+        return False
+    out = lw.out_tensor(node)
+    _rows(lw, node, "ROWS_RMS_NORM", lw.tensor(m.x), out, lw.tensor(m.weight) if m.weight is not None else None,
+          eps=m.eps)
+    lw.values[node] = out
+    return True
+
+
+def _lower_silu_mul(lw: Lowerer, node: Node) -> bool:
+    m = patterns.match_silu_mul(node)
+    if m is None:
+        return False
+    shape = _meta_shape(node)
+    gate, up = lw.tensor(m.gate), lw.tensor(m.up)
+    out = lw.out_tensor(node)
+    elementwise(lw, node, "OP_SILU_MUL", out, shape, (gate, 0, broadcast_strides(gate, shape)),
+                (up, 0, broadcast_strides(up, shape)))
+    lw.values[node] = out
+    return True
+
+
+def _lower_rope(lw: Lowerer, node: Node) -> bool:
+    m = patterns.match_rope(node)
+    if m is None:
+        return False
+    x, cos, sin = lw.tensor(m.x), lw.tensor(m.cos), lw.tensor(m.sin)
+    if len(x.shape) > 4 or not isinstance(x.shape[-1], int) or x.shape[-1] % 2:
+        return False
+    pairs = [*([1] * (4 - len(x.shape))), *x.shape[:-1], x.shape[-1] // 2]
+    half_shape = [*x.shape[:-1], x.shape[-1] // 2]
+    n_pairs: IntExpr = 1
+    for d in pairs:
+        n_pairs = n_pairs * d
+    params: Dict[str, IntExpr] = {"n_pairs": n_pairs}
+    for name, t in (("c", cos), ("s", sin)):
+        strides = [0] * (4 - len(half_shape)) + broadcast_strides(t, half_shape)
+        for i, st in enumerate(strides):
+            params[f"{name}{i}"] = st
+    for i, d in enumerate(pairs[-4:]):
+        params[f"d{i}"] = d
+    out = lw.new_tensor(x.shape, node.name)   # [..., D]: the view after the cat only renames it
+    lw.dispatch(node, "rope", {"x": x.buffer, "cos_t": cos.buffer, "sin_t": sin.buffer, "out": out.buffer}, params,
+                _grid_1d(n_pairs, registry.kernel("rope").workgroup_size[0]))
+    lw.values[node] = TensorRef(out.buffer, _meta_shape(node))
+    return True
 
 
 # ---- reductions -------------------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+"""Fusion patterns: chains of Edge ops that one fused kernel computes.
+
+A pattern is recognised at its last node (the anchor) by looking back along
+the anchor's inputs. When it matches, the anchor's rule emits the fused
+step, reading the chain's inputs; the chain's own steps then have no reader
+and Lowerer.finish() drops them. Each matcher requires every inner node to be
+used only inside the chain, so nothing else still needs an intermediate.
+
+  * RMSNorm (ExecuTorch's and HF's): x * rsqrt(mean(x * x, -1, keepdim) + eps) * w
+  * RoPE (ExecuTorch's apply_rotary_emb): the interleaved pair rotation
+    view(x, [..., D/2, 2]) -> slices -> x_r cos - x_i sin, x_r sin + x_i cos -> cat -> view
+  * SiLU-gated product (SwiGLU): g * sigmoid(g) * u
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from executorch_wgpu.backend.q4gsw_pattern import constant_value, op_name
+
+MUL, ADD, SUB = "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor"
+
+
+def _args(node: Any) -> List[Any]:
+    """A node's positional arguments (typed Any: fx types them as a union a matcher cannot index)."""
+    return list(node.args)
+
+
+def _is(node: Any, name: str) -> bool:
+    return isinstance(node, Node) and op_name(node) == name
+
+
+def _only_user(node: Node, user: Node) -> bool:
+    return list(node.users) == [user]
+
+
+def _operands(node: Node, test: Callable[[Any], bool]):
+    """(the operand that passes test, the other one) of a binary node, either order; None when neither does."""
+    a, b = _args(node)[0], _args(node)[1]
+    if test(a):
+        return a, b
+    if test(b):
+        return b, a
+    return None
+
+
+def _scalar_constant(ep: ExportedProgram, node: Any) -> Optional[float]:
+    if isinstance(node, (int, float)):
+        return float(node)
+    if isinstance(node, Node):
+        value = constant_value(ep, node)
+        if value is not None and value.numel() == 1:
+            return float(value.reshape(()).item())
+    return None
+
+
+@dataclass
+class RmsNorm:
+    x: Node
+    weight: Optional[Node]
+    eps: float
+
+
+def match_rms_norm(ep: ExportedProgram, anchor: Node) -> Optional[RmsNorm]:
+    """anchor = mul(x * rsqrt(mean(x*x) + eps), w) or the unweighted x * rsqrt(...)."""
+    if not _is(anchor, MUL):
+        return None
+    weight = None
+    normed = anchor
+    width = None
+    found = _operands(anchor, lambda n: _is(n, MUL) and _only_user(n, anchor))
+    if found is not None and isinstance(found[1], Node) and found[1].op == "placeholder":
+        normed, weight = found[0], found[1]
+        w = constant_value(ep, weight)
+        if w is None or w.dim() != 1:
+            return None
+        width = w.shape[0]
+    inner = _operands(normed, lambda n: _is(n, "aten.rsqrt.default") and _only_user(n, normed))
+    if inner is None:
+        return None
+    rsqrt, x = inner
+    added = _args(rsqrt)[0]
+    if not (_is(added, ADD) and _only_user(added, rsqrt)):
+        return None
+    pair = _operands(added, lambda n: _is(n, "aten.mean.dim") and _only_user(n, added))
+    if pair is None:
+        return None
+    mean, eps_node = pair
+    eps = _scalar_constant(ep, eps_node)
+    square = _args(mean)[0]
+    if eps is None or not (_is(square, MUL) and _only_user(square, mean) and _args(square)[0] is x
+                           and _args(square)[1] is x):
+        return None
+    dims = _args(mean)[1] if len(_args(mean)) > 1 else None
+    if not dims or len(dims) != 1 or dims[0] not in (-1, x.meta["val"].dim() - 1):
+        return None
+    if width is not None and width != x.meta["val"].shape[-1]:
+        return None
+    return RmsNorm(x, weight, eps)
+
+
+@dataclass
+class SiluMul:
+    gate: Node
+    up: Node
+
+
+def match_silu_mul(anchor: Node) -> Optional[SiluMul]:
+    """anchor = mul(g * sigmoid(g), u)."""
+    if not _is(anchor, MUL):
+        return None
+    for silu, up in ((_args(anchor)[0], _args(anchor)[1]), (_args(anchor)[1], _args(anchor)[0])):
+        if not (_is(silu, MUL) and _only_user(silu, anchor)):
+            continue
+        found = _operands(silu, lambda n: _is(n, "aten.sigmoid.default") and _only_user(n, silu))
+        if found is not None and found[0].args[0] is found[1] and isinstance(up, Node):
+            return SiluMul(found[1], up)
+    return None
+
+
+@dataclass
+class Rope:
+    x: Node        # [..., D] before the pair view
+    cos: Node      # broadcastable to [..., D/2]
+    sin: Node
+
+
+def _squeezed_half(node: Any, which: int) -> Optional[Node]:
+    """The pair view v when node = squeeze(slice(v, -1, which, which + 1), [-1])."""
+    if not (_is(node, "aten.squeeze_copy.dims") or _is(node, "aten.squeeze_copy.dim")):
+        return None
+    sl = _args(node)[0]
+    if not (_is(sl, "aten.slice_copy.Tensor") and len(_args(sl)) >= 4):
+        return None
+    v = _args(sl)[0]
+    rank = v.meta["val"].dim()
+    dim, start, end = _args(sl)[1], _args(sl)[2], _args(sl)[3]
+    step = _args(sl)[4] if len(_args(sl)) > 4 else 1
+    if dim not in (-1, rank - 1) or (start, end, step) != (which, which + 1, 1):
+        return None
+    return v
+
+
+def match_rope(anchor: Node) -> Optional[Rope]:
+    """anchor = cat([unsqueeze(x_r cos - x_i sin, -1), unsqueeze(x_r sin + x_i cos, -1)], -1)."""
+    if not _is(anchor, "aten.cat.default"):
+        return None
+    parts = _args(anchor)[0]
+    dim = _args(anchor)[1] if len(_args(anchor)) > 1 else 0
+    rank = anchor.meta["val"].dim()
+    if len(parts) != 2 or dim not in (-1, rank - 1):
+        return None
+    halves = []
+    for p in parts:
+        if not (_is(p, "aten.unsqueeze_copy.default") and _only_user(p, anchor)):
+            return None
+        halves.append(_args(p)[0])
+    real, imag = halves
+    if not (_is(real, SUB) and _is(imag, ADD)):
+        return None
+    products = [_args(real)[0], _args(real)[1], _args(imag)[0], _args(imag)[1]]
+    if not all(_is(m, MUL) for m in products):
+        return None
+    (rc, is_), (rs, ic) = (_args(real)[0].args, _args(real)[1].args), (_args(imag)[0].args, _args(imag)[1].args)
+    # real = x_r*cos - x_i*sin; imag = x_r*sin + x_i*cos (ExecuTorch's rope.py order)
+    x_r, cos = rc
+    x_i, sin = is_
+    if rs[0] is not x_r or rs[1] is not sin or ic[0] is not x_i or ic[1] is not cos:
+        return None
+    v_r, v_i = _squeezed_half(x_r, 0), _squeezed_half(x_i, 1)
+    if v_r is None or v_r is not v_i or not _is(v_r, "aten.view_copy.default"):
+        return None
+    x = _args(v_r)[0]
+    if not isinstance(x, Node):
+        return None
+    xv, cv = x.meta["val"], cos.meta["val"]
+    if not (isinstance(xv, torch.Tensor) and isinstance(cv, torch.Tensor)):
+        return None
+    return Rope(x, cos, sin)
