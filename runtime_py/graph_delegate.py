@@ -53,6 +53,9 @@ class GraphCall:
     encode_us: float            # writing inputs and Params, encoding, submitting (host)
     wait_us: float              # submit to mapped outputs
     readback_us: float
+    # With GraphDelegate.profile set: (fx node, kernel, GPU µs) per dispatch, each timed in its own
+    # compute pass -- inflated by a pass boundary each, so read it for where time goes, not for totals.
+    profile: Optional[List[Tuple[str, str, float]]] = None
 
 
 class _Linear:
@@ -180,6 +183,7 @@ class GraphDelegate:
         # EXECUTORCH_WGPU_DIRECT=0 asks for wgpu-py's API (same commands, slower).
         self.direct = DirectCalls(dev, self.query_set) if use_direct_calls() else None
         self.last_call: Optional[GraphCall] = None
+        self.profile = False   # set to time every dispatch of the next calls (GraphCall.profile)
         self.reset_state()
 
     # ---- load helpers ----
@@ -293,6 +297,7 @@ class GraphDelegate:
         groups = value_array[self._group_index] if len(self._kernel_steps) else np.zeros((0, 3), dtype=np.int64)
         # The dispatch list: (pipeline, bind group, grid) per dispatch, zero-sized grids skipped.
         dispatches = []
+        labels = []   # (fx node, kernel) per dispatch, for a profile
         row = 0
         linear_at = iter(linear_plans)
         for s, st in enumerate(rec.steps):
@@ -300,11 +305,13 @@ class GraphDelegate:
                 plan = next(linear_at)
                 for d in plan.dispatches:
                     dispatches.append((self.ctx.pipeline(d.kernel), self._bind_groups[s], *d.grid))
+                    labels.append((st.node, d.kernel))
                 continue
             gx, gy, gz = (int(g) for g in groups[row])
             row += 1
             if gx and gy and gz:
                 dispatches.append((self._pipelines[s], self._bind_groups[s], gx, gy, gz))
+                labels.append((st.node, st.kernel))
         out_bytes = [4 * int(np.prod([values[d] for d in io.shape], dtype=np.int64)) for io in rec.outputs]
         copies = [(self.buffers[io.buffer], offset, n)
                   for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes) if n]
@@ -312,7 +319,12 @@ class GraphDelegate:
         writes.append((self.uniform, params.astype(np.uint32)))
         t1 = time.perf_counter()
         read_bytes = self._output_offsets[-1] + out_bytes[-1] if rec.outputs else 0
-        if self.direct is not None:
+        profile = None
+        if self.profile and self.ctx.has_timestamps:
+            raw, profile_us, split = self._run_profiled(writes, dispatches, copies, read_bytes)
+            profile = [(node, kernel, us) for (node, kernel), us in zip(labels, profile_us)]
+            ticks = None
+        elif self.direct is not None:
             handles = [(p._internal, b._internal, gx, gy, gz) for p, b, gx, gy, gz in dispatches]
             raw, ticks = self.direct.run_dispatches(writes, handles, copies, self._staging, read_bytes,
                                                     self.query_resolve, self._ts_offset)
@@ -325,12 +337,54 @@ class GraphDelegate:
             outputs.append(torch.frombuffer(bytearray(raw[offset:offset + n]), dtype=torch.float32).reshape(shape)
                            if n else torch.empty(shape, dtype=torch.float32))
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
-        self.last_call = GraphCall(len(dispatches), gpu_us, (t1 - t0) * 1e6, split[0] + split[1], split[2], split[3])
+        self.last_call = GraphCall(len(dispatches), gpu_us, (t1 - t0) * 1e6, split[0] + split[1], split[2], split[3],
+                                   profile)
         for lin, plan in zip(self.linears, linear_plans):
             r = lin.rec
             calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
                                     lin.reasons[0 if plan.m == 1 else 1], None))
         return outputs
+
+    def _run_profiled(self, writes, dispatches, copies, read_bytes: int) -> tuple:
+        """The call with each dispatch in its own timed compute pass: (bytes, [GPU µs per dispatch], split µs)."""
+        dev = self.ctx.device
+        t0 = time.perf_counter()
+        for buffer, data in writes:
+            dev.queue.write_buffer(buffer, 0, data)
+        n = len(dispatches)
+        query_set = dev.create_query_set(type=wgpu.QueryType.timestamp, count=max(2, 2 * n))
+        resolve = dev.create_buffer(size=max(16, 16 * n), usage=wgpu.BufferUsage.QUERY_RESOLVE
+                                    | wgpu.BufferUsage.COPY_SRC)
+        ticks_out = dev.create_buffer(size=max(16, 16 * n), usage=wgpu.BufferUsage.MAP_READ
+                                      | wgpu.BufferUsage.COPY_DST)
+        t1 = time.perf_counter()
+        encoder = dev.create_command_encoder()
+        for i, (pipeline, bind_group, gx, gy, gz) in enumerate(dispatches):
+            cpass = encoder.begin_compute_pass(timestamp_writes={
+                "query_set": query_set, "beginning_of_pass_write_index": 2 * i, "end_of_pass_write_index": 2 * i + 1})
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, bind_group)
+            cpass.dispatch_workgroups(gx, gy, gz)
+            cpass.end()
+        for source, offset, nbytes in copies:
+            encoder.copy_buffer_to_buffer(source, 0, self._staging, offset, nbytes)
+        if n:
+            encoder.resolve_query_set(query_set, 0, 2 * n, resolve, 0)
+            encoder.copy_buffer_to_buffer(resolve, 0, ticks_out, 0, 16 * n)
+        dev.queue.submit([encoder.finish()])
+        t2 = time.perf_counter()
+        self._staging.map_sync("READ_NOSYNC")
+        ticks_out.map_sync("READ_NOSYNC")
+        t3 = time.perf_counter()
+        try:
+            raw = bytes(self._staging.read_mapped(0, max(read_bytes, 4), copy=True))[:read_bytes]
+            t = np.frombuffer(ticks_out.read_mapped(0, max(16, 16 * n), copy=True), dtype=np.uint64)
+        finally:
+            self._staging.unmap()
+            ticks_out.unmap()
+        us = [self.ctx.ticks_to_us(int(t[2 * i]), int(t[2 * i + 1])) or 0.0 for i in range(n)]
+        t4 = time.perf_counter()
+        return raw, us, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
 
     def _run_through_wgpu_py(self, writes, dispatches, copies, read_bytes: int) -> tuple:
         """The call of DirectCalls.run_dispatches through wgpu-py's API: (bytes, ticks or None, split µs)."""

@@ -13,6 +13,8 @@ instructions run the named op on the CPU through torch (operators.py).
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence
 
@@ -97,6 +99,7 @@ class Method:
         self._state: Dict[int, torch.Tensor] = self._find_state()
         self._state_at_load = {vid: t.clone() for vid, t in self._state.items()}
         self._last_calls: List[LinearCall] = []
+        self._ran: list = []   # the delegates the last execute called
 
     # -- load --
 
@@ -329,6 +332,7 @@ class Method:
             return new_tensor_out(vid)
 
         calls: List[LinearCall] = []
+        ran: list = []
         instructions = self._instructions
         pc = 0
         steps, step_limit = 0, max_steps()
@@ -344,6 +348,7 @@ class Method:
                     )
                 if isinstance(instr, et.DelegateCall):   # args: the inputs, then the outputs
                     delegate = self._delegates[instr.delegate_index]
+                    ran.append(delegate)
                     n_out = delegate.n_outputs
                     inputs = [read(vid, "Tensor") for vid in instr.args[:-n_out]]
                     for vid, y in zip(instr.args[-n_out:], delegate.execute(inputs, calls)):
@@ -374,6 +379,7 @@ class Method:
             if isinstance(values[vid], torch.Tensor):
                 self._state[vid] = values[vid]
         self._last_calls = calls
+        self._ran = ran
         try:
             outputs = [values[vid] if values[vid] is not None else aliased(vid) for vid in plan.outputs]
         except RuntimeError as e:   # an output read through planned memory that does not hold its shape
@@ -383,6 +389,19 @@ class Method:
         state_ptrs = {t.untyped_storage().data_ptr() for t in self._state.values()}
         return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in state_ptrs else o
                 for o in outputs]
+
+    def set_profile(self, on: bool) -> None:
+        """Time every dispatch of this method's graph delegates in the next calls (graph_report()'s "profile")."""
+        for d in self._delegates:
+            if hasattr(d, "profile"):
+                d.profile = on
+
+    def graph_report(self) -> List[Dict[str, Any]]:
+        """One entry per graph delegate the last execute ran: {"dispatches", "gpu_us" (the call's compute pass,
+        by GPU timestamps; None without them), "prepare_us", "encode_us", "wait_us", "readback_us", "profile"
+        (per-dispatch GPU µs when the delegate's `profile` flag was set, else None)}."""
+        calls = [getattr(d, "last_call", None) for d in self._ran]
+        return [dataclasses.asdict(c) for c in calls if c is not None]
 
     def route_report(self) -> List[Dict[str, Any]]:
         """One entry per delegated linear call of the last execute:

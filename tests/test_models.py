@@ -247,6 +247,9 @@ def test_llama_bench_small_runs_and_reports_the_time_split(tmp_path):
     assert d["tokens"] == 3 and d["tokens_per_s"] > 0 and d["kernels"] == {decode_kernel(): 3 * 8}
     assert len(d["generated_tokens"]) == 3 + 2
     assert "| prefill | 16 |" in (tmp_path / "llama_bench.md").read_text()
+    # graph mode (the default): one delegate call per token, its dispatches and host split reported
+    assert saved["mode"] == "graph" and d["delegate_calls_per_token"] == 1 and d["dispatches_per_token"] > 8
+    assert d["host_encode_ms_per_token"] > 0 and d["wait_ms_per_token"] > 0
 
 
 def test_llama_bench_falls_back_to_an_fp32_lm_head_when_the_runtime_refuses_it(tmp_path, monkeypatch):
@@ -257,14 +260,14 @@ def test_llama_bench_falls_back_to_an_fp32_lm_head_when_the_runtime_refuses_it(t
 
     load_delegate = program.load_delegate
 
-    def refusing(backend_id, blob):
+    def refusing(backend_id, blob, named_data):
         if deserialize_q4linear(blob).name == "transformer.output":
             raise WebGPUDelegateError("layer 'transformer.output': packed weights exceed this adapter's limit")
-        return load_delegate(backend_id, blob)
+        return load_delegate(backend_id, blob, named_data)
 
     monkeypatch.setattr(program, "load_delegate", refusing)
     result = llama_bench.main(["--config", "small", "--layers", "1", "--prompt", "4", "--decode-tokens", "2",
-                               "--repeats", "1", "--out", str(tmp_path)])
+                               "--repeats", "1", "--mode", "linears-only", "--out", str(tmp_path)])
     assert result["lm_head"]["mode"] == "cpu-fp32" and "refused" in result["lm_head"]["why"]
     assert result["delegated_linears"] == 7 and result["decode"]["kernels"] == {decode_kernel(): 2 * 7}
 

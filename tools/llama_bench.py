@@ -58,6 +58,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--lm-head", choices=["auto", "q4", "cpu"], default="auto",
                    help="auto: int4 on the GPU when its packed weights fit the adapter's binding limit, "
                         "else fp32 on the CPU")
+    p.add_argument("--mode", choices=["graph", "linears-only"], default="graph",
+                   help="graph (default): the whole model is one delegate, KV cache on the GPU, one submit per "
+                        "call (ExecuTorch's LLM transforms: custom_sdpa, update_cache); linears-only: one delegate "
+                        "per q4 linear, every other op on the CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="graph mode: also time every dispatch of one prefill and one decode call (each in its own "
+                        "compute pass: inflated, for where the time goes) and report the top ops")
+    p.add_argument("--torch-peer", action="store_true",
+                   help="also time the same model in torch eager on CUDA, bf16 weights (when CUDA is available)")
     p.add_argument("--layers", type=cli.positive_int, default=None,
                    help="override the config's layer count (smoke tests)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
@@ -99,9 +108,31 @@ def choose_lm_head(mode: str, dim: int, vocab: int, limit: int) -> Dict[str, Any
                                          f"max-storage-buffer-binding-size {limit} B)"}
 
 
-def phase_split(wall_s: float, report: List[dict]) -> Dict[str, Any]:
-    """Time of one execute() split into GPU kernels, the rest of the delegate calls, and CPU ops (ms)."""
+def phase_split(wall_s: float, report: List[dict], graph: Optional[List[dict]] = None) -> Dict[str, Any]:
+    """Time of one execute() split into GPU kernels, the rest of the delegate calls, and CPU ops (ms).
+
+    In graph mode the delegate calls are the graph delegates' (Method.graph_report()): GPU time is their
+    compute passes' timestamps; the host part is split into prepare (symbols, expressions, Params),
+    encode (upload, encode, submit), wait (submit to mapped outputs) and readback.
+    """
     wall_ms = wall_s * 1e3
+    if graph:
+        gpu = [g["gpu_us"] for g in graph]
+        gpu_ms = None if any(g is None for g in gpu) else sum(gpu) / 1e3
+        host = {k: sum(g[f"{k}_us"] for g in graph) / 1e3 for k in ("prepare", "encode", "wait", "readback")}
+        delegate_ms = sum(host.values())
+        return {
+            "wall_ms": wall_ms,
+            "gpu_kernels_ms": gpu_ms,
+            "delegate_wall_ms": delegate_ms,
+            "delegate_overhead_ms": None if gpu_ms is None else delegate_ms - gpu_ms,
+            "cpu_ops_ms": wall_ms - delegate_ms,
+            "delegate_calls": len(graph),
+            "dispatches": sum(g["dispatches"] for g in graph),
+            "host_prepare_ms": host["prepare"], "host_encode_ms": host["encode"], "wait_ms": host["wait"],
+            "readback_ms": host["readback"],
+            "kernels": dict(Counter(e["kernel"] for e in report)),
+        }
     delegate_ms = sum(e["wall_us"] for e in report) / 1e3
     gpu = [e["gpu_us"] for e in report]
     gpu_ms = None if any(g is None for g in gpu) else sum(gpu) / 1e3
@@ -119,7 +150,7 @@ def phase_split(wall_s: float, report: List[dict]) -> Dict[str, Any]:
 def timed_execute(method, inputs):
     start = time.perf_counter()
     (logits,) = method.execute(inputs)
-    return logits, time.perf_counter() - start, method.route_report()
+    return logits, time.perf_counter() - start, method.route_report(), method.graph_report()
 
 
 def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, Any]:
@@ -133,11 +164,11 @@ def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) 
     runs = []
     for _ in range(max(1, repeats)):
         method.reset_state()
-        _, wall, report = timed_execute(method, [tokens, pos])
-        runs.append((wall, report))
+        _, wall, report, graph = timed_execute(method, [tokens, pos])
+        runs.append((wall, report, graph))
     runs.sort(key=lambda r: r[0])
-    wall, report = runs[len(runs) // 2]
-    split = phase_split(wall, report)
+    wall, report, graph = runs[len(runs) // 2]
+    split = phase_split(wall, report, graph)
     layer_m = sorted({e["M"] for e in report})
     return {"prompt": prompt_len, "tokens_per_s": prompt_len / wall, "repeats": len(runs),
             "walls_ms": [r[0] * 1e3 for r in runs], "linear_M": layer_m, **split}
@@ -149,18 +180,18 @@ def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) 
     g = torch.Generator().manual_seed(seed + 7919)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
     method.reset_state()
-    logits, _, _ = timed_execute(method, [prompt, torch.tensor([0])])
+    logits, _, _, _ = timed_execute(method, [prompt, torch.tensor([0])])
     token = int(logits[0].argmax())
     pos = prompt_len
     generated = [token]
     # one untimed step: the M = 1 pipelines and buffers of every layer
-    logits, _, _ = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
+    logits, _, _, _ = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
     token, pos = int(logits[0].argmax()), pos + 1
     generated.append(token)
     steps = []
     for _ in range(n_tokens):
-        logits, wall, report = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
-        steps.append(phase_split(wall, report))
+        logits, wall, report, graph = timed_execute(method, [torch.tensor([[token]]), torch.tensor([pos])])
+        steps.append(phase_split(wall, report, graph))
         token, pos = int(logits[0].argmax()), pos + 1
         generated.append(token)
     total_s = sum(s["wall_ms"] for s in steps) / 1e3
@@ -181,9 +212,101 @@ def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) 
         "delegate_overhead_ms_per_token": per_token("delegate_overhead_ms"),
         "cpu_ops_ms_per_token": per_token("cpu_ops_ms"),
         "delegate_calls_per_token": per_token("delegate_calls"),
+        **({f"{k}_per_token": per_token(k) for k in ("dispatches", "host_prepare_ms", "host_encode_ms", "wait_ms",
+                                                     "readback_ms")} if "dispatches" in steps[0] else {}),
         "kernels": dict(kernels),
         "generated_tokens": generated,
     }
+
+
+def op_kind(node: str, kernel: str) -> str:
+    """A profile row's group: the kernel, and for generic kernels the op (fx node name without its number)."""
+    import re
+
+    from executorch_wgpu.shaders import registry
+
+    if kernel in registry.ROUTABLE_NAMES or kernel == "splitk_reduce":
+        return f"q4 linear ({kernel})"
+    if "@" in node:   # a fused pattern's step: "pattern@anchor node"
+        return f"{kernel}: {node.split('@')[0]}"
+    op = re.sub(r"^aten_|_default$|_tensor$|(_\d+)+$", "", node)
+    op = re.sub(r"(_default|_tensor|_dims|_int)$", "", op)
+    return f"{kernel}: {op}"
+
+
+def profile_calls(method, prompt_len: int, vocab: int, seed: int) -> Dict[str, Any]:
+    """GPU time per op kind of one prefill and one decode call, every dispatch in its own timed pass."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    out: Dict[str, Any] = {}
+    method.set_profile(True)
+    try:
+        method.reset_state()
+        for phase, inputs in (("prefill", [tokens, torch.tensor([0])]),
+                              ("decode", [tokens[:, :1], torch.tensor([prompt_len])])):
+            method.execute(inputs)
+            rows = [r for g in method.graph_report() for r in (g["profile"] or [])]
+            by_kind: Counter = Counter()
+            count: Counter = Counter()
+            for node, kernel, us in rows:
+                by_kind[op_kind(node, kernel)] += us
+                count[op_kind(node, kernel)] += 1
+            total = sum(by_kind.values())
+            out[phase] = {"tokens": inputs[0].shape[1], "dispatches": len(rows), "sum_us": total,
+                          "by_op": [{"op": k, "us": v, "dispatches": count[k], "share": v / total if total else 0.0}
+                                    for k, v in by_kind.most_common()]}
+    finally:
+        method.set_profile(False)
+    return out
+
+
+def torch_peer(config: str, overrides: Dict[str, Any], prompts: Sequence[int], n_tokens: int, repeats: int,
+               seed: int) -> Optional[Dict[str, Any]]:
+    """The same Llama in torch eager on CUDA with bf16 weights (ExecuTorch's module, its KV cache): tok/s."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from executorch.examples.models.llama.llama_transformer import construct_transformer
+
+    from executorch_wgpu.tools import models
+
+    torch.manual_seed(seed)
+    model = models.LlamaDecoder(construct_transformer(models.llama_args(config, **overrides))).eval()
+    model = model.to("cuda", torch.bfloat16)
+    vocab = model.args.vocab_size
+
+    def timed(tokens, pos) -> tuple:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = model(tokens, torch.tensor([pos], device="cuda"))
+        torch.cuda.synchronize()
+        return logits, time.perf_counter() - t0
+
+    prefill = []
+    for p in prompts:
+        tokens = torch.randint(0, vocab, (1, p), device="cuda")
+        timed(tokens, 0)
+        walls = []
+        for _ in range(max(1, repeats)):
+            models.reset_kv_cache(model)
+            walls.append(timed(tokens, 0)[1])
+        prefill.append({"prompt": p, "tokens_per_s": p / statistics.median(walls)})
+    models.reset_kv_cache(model)
+    logits, _ = timed(torch.randint(0, vocab, (1, prompts[0]), device="cuda"), 0)
+    pos, total = prompts[0], 0.0
+    token = logits[0].argmax().reshape(1, 1)
+    timed(token, pos)   # warm-up at T = 1
+    pos += 1
+    for _ in range(n_tokens):
+        logits, wall = timed(token, pos)
+        total += wall
+        token, pos = logits[0].argmax().reshape(1, 1), pos + 1
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
+            "prefill": prefill, "decode_tokens_per_s": n_tokens / total}
 
 
 def _ms(v: Optional[float]) -> str:
@@ -223,13 +346,37 @@ def markdown(result: Dict[str, Any]) -> str:
              f"{d['delegate_wall_ms_per_token']:.2f}")
     lines.append(f"| decode (per token, after {d['after_prompt']}) | {d['tokens']} | {d['tokens_per_s']:.1f} | "
                  f"{d['ms_per_token_mean']:.2f} | {split} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
-    if timed:
+    if result.get("mode") == "graph":
+        lines += ["", "Graph mode: GPU kernels = the graph call's compute pass (GPU timestamps); delegate overhead = "
+                      "host prepare + encode + wait + readback - GPU kernels; CPU ops = execute wall - that host time.",
+                  "", "| phase | dispatches | host prepare ms | host encode+submit ms | wait ms | readback ms |",
+                  "|---|---|---|---|---|---|"]
+        for p in result["prefill"]:
+            lines.append(f"| prefill {p['prompt']} | {p.get('dispatches')} | {_ms(p.get('host_prepare_ms'))} | "
+                         f"{_ms(p.get('host_encode_ms'))} | {_ms(p.get('wait_ms'))} | {_ms(p.get('readback_ms'))} |")
+        lines.append(f"| decode (per token) | {d.get('dispatches_per_token')} | "
+                     f"{_ms(d.get('host_prepare_ms_per_token'))} | {_ms(d.get('host_encode_ms_per_token'))} | "
+                     f"{_ms(d.get('wait_ms_per_token'))} | {_ms(d.get('readback_ms_per_token'))} |")
+    elif timed:
         lines += ["", "GPU kernels = sum of gpu_us; delegate overhead = sum of wall_us - GPU kernels; "
                       "CPU ops = execute wall - sum of wall_us.", ""]
     else:
         lines += ["", "This adapter has no timestamp queries: no GPU time, so the delegate calls are not split into "
                       "GPU kernels and overhead. delegate calls = sum of wall_us; "
                       "CPU ops = execute wall - sum of wall_us.", ""]
+    peer = result.get("torch_peer")
+    if peer:
+        lines += ["", f"Torch peer ({peer['device']}, torch {peer['torch']}, {peer['dtype']} weights, eager, same "
+                      "model and shapes): "
+                  + ", ".join(f"prefill {p['prompt']}: {p['tokens_per_s']:.0f} tok/s" for p in peer["prefill"])
+                  + f", decode: {peer['decode_tokens_per_s']:.1f} tok/s", ""]
+    for phase, prof in (result.get("profile") or {}).items():
+        lines += ["", f"Per-op GPU profile, {phase} of {prof['tokens']} token(s): {prof['dispatches']} dispatches, "
+                      f"{prof['sum_us'] / 1e3:.2f} ms summed (each dispatch in its own pass: inflated)", "",
+                  "| op | dispatches | ms | share |", "|---|---|---|---|"]
+        for row in prof["by_op"][:15]:
+            lines.append(f"| {row['op']} | {row['dispatches']} | {row['us'] / 1e3:.3f} | {row['share']:.1%} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -261,17 +408,20 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     ctx = gpu_context()
     limit = ctx.device.limits["max-storage-buffer-binding-size"]
     lm_head = choose_lm_head(args.lm_head, model_args.dim, model_args.vocab_size, limit)
-    pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}.pte"
+    pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}-{args.mode}.pte"
     partitioner_options = {"route_table": args.route_table} if args.route_table else {}
+    graph = args.mode == "graph"
 
     def export(lm_head_mode: str):
         t0 = time.perf_counter()
         progress.step(f"building {args.config} (random weights, seed {args.seed}; lm_head {lm_head_mode})")
-        model = models.build_llama(args.config, seed=args.seed, quantize_output=lm_head_mode == "q4", **overrides)
+        model = models.build_llama(args.config, seed=args.seed, quantize_output=lm_head_mode == "q4",
+                                   llm_ops=graph, **overrides)
         n_linears = len(models.llama_linear_names(model))
         progress.step("exporting and lowering")
         with models.recording_declines() as declines:
-            data = models.export_llama_pte(model, pte_path, max_tokens=max(prompts), **partitioner_options)
+            data = models.export_llama_pte(model, pte_path, max_tokens=max(prompts), linears_only=not graph,
+                                           **partitioner_options)
         del model
         return data, n_linears, list(declines), time.perf_counter() - t0
 
@@ -314,8 +464,19 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
                   f"{decode['ms_per_token_mean']:.1f} ms/token (GPU {_ms(decode['gpu_kernels_ms_per_token'])}, "
                   f"CPU ops {decode['cpu_ops_ms_per_token']:.1f})  {decode['kernels']}")
 
-    delegated = prefill[0]["delegate_calls"]
+    profile = None
+    if args.profile and graph and ctx.has_timestamps:
+        progress.note("profiling one prefill and one decode call, dispatch by dispatch")
+        profile = profile_calls(method, prompts[0], model_args.vocab_size, args.seed)
+    peer = None
+    if args.torch_peer:
+        progress.note("timing the torch CUDA peer")
+        peer = torch_peer(args.config, overrides, prompts, args.decode_tokens, args.repeats, args.seed)
+        if peer is None:
+            progress.note("no CUDA device: no torch peer")
+    delegated = len(method.route_report()) if graph else prefill[0]["delegate_calls"]
     result = {
+        "mode": args.mode,
         "command": "python -m executorch_wgpu llama-bench " + " ".join(args.argv),
         "date": datetime.date.today().isoformat(),
         "adapter": ctx.adapter_name,
@@ -334,6 +495,8 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
         "load_s": load_s,
         "prefill": prefill,
         "decode": decode,
+        "profile": profile,
+        "torch_peer": peer,
     }
     (out / "llama_bench.json").write_text(json.dumps(result, indent=2))
     (out / "llama_bench.md").write_text(markdown(result))

@@ -161,12 +161,14 @@ class Lowerer:
     # ---- steps ----
 
     def dispatch(self, node: Node, kernel: str, bindings: Dict[str, int], params: Dict[str, IntExpr],
-                 groups: Tuple[IntExpr, IntExpr, IntExpr]) -> None:
+                 groups: Tuple[IntExpr, IntExpr, IntExpr], pattern: str = "") -> None:
+        """A kernel step for `node` (a fused `pattern` names the step "pattern@node" in profiles)."""
         k = registry.kernel(kernel)
         unknown = set(params) - set(k.params)
         if unknown:
             raise LoweringError(f"{kernel} has no params {sorted(unknown)}")
-        self.steps.append(_Step(kernel, dict(bindings), dict(params), groups, node=node.name))
+        label = f"{pattern}@{node.name}" if pattern else node.name
+        self.steps.append(_Step(kernel, dict(bindings), dict(params), groups, node=label))
 
     def linear(self, node: Node, blob: bytes, x: TensorRef, y: TensorRef, m: IntExpr) -> None:
         self.steps.append(_Step(linear=(self.add_named_data(blob), x.buffer, y.buffer, m), node=node.name))

@@ -122,7 +122,7 @@ def broadcast_strides(t: TensorRef, shape: Sequence[IntExpr]) -> List[IntExpr]:
 def elementwise(lw: Lowerer, node: Node, op: str, out: TensorRef, shape: Sequence[IntExpr],
                 a: Tuple[TensorRef, IntExpr, Sequence[IntExpr]],
                 b: Optional[Tuple[TensorRef, IntExpr, Sequence[IntExpr]]] = None, scalar: Optional[float] = None,
-                out_off: IntExpr = 0, out_strides: Optional[Sequence[IntExpr]] = None) -> None:
+                out_off: IntExpr = 0, out_strides: Optional[Sequence[IntExpr]] = None, pattern: str = "") -> None:
     """One elementwise step: out[out_off + i . out_strides] = op(a[...], b[...] or scalar) over `shape`."""
     if len(shape) > RANK:
         raise LoweringError(f"{node.name}: rank {len(shape)} is above {RANK}")
@@ -142,7 +142,8 @@ def elementwise(lw: Lowerer, node: Node, op: str, out: TensorRef, shape: Sequenc
     elif scalar is not None:
         params["b_is_scalar"] = 1
         params["scalar_bits"] = f32_bits(scalar)
-    lw.dispatch(node, "elementwise", bindings, params, _grid_1d(n, registry.kernel("elementwise").workgroup_size[0]))
+    lw.dispatch(node, "elementwise", bindings, params, _grid_1d(n, registry.kernel("elementwise").workgroup_size[0]),
+                pattern)
 
 
 def copy_strided(lw: Lowerer, node: Node, src: TensorRef, src_off: IntExpr, src_strides: Sequence[IntExpr],
@@ -407,7 +408,7 @@ def _lower_rms_norm(lw: Lowerer, node: Node) -> bool:
         return False
     out = lw.out_tensor(node)
     _rows(lw, node, "ROWS_RMS_NORM", lw.tensor(m.x), out, lw.tensor(m.weight) if m.weight is not None else None,
-          eps=m.eps)
+          eps=m.eps, pattern="rms_norm")
     lw.values[node] = out
     return True
 
@@ -420,7 +421,7 @@ def _lower_silu_mul(lw: Lowerer, node: Node) -> bool:
     gate, up = lw.tensor(m.gate), lw.tensor(m.up)
     out = lw.out_tensor(node)
     elementwise(lw, node, "OP_SILU_MUL", out, shape, (gate, 0, broadcast_strides(gate, shape)),
-                (up, 0, broadcast_strides(up, shape)))
+                (up, 0, broadcast_strides(up, shape)), pattern="silu_mul")
     lw.values[node] = out
     return True
 
@@ -446,7 +447,7 @@ def _lower_rope(lw: Lowerer, node: Node) -> bool:
         params[f"d{i}"] = d
     out = lw.new_tensor(x.shape, node.name)   # [..., D]: the view after the cat only renames it
     lw.dispatch(node, "rope", {"x": x.buffer, "cos_t": cos.buffer, "sin_t": sin.buffer, "out": out.buffer}, params,
-                _grid_1d(n_pairs, registry.kernel("rope").workgroup_size[0]))
+                _grid_1d(n_pairs, registry.kernel("rope").workgroup_size[0]), pattern="rope")
     lw.values[node] = TensorRef(out.buffer, _meta_shape(node))
     return True
 
@@ -464,7 +465,7 @@ def _check_mean(node: Node) -> Optional[str]:
 
 
 def _rows(lw: Lowerer, node: Node, kernel_op: str, src: TensorRef, out: TensorRef, w: Optional[TensorRef] = None,
-          eps: float = 0.0) -> None:
+          eps: float = 0.0, pattern: str = "") -> None:
     n = src.shape[-1]
     rows: IntExpr = 1
     for d in src.shape[:-1]:
@@ -476,7 +477,7 @@ def _rows(lw: Lowerer, node: Node, kernel_op: str, src: TensorRef, out: TensorRe
               "has_w": int(w is not None)}
     lw.dispatch(node, "reduce_rows", bindings, params,
                 (sympy.Min(rows, MAX_GROUPS) if isinstance(rows, sympy.Basic) else min(rows, MAX_GROUPS),
-                 ceildiv(rows, MAX_GROUPS), 1))
+                 ceildiv(rows, MAX_GROUPS), 1), pattern)
 
 
 @rule("aten.mean.dim", check=_check_mean)
