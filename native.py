@@ -97,6 +97,14 @@ class NativeLibrary:
         lib.wgq4_native_kernel_source.argtypes = [ctypes.c_char_p]
         lib.wgq4_native_set_limit_caps.restype = None
         lib.wgq4_native_set_limit_caps.argtypes = [ctypes.c_uint64, ctypes.c_uint32]
+        lib.executorch_wgpu_reset_state.restype = ctypes.c_long
+        lib.executorch_wgpu_reset_state.argtypes = []
+        lib.wgq4_native_set_backend_option.restype = ctypes.c_int
+        lib.wgq4_native_set_backend_option.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.wgq4_native_describe_graph_blob.restype = ctypes.c_void_p
+        lib.wgq4_native_describe_graph_blob.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.wgq4_native_last_graph_call.restype = ctypes.c_void_p
+        lib.wgq4_native_last_graph_call.argtypes = []
         lib.wgq4_native_free.restype = None
         lib.wgq4_native_free.argtypes = [ctypes.c_void_p]
 
@@ -144,6 +152,27 @@ class NativeLibrary:
     def kernel_source(self, name: str) -> Optional[str]:
         """The WGSL the library compiles for a registry kernel, or None when it has no such kernel."""
         return self._text(self._lib.wgq4_native_kernel_source(name.encode()))
+
+    def reset_state(self) -> int:
+        """Put every graph delegate's state (its KV cache) back to its value at load, in every program this
+        process loaded through ExecuTorch's runtime (the twin of our Method.reset_state()); how many were reset."""
+        count = int(self._lib.executorch_wgpu_reset_state())
+        if count < 0:
+            raise WebGPUDelegateError("resetting the graph delegates' state failed (the log says why)")
+        return count
+
+    def set_backend_option(self, key: str, value: bool) -> int:
+        """ExecuTorch's executorch::runtime::set_option("WebGPUBackend", {key: value}); its Error code (0: Ok)."""
+        return int(self._lib.wgq4_native_set_backend_option(key.encode(), int(bool(value))))
+
+    def describe_graph_blob(self, blob: bytes) -> dict:
+        """The C++ reader's verdict on a graph blob: its table sizes, or {"error", "version"}."""
+        blob = bytes(blob)
+        return self._json(self._lib.wgq4_native_describe_graph_blob(blob, len(blob)))
+
+    def last_graph_call(self) -> Optional[dict]:
+        """The last graph delegate call: dispatches, GPU µs (None without timestamps) and the host split."""
+        return self._json(self._lib.wgq4_native_last_graph_call())
 
     def set_limit_caps(self, max_binding_bytes: int = 0, max_workgroups_per_dim: int = 0) -> None:
         """Plan layers loaded from now on against lower limits (0: the device's own)."""

@@ -19,69 +19,6 @@ constexpr int kRouteSourceCount = 3;
 
 std::string fb_string(const flatbuffers::String* s) { return s ? s->str() : std::string(); }
 
-template <typename T>
-bool load(const uint8_t* bytes, size_t size, uint64_t at, T* out) {
-  if (at + sizeof(T) > size) return false;
-  std::memcpy(out, bytes + at, sizeof(T));
-  return true;
-}
-
-// Q4Linear.schema_version (field 0 of the root table), read with every offset
-// bounds-checked but nothing else verified yet. False: the header is unreadable.
-bool read_schema_version(const uint8_t* bytes, size_t size, uint32_t* version) {
-  uint32_t root = 0;
-  int32_t to_vtable = 0;
-  uint16_t vtable_size = 0, field = 0;
-  if (!load(bytes, size, 0, &root) || !load(bytes, size, root, &to_vtable)) return false;
-  const int64_t vtable = int64_t(root) - to_vtable;
-  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size)) return false;
-  *version = 0;  // an absent field holds its default
-  if (vtable_size < 6) return true;
-  if (!load(bytes, size, uint64_t(vtable) + 4, &field)) return false;
-  return field == 0 || load(bytes, size, uint64_t(root) + field, version);
-}
-
-// What fbverify.py checks of a table beyond what flatbuffers' Verifier does:
-// its vtable size is even and >= 4, its inline size >= 4 and within the buffer.
-// Holding the C++ reader to the same rules keeps the two readers' verdicts equal.
-bool table_header_ok(const uint8_t* bytes, size_t size, const void* table) {
-  const uint64_t pos = static_cast<const uint8_t*>(table) - bytes;
-  int32_t to_vtable = 0;
-  uint16_t vtable_size = 0, table_size = 0;
-  if (!load(bytes, size, pos, &to_vtable)) return false;
-  const int64_t vtable = int64_t(pos) - to_vtable;
-  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size) ||
-      !load(bytes, size, uint64_t(vtable) + 2, &table_size))
-    return false;
-  return vtable_size >= 4 && vtable_size % 2 == 0 && table_size >= 4 && pos + table_size <= size;
-}
-
-// Strict UTF-8 as Python decodes it: no overlong forms, no surrogates, nothing above U+10FFFF.
-bool valid_utf8(const std::string& s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const auto* end = p + s.size();
-  while (p < end) {
-    const unsigned char c = *p;
-    int extra;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c < 0x80) { ++p; continue; }
-    if (c >= 0xC2 && c <= 0xDF) extra = 1;
-    else if (c == 0xE0) extra = 2, lo = 0xA0;
-    else if (c == 0xED) extra = 2, hi = 0x9F;
-    else if (c >= 0xE1 && c <= 0xEF) extra = 2;
-    else if (c == 0xF0) extra = 3, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3) extra = 3;
-    else if (c == 0xF4) extra = 3, hi = 0x8F;
-    else return false;
-    if (end - p <= extra) return false;
-    if (p[1] < lo || p[1] > hi) return false;
-    for (int i = 2; i <= extra; ++i)
-      if (p[i] < 0x80 || p[i] > 0xBF) return false;
-    p += extra + 1;
-  }
-  return true;
-}
-
 // Python's repr of the bucket bounds / buckets, so messages read as blob.py's.
 std::string bounds_repr(const std::vector<RouteBucket>& buckets) {
   std::string s = "[";
@@ -148,7 +85,70 @@ std::string check_record(const LinearBlob& b) {
   return "";
 }
 
+template <typename T>
+bool load(const uint8_t* bytes, size_t size, uint64_t at, T* out) {
+  if (at + sizeof(T) > size) return false;
+  std::memcpy(out, bytes + at, sizeof(T));
+  return true;
+}
+
 }  // namespace
+
+// Field 0 of the root table (Q4Linear's and Graph's schema_version), read with
+// every offset bounds-checked but nothing else verified yet. False: the header is unreadable.
+bool read_schema_version(const uint8_t* bytes, size_t size, uint32_t* version) {
+  uint32_t root = 0;
+  int32_t to_vtable = 0;
+  uint16_t vtable_size = 0, field = 0;
+  if (!load(bytes, size, 0, &root) || !load(bytes, size, root, &to_vtable)) return false;
+  const int64_t vtable = int64_t(root) - to_vtable;
+  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size)) return false;
+  *version = 0;  // an absent field holds its default
+  if (vtable_size < 6) return true;
+  if (!load(bytes, size, uint64_t(vtable) + 4, &field)) return false;
+  return field == 0 || load(bytes, size, uint64_t(root) + field, version);
+}
+
+// What fbverify.py checks of a table beyond what flatbuffers' Verifier does:
+// its vtable size is even and >= 4, its inline size >= 4 and within the buffer.
+// Holding the C++ reader to the same rules keeps the two readers' verdicts equal.
+bool table_header_ok(const uint8_t* bytes, size_t size, const void* table) {
+  const uint64_t pos = static_cast<const uint8_t*>(table) - bytes;
+  int32_t to_vtable = 0;
+  uint16_t vtable_size = 0, table_size = 0;
+  if (!load(bytes, size, pos, &to_vtable)) return false;
+  const int64_t vtable = int64_t(pos) - to_vtable;
+  if (vtable < 0 || !load(bytes, size, uint64_t(vtable), &vtable_size) ||
+      !load(bytes, size, uint64_t(vtable) + 2, &table_size))
+    return false;
+  return vtable_size >= 4 && vtable_size % 2 == 0 && table_size >= 4 && pos + table_size <= size;
+}
+
+// Strict UTF-8 as Python decodes it: no overlong forms, no surrogates, nothing above U+10FFFF.
+bool valid_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const auto* end = p + s.size();
+  while (p < end) {
+    const unsigned char c = *p;
+    int extra;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c < 0x80) { ++p; continue; }
+    if (c >= 0xC2 && c <= 0xDF) extra = 1;
+    else if (c == 0xE0) extra = 2, lo = 0xA0;
+    else if (c == 0xED) extra = 2, hi = 0x9F;
+    else if (c >= 0xE1 && c <= 0xEF) extra = 2;
+    else if (c == 0xF0) extra = 3, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3) extra = 3;
+    else if (c == 0xF4) extra = 3, hi = 0x8F;
+    else return false;
+    if (end - p <= extra) return false;
+    if (p[1] < lo || p[1] > hi) return false;
+    for (int i = 2; i <= extra; ++i)
+      if (p[i] < 0x80 || p[i] > 0xBF) return false;
+    p += extra + 1;
+  }
+  return true;
+}
 
 std::string py_repr(const std::string& s) {
   const char quote = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';

@@ -77,6 +77,17 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out);
 // corrupted name cannot cut or split a log line.
 std::string py_repr(const std::string& s);
 
+// Checks the readers of both blob kinds (this one and graph_reader.h) share.
+//
+// Field 0 of the root table -- the schema version in both schemas -- with every
+// offset bounds-checked and nothing else verified yet; false: the header is unreadable.
+bool read_schema_version(const uint8_t* bytes, size_t size, uint32_t* version);
+// What fbverify.py checks of a table beyond flatbuffers' Verifier: its vtable size
+// is even and >= 4, its inline size >= 4 and within the buffer.
+bool table_header_ok(const uint8_t* bytes, size_t size, const void* table);
+// Strict UTF-8 as Python decodes it.
+bool valid_utf8(const std::string& s);
+
 // zlib's CRC-32 (what Python's zlib.crc32 computes), continuing from crc.
 uint32_t crc32(const void* data, size_t size, uint32_t crc = 0);
 

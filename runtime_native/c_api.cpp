@@ -11,7 +11,13 @@
 
 #include "blob_reader.h"
 #include "call_log.h"
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
+#include <executorch/runtime/platform/log.h>
+
 #include "gpu_device.h"
+#include "graph_delegate.h"
+#include "graph_reader.h"
 #include "plan.h"
 #include "kernel_registry.h"
 
@@ -214,6 +220,46 @@ char* wgq4_native_submit_roundtrip(int iters) {
 
 void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim) {
   set_limit_caps(max_binding_bytes, max_workgroups_per_dim);
+}
+
+long executorch_wgpu_reset_state() {
+  std::string problem;
+  const long count = reset_all_graph_state(&problem);
+  if (count < 0) ET_LOG(Error, "WebGPUBackend: reset_state failed: %s", problem.c_str());
+  return count;
+}
+
+int wgq4_native_set_backend_option(const char* key, int value) {
+  if (!key || std::strlen(key) >= executorch::runtime::kMaxOptionKeyLength)
+    return int(executorch::runtime::Error::InvalidArgument);
+  executorch::runtime::BackendOption one{};
+  std::strncpy(one.key, key, executorch::runtime::kMaxOptionKeyLength - 1);
+  one.value = value != 0;
+  return int(executorch::runtime::set_option(WGQ4_BACKEND_ID, executorch::runtime::Span<executorch::runtime::BackendOption>(&one, 1)));
+}
+
+char* wgq4_native_describe_graph_blob(const void* data, size_t size) {
+  GraphBlob g;
+  bool version = false;
+  std::string problem = read_graph_blob(data, size, &g, &version);
+  if (!problem.empty())
+    return give("{\"error\": " + quote(problem) + ", \"version\": " + (version ? "true" : "false") + "}");
+  return give("{\"schema_version\": " + std::to_string(g.schema_version) + ", \"symbols\": " +
+              std::to_string(g.symbols.size()) + ", \"exprs\": " + std::to_string(g.exprs.size()) +
+              ", \"checks\": " + std::to_string(g.checks.size()) + ", \"buffers\": " +
+              std::to_string(g.buffers.size()) + ", \"inputs\": " + std::to_string(g.inputs.size()) +
+              ", \"outputs\": " + std::to_string(g.outputs.size()) + ", \"steps\": " +
+              std::to_string(g.steps.size()) + ", \"linears\": " + std::to_string(g.linears.size()) + "}");
+}
+
+char* wgq4_native_last_graph_call() {
+  GraphCallRecord c;
+  if (!last_graph_call(&c)) return give("null");
+  return give("{\"dispatches\": " + std::to_string(c.dispatches) + ", \"gpu_us\": " +
+              (c.gpu_us < 0 ? std::string("null") : number(c.gpu_us)) + ", \"prepare_us\": " +
+              number(c.prepare_us) + ", \"encode_us\": " + number(c.encode_us) + ", \"wait_us\": " +
+              number(c.wait_us) + ", \"readback_us\": " + number(c.readback_us) + ", \"wall_us\": " +
+              number(c.wall_us) + "}");
 }
 
 void wgq4_native_free(char* s) { std::free(s); }

@@ -36,5 +36,22 @@ WGQ4_API char* wgq4_native_kernel_source(const char* name);
 WGQ4_API char* wgq4_native_submit_roundtrip(int iters);
 // Caps on the limits layers loaded from now on are planned against (0: none).
 WGQ4_API void wgq4_native_set_limit_caps(uint64_t max_binding_bytes, uint32_t max_workgroups_per_dim);
+// Graph delegates (graph mode, WGGR blobs: graph_delegate.h).
+//
+// Puts the state (the KV cache) of every live graph delegate in the process back
+// to its value at load, as a fresh load has it: Method.reset_state() of the
+// Python runtime, for programs ExecuTorch's runtime loaded. Returns how many
+// delegates were reset, or -1 when one failed (logged).
+WGQ4_API long executorch_wgpu_reset_state();
+// ExecuTorch's own route to the same: executorch::runtime::set_option("WebGPUBackend",
+// {key: value}) with one bool option; returns its Error code (0: Ok).
+WGQ4_API int wgq4_native_set_backend_option(const char* key, int value);
+// The C++ reader's verdict on a graph blob: {"schema_version", "symbols", "exprs",
+// "checks", "buffers", "inputs", "outputs", "steps", "linears"} (counts), or
+// {"error", "version": whether it is a schema version problem}.
+WGQ4_API char* wgq4_native_describe_graph_blob(const void* data, size_t size);
+// The last call of any graph delegate: {"dispatches", "gpu_us", "prepare_us",
+// "encode_us", "wait_us", "readback_us", "wall_us"}, or null when none ran.
+WGQ4_API char* wgq4_native_last_graph_call();
 WGQ4_API void wgq4_native_free(char* s);
 }

@@ -1,27 +1,39 @@
 // The ExecuTorch backend "WebGPUBackend": what a DelegateCall of a .pte runs
 // when the program is loaded by ExecuTorch's own runtime.
 //
-// init() reads and validates the blob (blob_reader.h) and uploads the layer
-// (q4_linear.h); execute() checks the input against the layer, resizes the
-// output to the call's M and runs it. Every problem is an error status plus
-// one ET_LOG line that names it -- never an abort.
+// A delegate blob is one of two kinds, told apart by its file identifier:
+//   * WGQ4, one q4gsw linear: init() reads and validates the blob
+//     (blob_reader.h) and uploads the layer (q4_linear.h); execute() checks the
+//     input against the layer, resizes the output to the call's M and runs it;
+//   * WGGR, a graph (graph mode, linears_only=False): init() reads and checks
+//     the blob (graph_reader.h) and loads it with its weights from the
+//     program's named data (graph_delegate.h); execute() runs it with one
+//     submit. Its state (the KV cache) persists across calls; the backend
+//     option "reset_state" (or executorch_wgpu_reset_state(), c_api.h) puts
+//     every graph's state back to its value at load.
+// Every problem is an error status plus one ET_LOG line that names it -- never an abort.
 //
 // The backend registers itself when this library is loaded (a static
 // initializer), into the registry of libexecutorch.so: the same one the
 // executorch Python extension uses.
 #include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/core/error.h>
 #include <executorch/runtime/core/evalue.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/platform/log.h>
 
 #include <array>
+#include <cstring>
 #include <memory>
+#include <variant>
 #include <vector>
 
 #include "blob_reader.h"
 #include "call_log.h"
 #include "gpu_device.h"
+#include "graph_delegate.h"
+#include "graph_reader.h"
 #include "q4_linear.h"
 
 namespace wgq4_native {
@@ -33,6 +45,8 @@ using executorch::runtime::Backend;
 using executorch::runtime::BackendExecutionContext;
 using executorch::runtime::BackendInitContext;
 using executorch::runtime::BackendInterface;
+using executorch::runtime::BackendOption;
+using executorch::runtime::BackendOptionContext;
 using executorch::runtime::CompileSpec;
 using executorch::runtime::DelegateHandle;
 using executorch::runtime::Error;
@@ -55,6 +69,29 @@ std::string shape_of(const Tensor& t) {
   return s + (t.dim() == 1 ? ",)" : ")");
 }
 
+// What init() returns: one of the two kinds of delegate.
+struct Handle {
+  std::unique_ptr<Q4Layer> layer;
+  std::unique_ptr<GraphDelegate> graph;
+};
+
+Result<DelegateHandle*> init_graph(BackendInitContext& context, const void* data, size_t size,
+                                   FreeableBuffer* processed) {
+  GraphBlob blob;
+  bool version = false;
+  std::string problem = read_graph_blob(data, size, &blob, &version);
+  if (!problem.empty()) return fail(version ? Error::DelegateInvalidCompatibility : Error::InvalidProgram, problem);
+  GpuDevice* gpu = shared_gpu_device(&problem);
+  if (!gpu) return fail(Error::NotSupported, problem);
+  Status status;
+  std::unique_ptr<GraphDelegate> graph = GraphDelegate::create(gpu, std::move(blob), context.get_named_data_map(), &status);
+  if (!graph) return fail(status.error, status.message);
+  processed->Free();  // the graph keeps what it read; its weights live on the GPU now
+  auto* handle = new Handle();
+  handle->graph = std::move(graph);
+  return handle;
+}
+
 class WebGPUBackend final : public BackendInterface {
  public:
   bool is_available() const override {
@@ -74,6 +111,7 @@ class WebGPUBackend final : public BackendInterface {
       std::memcpy(aligned.data(), data, processed->size());
       data = aligned.data();
     }
+    if (is_graph_blob(data, processed->size())) return init_graph(context, data, processed->size(), processed);
     LinearBlob blob;
     std::string problem = read_blob(data, processed->size(), &blob);
     if (!problem.empty()) {
@@ -85,11 +123,18 @@ class WebGPUBackend final : public BackendInterface {
     std::unique_ptr<Q4Layer> layer = Q4Layer::create(gpu, blob, &problem);
     if (!layer) return fail(Error::Internal, problem);
     processed->Free();  // the weights live on the GPU now
-    return layer.release();
+    auto* handle = new Handle();
+    handle->layer = std::move(layer);
+    return handle;
   }
 
-  Error execute(BackendExecutionContext& context, DelegateHandle* handle, Span<EValue*> args) const override {
-    auto* layer = static_cast<Q4Layer*>(handle);
+  Error execute(BackendExecutionContext& context, DelegateHandle* opaque, Span<EValue*> args) const override {
+    auto* handle = static_cast<Handle*>(opaque);
+    if (handle->graph) {
+      Status status = handle->graph->execute(args);
+      return status.ok() ? Error::Ok : fail(status.error, status.message);
+    }
+    Q4Layer* layer = handle->layer.get();
     const LayerInfo& L = layer->info();
     auto who = [&L] { return "layer " + py_repr(L.name) + ": "; };  // built only for an error message
     if (args.size() != 2 || !args[0]->isTensor() || !args[1]->isTensor())
@@ -128,7 +173,26 @@ class WebGPUBackend final : public BackendInterface {
     return Error::Ok;
   }
 
-  void destroy(DelegateHandle* handle) const override { delete static_cast<Q4Layer*>(handle); }
+  // "reset_state" (true, or a non-zero int): every graph delegate's state (the KV cache)
+  // back to its value at load, as executorch_wgpu_reset_state() does.
+  Error set_option(BackendOptionContext& context, const Span<BackendOption>& options) override {
+    for (const BackendOption& option : options) {
+      if (std::strcmp(option.key, "reset_state") != 0) {
+        return fail(Error::InvalidArgument, std::string("unknown backend option ") + py_repr(option.key) +
+                                                "; WebGPUBackend takes \"reset_state\"");
+      }
+      const bool* flag = std::get_if<bool>(&option.value);
+      const int* number = std::get_if<int>(&option.value);
+      if (!flag && !number)
+        return fail(Error::InvalidArgument, "backend option \"reset_state\" takes a bool (or an int)");
+      if (flag ? !*flag : *number == 0) continue;
+      std::string problem;
+      if (reset_all_graph_state(&problem) < 0) return fail(Error::Internal, "reset_state failed: " + problem);
+    }
+    return Error::Ok;
+  }
+
+  void destroy(DelegateHandle* handle) const override { delete static_cast<Handle*>(handle); }
 };
 
 WebGPUBackend backend;
