@@ -1,0 +1,444 @@
+"""The graph kernels (elementwise, reduce_rows, embedding, sdpa), one dispatch each, against fp64 goldens.
+
+Each test fills the kernel's Params by the registry's field names, binds numpy arrays in the registry's
+layout order and dispatches one grid (run_kernel below), as the graph delegate's lowering will. Shapes
+are small and odd (lavapipe runs these on the CPU): partial workgroups, n below and above 256, D not a
+power of two. sdpa is checked against ExecuTorch's own llama::custom_sdpa as well as fp64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import wgpu
+from wgpu.classes import GPUBuffer, GPUComputePipeline
+
+from executorch_wgpu.runtime_py.gpu import gpu_context
+from executorch_wgpu.shaders import registry
+from executorch_wgpu.tools.reference import rel_err
+
+BAR = 1e-4                            # relative error bar of every comparison with a golden
+OPS = registry.ELEMENTWISE_OPS
+REDUCE = registry.REDUCE_OPS
+RANK = registry.ELEMENTWISE_RANK
+WG = registry.kernel("elementwise").workgroup_size[0]   # invocations per workgroup of the 1-D kernels
+SENTINEL = 12345.0                    # what `out` holds where a kernel must not write
+
+Grid = Tuple[int, int, int]
+ParamValue = Union[int, float]
+Golden = Callable[..., torch.Tensor]
+
+
+# ---- running one kernel once ---------------------------------------------------------------------
+
+def f32_bits(x: float) -> int:
+    """The bits of x as an f32: what a Params field declared f32 carries."""
+    return int(np.array(x, dtype=np.float32).view(np.uint32))
+
+
+def _buffer(data: np.ndarray, usage: int) -> GPUBuffer:
+    """A buffer holding `data`, its size rounded up to a multiple of 16 bytes (never 0)."""
+    raw = np.ascontiguousarray(data).view(np.uint8).ravel()
+    padded = np.zeros(max(16, -(-raw.size // 16) * 16), dtype=np.uint8)
+    padded[: raw.size] = raw
+    return gpu_context().device.create_buffer_with_data(data=padded, usage=usage)
+
+
+_resized: Dict[Tuple[str, int], GPUComputePipeline] = {}
+
+
+def pipeline(name: str, workgroup_x: Optional[int]) -> GPUComputePipeline:
+    """The kernel's pipeline; with workgroup_x, compiled with that WORKGROUP_X instead of the registry's."""
+    ctx = gpu_context()
+    registered = registry.kernel(name).workgroup_size[0]
+    if workgroup_x is None or workgroup_x == registered:
+        return ctx.pipeline(name)
+    if (name, workgroup_x) not in _resized:
+        const = "const WORKGROUP_X: u32 = {}u;"
+        source = registry.wgsl_source(name)
+        assert const.format(registered) in source
+        module = ctx.device.create_shader_module(code=source.replace(const.format(registered),
+                                                                     const.format(workgroup_x)))
+        layout = ctx.device.create_pipeline_layout(bind_group_layouts=[ctx.bind_group_layout(name)])
+        _resized[name, workgroup_x] = ctx.device.create_compute_pipeline(
+            layout=layout, compute={"module": module, "entry_point": "main"})
+    return _resized[name, workgroup_x]
+
+
+def run_kernel(name: str, grid: Grid, params: Mapping[str, ParamValue], inputs: Mapping[str, np.ndarray],
+               out: np.ndarray, workgroup_x: Optional[int] = None) -> np.ndarray:
+    """Dispatch registry kernel `name` once on `grid` workgroups and return its `out` binding.
+
+    params: Params fields by name (a float is written as its f32 bits; fields not named are 0);
+    inputs: arrays (float32 or uint32) for the read-only bindings by name, absent ones get 16 zero bytes;
+    out: the initial contents of `out` (float32), which is read back, of the same size, after the dispatch;
+    workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's.
+    """
+    kernel = registry.kernel(name)
+    unknown = set(params) - set(kernel.params)
+    assert not unknown, f"{name} has no Params fields {sorted(unknown)}"
+    words = [f32_bits(v) if isinstance(v, float) else int(v) for v in (params.get(f, 0) for f in kernel.params)]
+    ctx = gpu_context()
+    dev = ctx.device
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    buffers: Dict[str, GPUBuffer] = {}
+    for b in kernel.layout:
+        if b.kind == "uniform":
+            buffers[b.name] = _buffer(np.array(words, dtype=np.uint32), wgpu.BufferUsage.UNIFORM)
+        elif b.kind == "storage":
+            buffers[b.name] = _buffer(out, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+        else:
+            buffers[b.name] = _buffer(inputs.get(b.name, np.zeros(4, np.uint32)), wgpu.BufferUsage.STORAGE)
+    assert set(inputs) <= set(buffers), f"{name} has no bindings {sorted(set(inputs) - set(buffers))}"
+    bind_group = dev.create_bind_group(layout=ctx.bind_group_layout(name), entries=[
+        {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
+        for i, b in enumerate(kernel.layout)])
+    encoder = dev.create_command_encoder()
+    cpass = encoder.begin_compute_pass()
+    cpass.set_pipeline(pipeline(name, workgroup_x))
+    cpass.set_bind_group(0, bind_group)
+    cpass.dispatch_workgroups(*grid)
+    cpass.end()
+    dev.queue.submit([encoder.finish()])
+    result = np.frombuffer(dev.queue.read_buffer(buffers["out"]), dtype=np.float32)
+    return result[: out.size].reshape(out.shape).copy()
+
+
+def groups(n: int) -> int:
+    return -(-n // WG)
+
+
+def tensor(shape: Sequence[int], seed: int, low: Optional[float] = None, high: Optional[float] = None) -> torch.Tensor:
+    """float32 N(0, 1) values, or uniform in [low, high)."""
+    g = torch.Generator().manual_seed(seed)
+    if low is None or high is None:
+        return torch.randn(*shape, generator=g)
+    return torch.rand(*shape, generator=g) * (high - low) + low
+
+
+def np32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+# ---- elementwise ---------------------------------------------------------------------------------
+
+def elementwise_params(op: str, shape: Sequence[int], a_strides: Sequence[int],
+                       b_strides: Optional[Sequence[int]] = None, out_strides: Optional[Sequence[int]] = None,
+                       **fields: ParamValue) -> Dict[str, ParamValue]:
+    """Params of one elementwise dispatch over `shape` (padded to RANK with leading 1s, strides 0);
+    out contiguous unless out_strides says otherwise; fields: the rest (offsets, scalar_bits, ...)."""
+    pad = RANK - len(shape)
+    out_strides = out_strides if out_strides is not None else torch.empty(*shape).stride()
+    p: Dict[str, ParamValue] = {"n": math.prod(shape), "op": OPS[op], **fields}
+    for prefix, values in (("d", shape), ("sa", a_strides), ("sb", b_strides or [0] * len(shape)),
+                           ("so", out_strides)):
+        assert len(values) == len(shape)
+        for i, v in enumerate([1 if prefix == "d" else 0] * pad + list(values)):
+            p[f"{prefix}{i}"] = v
+    return p
+
+
+def broadcast_strides(operand: torch.Tensor, shape: Sequence[int]) -> Tuple[int, ...]:
+    """The strides that read a contiguous `operand` broadcast to `shape` (0 on broadcast dims)."""
+    return operand.contiguous().broadcast_to(tuple(shape)).stride()
+
+
+def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
+BINARY_GOLDEN: Dict[str, Golden] = {
+    "OP_ADD": torch.add, "OP_SUB": torch.sub, "OP_MUL": torch.mul, "OP_DIV": torch.div, "OP_POW": torch.pow,
+    "OP_MAX": torch.maximum, "OP_MIN": torch.minimum, "OP_SILU_MUL": _silu_mul,
+}
+
+
+def binary_operands(op: str, a_shape: Sequence[int], b_shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Operands in the op's domain: pow of a positive base; no division by values near 0."""
+    if op == "OP_POW":
+        return tensor(a_shape, 1, 0.5, 2.0), tensor(b_shape, 2, -2.0, 2.0)
+    b = tensor(b_shape, 2)
+    if op == "OP_DIV":
+        b = torch.where(b < 0, -1.0, 1.0) * tensor(b_shape, 3, 0.5, 2.0)
+    return tensor(a_shape, 1), b
+
+
+@pytest.mark.parametrize("op", list(BINARY_GOLDEN))
+def test_binary_op_broadcasts_both_operands_through_zero_strides(op):
+    shape = (3, 5, 37)                               # 555 outputs: three workgroups, the last partial
+    a, b = binary_operands(op, (3, 1, 37), (5, 1))   # a broadcast over dim 1, b over dims 0 and 2
+    params = elementwise_params(op, shape, broadcast_strides(a, shape), broadcast_strides(b, shape))
+    got = run_kernel("elementwise", (groups(555), 1, 1), params, {"a": np32(a), "b": np32(b)}, np.zeros(shape))
+    assert rel_err(torch.from_numpy(got), BINARY_GOLDEN[op](a.double(), b.double())) < BAR
+
+
+@pytest.mark.parametrize("op,scalar", [("OP_ADD", 0.75), ("OP_SUB", -1.5), ("OP_MUL", 2.5), ("OP_DIV", 3.0),
+                                       ("OP_POW", 0.5), ("OP_MAX", 0.25), ("OP_MIN", -0.25),
+                                       ("OP_SILU_MUL", -1.25)])
+def test_binary_op_takes_b_from_the_scalar_field(op, scalar):
+    a = tensor((7, 41), 4, 0.1, 3.0) if op == "OP_POW" else tensor((7, 41), 4)
+    params = elementwise_params(op, (7, 41), a.stride(), scalar_bits=scalar, b_is_scalar=1)
+    got = run_kernel("elementwise", (groups(287), 1, 1), params, {"a": np32(a)}, np.zeros((7, 41)))
+    golden = BINARY_GOLDEN[op](a.double(), torch.tensor(scalar, dtype=torch.float64))
+    assert rel_err(torch.from_numpy(got), golden) < BAR
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, -1.0, 0.0, 1.0, 0.5])
+def test_pow_of_any_base_with_an_integer_exponent_follows_torch(exponent):
+    # x.pow(2) of a signed activation is common (norms, variances); WGSL's pow is undefined for a
+    # negative base, the kernel's must not be. A fractional exponent of a negative base is NaN in both.
+    a = torch.cat([tensor((61,), 5, -3.0, 3.0), torch.tensor([0.0, -0.0, 1.0, -1.0, -2.0])])
+    if exponent < 0:
+        a = torch.where(a.abs() < 0.1, 0.5, a)        # keep 1/x away from 0
+    params = elementwise_params("OP_POW", (a.numel(),), (1,), scalar_bits=exponent, b_is_scalar=1)
+    got = torch.from_numpy(run_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
+    golden = torch.pow(a.double(), exponent)
+    nan = golden.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert rel_err(got[~nan], golden[~nan]) < BAR
+
+
+def _gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x)
+
+
+POSITIVE = (0.05, 6.0)
+WIDE = (-12.0, 12.0)
+# Each unary op: its fp64 golden and the range its inputs are drawn from (its domain).
+UNARY: Dict[str, Tuple[Golden, Tuple[float, float]]] = {
+    "OP_COPY": (torch.clone, WIDE), "OP_NEG": (torch.neg, WIDE), "OP_RSQRT": (torch.rsqrt, POSITIVE),
+    "OP_SQRT": (torch.sqrt, POSITIVE), "OP_EXP": (torch.exp, (-10.0, 10.0)), "OP_SIGMOID": (torch.sigmoid, WIDE),
+    "OP_SILU": (F.silu, WIDE), "OP_TANH": (torch.tanh, WIDE), "OP_GELU_ERF": (_gelu_erf, WIDE),
+    "OP_GELU_TANH": (_gelu_tanh, WIDE), "OP_RECIPROCAL": (torch.reciprocal, POSITIVE), "OP_ABS": (torch.abs, WIDE),
+    "OP_LOG": (torch.log, POSITIVE), "OP_COS": (torch.cos, WIDE), "OP_SIN": (torch.sin, WIDE),
+    "OP_RELU": (_relu, WIDE),
+}
+
+
+def test_every_op_of_the_registry_is_tested():
+    assert set(BINARY_GOLDEN) == {name for name, code in OPS.items() if code < OPS["OP_COPY"]}
+    assert set(UNARY) == {name for name, code in OPS.items() if code >= OPS["OP_COPY"]}
+
+
+@pytest.mark.parametrize("op", list(UNARY))
+def test_unary_op_matches_torch_in_fp64(op):
+    golden_fn, (low, high) = UNARY[op]
+    shape = (7, 41)
+    a = tensor(shape, 6, low, high)
+    params = elementwise_params(op, shape, a.stride())
+    got = run_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)}, np.zeros(shape))
+    assert rel_err(torch.from_numpy(got), golden_fn(a.double())) < BAR
+
+
+def test_gelu_erf_matches_torch_exact_gelu_pointwise_near_zero_and_in_the_tails():
+    a = torch.cat([torch.linspace(-6.0, 6.0, 241), torch.tensor([-30.0, -9.0, 1e-3, -1e-3, 9.0, 30.0])])
+    params = elementwise_params("OP_GELU_ERF", (a.numel(),), (1,))
+    got = torch.from_numpy(run_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)},
+                                      np.zeros(a.numel()))).double()
+    golden = F.gelu(a.double())
+    assert ((got - golden).abs() <= 1e-6 + 1e-4 * golden.abs()).all()
+
+
+@pytest.mark.parametrize("op", ["OP_EXP", "OP_SIGMOID", "OP_SILU", "OP_TANH", "OP_GELU_ERF", "OP_GELU_TANH"])
+def test_saturating_unary_op_stays_finite_for_large_inputs(op):
+    # exp(-x) or tanh's inner term overflows f32 here: the result must saturate, not turn NaN.
+    large = [-1000.0, -100.0, -88.0, -40.0, 40.0, 88.0, 100.0, 1000.0]
+    a = torch.tensor([x for x in large if op != "OP_EXP" or x <= 88.0])   # exp(88) is f32's largest power of e
+    params = elementwise_params(op, (a.numel(),), (1,))
+    got = torch.from_numpy(run_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
+    golden = UNARY[op][0](a.double())
+    assert torch.isfinite(got).all()
+    assert ((got.double() - golden).abs() <= 1e-4 * golden.abs() + 1e-30).all()
+
+
+def test_copy_permutes_a_strided_input():
+    x = tensor((4, 6, 5), 7)
+    view = x.permute(2, 0, 1)                        # [5, 4, 6], strides (1, 30, 5)
+    params = elementwise_params("OP_COPY", view.shape, view.stride())
+    got = run_kernel("elementwise", (groups(view.numel()), 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
+    assert np.array_equal(got, view.contiguous().numpy())
+
+
+def test_copy_reads_a_slice_from_a_offset():
+    x = tensor((9, 11), 8)
+    view = x[2:7, 3:10]                              # storage offset 2 * 11 + 3
+    params = elementwise_params("OP_COPY", view.shape, view.stride(), a_off=int(view.storage_offset()))
+    got = run_kernel("elementwise", (1, 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
+    assert np.array_equal(got, view.contiguous().numpy())
+
+
+def test_copy_writes_new_rows_into_a_cache_at_out_off_and_nothing_else():
+    C, H, D, start_pos = 10, 3, 7, 4
+    new = tensor((H, 3, D), 9)                       # [H][S][D], as a transposed projection lays it out
+    cache = tensor((C, H, D), 10)
+    src = new.permute(1, 0, 2)                       # iterate [S][H][D] over the cache's rows
+    params = elementwise_params("OP_COPY", src.shape, src.stride(), out_strides=cache.stride(),
+                                out_off=start_pos * H * D)
+    got = run_kernel("elementwise", (1, 1, 1), params, {"a": np32(new)}, np32(cache))
+    expected = cache.clone()
+    expected[start_pos:start_pos + 3] = src
+    assert np.array_equal(got, expected.numpy())
+
+
+def test_flat_index_covers_a_grid_split_over_y_and_writes_nothing_past_n():
+    n = 3 * WG * 2 - 77                              # grid (3, 2, 1) holds 1536 invocations; 1459 run
+    a = tensor((n,), 11)
+    params = elementwise_params("OP_NEG", (n,), (1,))
+    got = run_kernel("elementwise", (3, 2, 1), params, {"a": np32(a)}, np.full(n + 100, SENTINEL))
+    assert np.array_equal(got[:n], -a.numpy())
+    assert (got[n:] == SENTINEL).all()
+
+
+# ---- reduce_rows ---------------------------------------------------------------------------------
+
+ROWS = 5
+ROWS_GRID = (3, 2, 1)   # 6 workgroups for 5 rows over a 2-D grid: row = wid.x + wid.y * 3; the last returns
+
+
+def run_rows(op: str, a: torch.Tensor, out_shape: Sequence[int], w: Optional[torch.Tensor] = None,
+             eps: float = 0.0) -> np.ndarray:
+    rows, n = a.shape
+    params = {"rows": rows, "n": n, "op": REDUCE[op], "eps_bits": f32_bits(eps), "has_w": int(w is not None)}
+    inputs = {"a": np32(a)} if w is None else {"a": np32(a), "w": np32(w)}
+    return run_kernel("reduce_rows", ROWS_GRID, params, inputs, np.full(out_shape, SENTINEL))
+
+
+@pytest.mark.parametrize("n", [37, 700])             # below one workgroup; 2.7 elements per invocation
+@pytest.mark.parametrize("op,golden", [("REDUCE_SUM", lambda x: x.sum(-1)), ("REDUCE_MEAN", lambda x: x.mean(-1)),
+                                       ("REDUCE_MAX", lambda x: x.amax(-1))])
+def test_reduce_rows_reduces_each_row(op, golden, n):
+    a = tensor((ROWS, n), 12) - 3.0                  # the max of a row is not >= 0 by chance
+    got = run_rows(op, a, (ROWS + 1,))
+    assert rel_err(torch.from_numpy(got[:ROWS]), golden(a.double())) < BAR
+    assert got[ROWS] == SENTINEL
+
+
+@pytest.mark.parametrize("n", [37, 700])
+def test_softmax_rows_match_fp64_with_large_logits(n):
+    a = tensor((ROWS, n), 13) * 30.0                 # exp overflows f32 unless the row max is subtracted
+    got = run_rows("ROWS_SOFTMAX", a, (ROWS + 1, n))
+    assert rel_err(torch.from_numpy(got[:ROWS]), torch.softmax(a.double(), -1)) < BAR
+    assert (got[ROWS] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("n", [37, 700])
+@pytest.mark.parametrize("has_w", [False, True])
+def test_rms_norm_rows_with_and_without_weight(has_w, n):
+    a = tensor((ROWS, n), 14) * 4.0 + 1.0
+    w = tensor((n,), 15) if has_w else None
+    eps = 1e-5
+    got = run_rows("ROWS_RMS_NORM", a, (ROWS + 1, n), w, eps)
+    x = a.double()
+    golden = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if w is not None:
+        golden = golden * w.double()
+    assert rel_err(torch.from_numpy(got[:ROWS]), golden) < BAR
+    assert (got[ROWS] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("n", [37, 700])
+@pytest.mark.parametrize("has_w", [False, True])
+def test_layer_norm_rows_with_and_without_weight_and_bias(has_w, n):
+    a = tensor((ROWS, n), 16) * 2.0 + 5.0            # a large mean: the variance must come from centred values
+    weight, bias = tensor((n,), 17), tensor((n,), 18)
+    eps = 1e-5
+    got = run_rows("ROWS_LAYER_NORM", a, (ROWS + 1, n), torch.cat([weight, bias]) if has_w else None, eps)
+    golden = F.layer_norm(a.double(), (n,), weight.double() if has_w else None, bias.double() if has_w else None,
+                          eps)
+    assert rel_err(torch.from_numpy(got[:ROWS]), golden) < BAR
+    assert (got[ROWS] == SENTINEL).all()
+
+
+# ---- embedding -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", [(2, 1, 1), (1, 2, 1)])   # 259 outputs, over x, or split over y
+def test_embedding_gathers_rows_including_the_last(grid):
+    vocab, dim = 11, 37
+    table = tensor((vocab, dim), 19)
+    ids = np.array([vocab - 1, 0, 3, vocab - 1, 5, 7, 1], dtype=np.uint32)
+    params = {"n_ids": ids.size, "dim": dim, "vocab": vocab}
+    got = run_kernel("embedding", grid, params, {"a": ids, "w": np32(table)}, np.full((ids.size + 1, dim), SENTINEL))
+    assert np.array_equal(got[:ids.size], table.numpy()[ids])
+    assert (got[ids.size] == SENTINEL).all()
+
+
+# ---- sdpa ----------------------------------------------------------------------------------------
+
+def sdpa_golden(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, causal: bool,
+                scale: float) -> torch.Tensor:
+    """fp64 attention of q [B][S][Hq][D] over caches [B][C][Hkv][D]: query s sees keys
+    j <= start_pos + s when causal, j < start_pos + S otherwise; GQA repeats each cache head."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    visible = start_pos + S
+    keys = k[:, :visible].double().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)    # [B][Hq][visible][D]
+    values = v[:, :visible].double().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
+    scores = q.double().transpose(1, 2) @ keys.transpose(-1, -2) * scale                   # [B][Hq][S][visible]
+    if causal:
+        j = torch.arange(visible)
+        s = torch.arange(S)[:, None]
+        scores = scores.masked_fill(j > start_pos + s, float("-inf"))
+    return (torch.softmax(scores, -1) @ values).transpose(1, 2)                             # [B][S][Hq][D]
+
+
+@pytest.fixture(scope="module")
+def custom_sdpa():
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers torch.ops.llama)
+
+    return torch.ops.llama.custom_sdpa
+
+
+SDPA_CASES = {
+    # name: (B, S, Hq, Hkv, D, C, start_pos, causal, scale or None for 1/sqrt(D))
+    "decode_first_token_gqa": (1, 1, 8, 2, 64, 16, 0, True, None),
+    "decode_gqa_d64": (1, 1, 8, 2, 64, 16, 9, True, None),
+    "prefill_from_0_mha_d48": (1, 5, 4, 4, 48, 8, 0, True, None),
+    "prefill_after_start_pos_gqa_d48": (1, 4, 8, 2, 48, 16, 6, True, None),
+    "prefill_not_causal_gqa": (1, 3, 8, 2, 64, 12, 5, False, None),
+    "decode_not_causal_mha": (1, 1, 4, 4, 48, 12, 7, False, None),
+    "batch_of_two": (2, 3, 4, 2, 32, 10, 2, True, None),
+    "d_not_a_multiple_of_8_explicit_scale": (1, 3, 4, 2, 50, 9, 3, True, 0.4),
+    "long_cache_partial_last_chunk": (1, 2, 8, 2, 64, 330, 270, True, None),
+    "d130_three_dims_per_invocation": (1, 2, 4, 1, 130, 40, 30, True, None),
+    "d256": (1, 2, 2, 1, 256, 80, 69, True, None),
+    "peaked_softmax": (1, 2, 4, 2, 32, 200, 150, True, 4.0),
+}
+
+
+# The registry's workgroup size, and 64 and 256: the kernel is written for any multiple of 64 (its
+# key groups of 64 combine at the end), and 256 is the size measured fastest for decode on an H200.
+SDPA_WORKGROUPS = sorted({registry.kernel("sdpa").workgroup_size[0], 64, 256})
+
+
+@pytest.mark.parametrize("workgroup_x", SDPA_WORKGROUPS)
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_matches_custom_sdpa_and_fp64(case, workgroup_x, custom_sdpa):
+    B, S, Hq, Hkv, D, C, start_pos, causal, scale = SDPA_CASES[case]
+    q = tensor((B, S, Hq, D), 20)
+    k, v = tensor((B, C, Hkv, D), 21), tensor((B, C, Hkv, D), 22)
+    # Cache rows past start_pos + S are not attention's to read: NaN there shows if they are read.
+    k[:, start_pos + S:] = float("nan")
+    v[:, start_pos + S:] = float("nan")
+    golden = sdpa_golden(q, k, v, start_pos, causal, scale if scale is not None else D ** -0.5)
+    expected = custom_sdpa(q, k, v, start_pos, None, 0.0, causal, scale)
+    assert rel_err(expected, golden) < 1e-5        # the golden states custom_sdpa's semantics
+    params = {"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D, "C": C, "start_pos": start_pos, "causal": int(causal),
+              "scale_bits": f32_bits(scale if scale is not None else D ** -0.5)}
+    got = torch.from_numpy(run_kernel("sdpa", (Hq, S, B), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
+                                      np.zeros(q.shape), workgroup_x))
+    assert not got.isnan().any()
+    assert rel_err(got, golden) < BAR
+    assert rel_err(got, expected) < BAR
