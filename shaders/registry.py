@@ -184,6 +184,38 @@ KERNELS: Tuple[Kernel, ...] = (
            types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
            workgroup_size=(64, 1, 1), prelude=("graph_prelude.wgsl",),
            params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
+    # ---- graph kernels of backend/graph/ops_transformer.py (BERT / Hugging Face decoders) ----
+    # bmm: out[t] = a[t] @ b[t], fp32 operands read through offsets and strides, out contiguous.
+    Kernel("bmm", "bmm.wgsl", layout=ELEMENTWISE_LAYOUT,
+           types={"params": "Params", "a": F32, "b": F32, "out": F32},
+           workgroup_size=(16, 16, 1), prelude=("graph_prelude.wgsl",),
+           params=("batch", "M", "N", "K", "a_off", "b_off", "sa_b", "sa_m", "sa_k", "sb_b", "sb_k", "sb_n")),
+    # compare_select: comparisons, logic, casts, where, fill, arange (booleans 1.0 / 0.0 in the graph).
+    Kernel("compare_select", "compare_select.wgsl",
+           layout=(Binding("params", "uniform"), Binding("a", "read-only-storage"),
+                   Binding("b", "read-only-storage"), Binding("c", "read-only-storage"), Binding("out", "storage")),
+           types={"params": "Params", "a": U32, "b": U32, "c": U32, "out": U32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants={"RANK": ELEMENTWISE_RANK,
+                      "SEL_EQ": 0, "SEL_NE": 1, "SEL_LT": 2, "SEL_LE": 3, "SEL_GT": 4, "SEL_GE": 5,
+                      "SEL_AND": 8, "SEL_OR": 9, "SEL_XOR": 10,            # binary: b, or scalar
+                      "SEL_NOT": 16, "SEL_TO_BOOL": 17, "SEL_FROM_I32": 18, "SEL_I32_TO_BOOL": 19,
+                      "SEL_TRUNC": 20,                                   # unary on a
+                      "SEL_WHERE": 32,                                   # c ? a : b
+                      "SEL_FILL": 48, "SEL_ARANGE": 49},                 # no operand
+           params=("n", "op", "scalar_bits", "step_bits", "b_is_scalar", "a_off", "b_off", "c_off", "out_off",
+                   "_pad0") + tuple(f"{p}{i}" for p in ("d", "sa", "sb", "sc", "so")
+                                    for i in range(ELEMENTWISE_RANK))),
+    # gather: out[p] = a[p . sa + idx_b(p) * b_step + idx_c(p) * c_step], indices from b and c.
+    Kernel("gather", "gather.wgsl",
+           layout=(Binding("params", "uniform"), Binding("a", "read-only-storage"),
+                   Binding("b", "read-only-storage"), Binding("c", "read-only-storage"), Binding("out", "storage")),
+           types={"params": "Params", "a": U32, "b": U32, "c": U32, "out": U32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants={"RANK": ELEMENTWISE_RANK},
+           params=("n", "n_idx", "a_off", "b_off", "c_off", "b_i32", "c_i32", "b_wrap", "c_wrap", "b_step",
+                   "c_step", "_pad0") + tuple(f"{p}{i}" for p in ("d", "sa", "sb", "sc")
+                                              for i in range(ELEMENTWISE_RANK))),
     # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
     Kernel("stream_read", "stream_read.wgsl",
            layout=(Binding("data", "read-only-storage"), Binding("sink", "storage")),

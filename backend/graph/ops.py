@@ -579,3 +579,4 @@ def unsupported_reason(node: Node) -> Optional[str]:
     except (ExprError, LoweringError, TypeError, ValueError) as e:
         return str(e)
 
+from executorch_wgpu.backend.graph import ops_transformer  # noqa: E402,F401  (registers its rules)
