@@ -182,7 +182,8 @@ KERNELS: Tuple[Kernel, ...] = (
            params=("n_ids", "dim", "vocab", "_pad0")),
     Kernel("sdpa", "sdpa.wgsl", layout=SDPA_LAYOUT,
            types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
-           workgroup_size=(64, 1, 1), prelude=("graph_prelude.wgsl",),
+           # 256 invocations: a decode dispatch has only Hq x B workgroups (docs/PERFORMANCE.md)
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",), constants={"MAX_D": 256},
            params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
     # ---- graph kernels of backend/graph/ops_transformer.py (BERT / Hugging Face decoders) ----
     # bmm: out[t] = a[t] @ b[t], fp32 operands read through offsets and strides, out contiguous.

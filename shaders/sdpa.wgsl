@@ -25,7 +25,6 @@
 // WORKGROUP_X = 64 (the loop of one key at a time it replaced: 2519 us), 129 us at 256. A decode
 // dispatch has only Hq x B workgroups; more invocations per workgroup is what speeds it up.
 
-const MAX_D: u32 = 256u;
 const GROUP: u32 = 64u;                        // invocations per key group; MAX_D = 4 x GROUP
 const KEY_GROUPS: u32 = WORKGROUP_X / GROUP;
 const CHUNK: u32 = WORKGROUP_X;                // keys per chunk: one per invocation

@@ -30,7 +30,7 @@ from executorch_wgpu.shaders import registry
 RANK = registry.ELEMENTWISE_RANK
 OPS = registry.ELEMENTWISE_OPS
 MAX_GROUPS = 65535       # WebGPU's guaranteed maxComputeWorkgroupsPerDimension
-SDPA_MAX_HEAD_DIM = 4 * registry.kernel("sdpa").workgroup_size[0]
+SDPA_MAX_HEAD_DIM = registry.kernel("sdpa").constants["MAX_D"]
 
 
 def f32_bits(value: float) -> int:
