@@ -535,6 +535,9 @@ Status GraphDelegate::read_inputs(Span<EValue*> args) {
 
 Status GraphDelegate::execute(Span<EValue*> args) {
   const auto t0 = Clock::now();
+  // One GPU call at a time in the process; held from the first check, as the per-call
+  // scratch (values, converted inputs, params) is this delegate's.
+  std::lock_guard<std::mutex> lock(gpu_->mutex);
   const GraphBlob& g = blob_;
   const size_t n_in = g.inputs.size(), n_out = g.outputs.size();
   if (args.size() != n_in + n_out)
@@ -579,7 +582,6 @@ Status GraphDelegate::execute(Span<EValue*> args) {
     out_bytes[o] = numel * 4;
   }
 
-  std::lock_guard<std::mutex> lock(gpu_->mutex);
   // Params of every step, each linear's plan for its M, each kernel step's grid.
   uint64_t need_scratch = 0;
   linear_calls_.clear();

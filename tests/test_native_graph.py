@@ -219,36 +219,71 @@ def replace_string(data: bytes, old: bytes, new: bytes) -> bytes:
 
 
 def corrupted_programs(pte: bytes, blob: bytes, at: int) -> dict:
-    """name -> (.pte with one corruption of its graph blob or named data, expected status, expected line)."""
+    """name -> (.pte with one corruption of its graph blob or named data, the outcome expected in the worker
+    ("refused-load" or "refused-run"), ExecuTorch's status code, the line naming the problem)."""
+    import dataclasses
+
     from executorch_wgpu.backend.serialization import graph_blob
 
     version = graph_blob.GRAPH_SCHEMA_VERSION
     where = at + root_field_offset(blob, 0)
 
+    def with_blob(new: bytes) -> bytes:
+        assert len(new) == len(blob)   # the program's offsets stay valid
+        return pte[:at] + new + pte[at + len(blob):]
+
     def with_version(v: int) -> bytes:
         return pte[:where] + struct.pack("<I", v) + pte[where + 4:]
 
     rec = graph_blob.deserialize_graph(blob)
-    kernel = next(s.kernel for s in rec.steps if s.linear < 0).encode()
+    assert graph_blob.serialize_graph(rec) == blob   # the writer is deterministic: records can be edited
+
+    def with_expr(index: int, tokens) -> bytes:
+        exprs = list(rec.exprs)
+        exprs[index] = tuple(tokens)
+        return with_blob(graph_blob.serialize_graph(dataclasses.replace(rec, exprs=exprs)))
+
+    ops = {name: code for name, (code, _) in graph_blob.EXPR_OPS.items()}
+    const, floordiv, mul, minimum = ops["const"], ops["floordiv"], ops["mul"], ops["min"]
+    kernel_steps = [s for s in rec.steps if s.linear < 0]
+    # a divisor (a constant right before a floordiv): made 0
+    div = next(i for i, e in enumerate(rec.exprs)
+               if any(e[t][0] == const and e[t + 1][0] == floordiv for t in range(len(e) - 1)))
+    t = next(t for t in range(len(rec.exprs[div]) - 1)
+             if rec.exprs[div][t][0] == const and rec.exprs[div][t + 1][0] == floordiv)
+    zero_divisor = [*rec.exprs[div][:t], (const, 0), *rec.exprs[div][t + 1:]]
+    # a grid's min(cap, tokens): made 2^30 * tokens, beyond any device's workgroups per dimension
+    grid = next(g for st in kernel_steps for g in st.groups if [c for c, _ in rec.exprs[g]] == [const, 1, minimum])
+    huge_grid = [(const, 1 << 30), rec.exprs[grid][1], (mul, 0)]
+    # a float parameter's bits (a constant-only expression above 2^20): made 2^40
+    bits = next(i for i, e in enumerate(rec.exprs) if len(e) == 1 and e[0][0] == const and e[0][1] > 1 << 20)
+    kernel = next(s.kernel for s in kernel_steps).encode()
     key = rec.linears[0].blob_key.encode()
     wgq4 = pte.index(b"WGQ4", at + len(blob)) - 4          # a linear's WGQ4 blob in the named data
     middle = wgq4 + 2048
+    load, run = "refused-load", "refused-run"
     return {
-        "newer schema version": (with_version(version + 1), INVALID_COMPATIBILITY,
+        "newer schema version": (with_version(version + 1), load, INVALID_COMPATIBILITY,
                                  f"graph blob has schema version {version + 1}; this executorch_wgpu reads version "
                                  f"{version}: upgrade executorch_wgpu"),
-        "older schema version": (with_version(version - 1), INVALID_COMPATIBILITY,
+        "older schema version": (with_version(version - 1), load, INVALID_COMPATIBILITY,
                                  f"graph blob has schema version {version - 1}; this executorch_wgpu reads version "
                                  f"{version}: re-export the model"),
-        "truncated": (pte[:at + len(blob) // 2] + bytes(len(blob) - len(blob) // 2) + pte[at + len(blob):],
+        "truncated": (pte[:at + len(blob) // 2] + bytes(len(blob) - len(blob) // 2) + pte[at + len(blob):], load,
                       INVALID_PROGRAM, "graph blob is truncated or corrupted"),
-        "unknown kernel": (pte[:at] + replace_string(blob, kernel, kernel[:-1] + b"!") + pte[at + len(blob):],
-                           INVALID_PROGRAM, f"names kernel '{kernel[:-1].decode()}!', which this executorch_wgpu "
-                                            "does not have"),
-        "missing named data": (pte[:at] + replace_string(blob, key, key[:-1] + (b"0" if key[-1:] != b"0" else b"1"))
-                               + pte[at + len(blob):], INVALID_PROGRAM, "which the program lacks"),
-        "corrupted linear weights": (pte[:middle] + bytes([pte[middle] ^ 0xFF]) + pte[middle + 1:], INVALID_PROGRAM,
-                                     "payload checksum mismatch"),
+        "unknown kernel": (with_blob(replace_string(blob, kernel, kernel[:-1] + b"!")), load, INVALID_PROGRAM,
+                           f"names kernel '{kernel[:-1].decode()}!', which this executorch_wgpu does not have"),
+        "missing named data": (with_blob(replace_string(blob, key, key[:-1] + (b"0" if key[-1:] != b"0" else b"1"))),
+                               load, INVALID_PROGRAM, "which the program lacks"),
+        "corrupted linear weights": (pte[:middle] + bytes([pte[middle] ^ 0xFF]) + pte[middle + 1:], load,
+                                     INVALID_PROGRAM, "payload checksum mismatch"),
+        # well-formed blobs whose values are wrong for the inputs: refused at execute, before any GPU work
+        "a division by zero": (with_expr(div, zero_divisor), run, INVALID_ARGUMENT,
+                               f"graph delegate: expression {div} divides by zero for these inputs"),
+        "a grid beyond the device's limits": (with_expr(grid, huge_grid), run, INVALID_ARGUMENT,
+                                              "workgroups for these inputs is outside [0, "),
+        "a parameter beyond 32 bits": (with_expr(bits, [(const, 1 << 40)]), run, INVALID_ARGUMENT,
+                                       f"is {1 << 40} for these inputs, which does not fit in 32 bits"),
     }
 
 
@@ -283,9 +318,9 @@ def test_corrupted_graph_blobs_are_refused_with_the_right_status_naming_the_prob
     names = list(corrupted)
     results, logs = run_worker(tmp_path, [corrupted[n][0] for n in names] + [llama.pte], PROMPT[:4], 0, python=False)
     for i, name in enumerate(names):
-        _, code, line = corrupted[name]
+        _, outcome, code, line = corrupted[name]
         r = results[i]
-        assert r["native"] == "refused-load" and re.search(status(code), r["native_error"]), (name, r)
+        assert r["native"] == outcome and re.search(status(code), r["native_error"]), (name, r)
         assert re.search(r"WebGPUBackend: .*" + re.escape(line), logs[i]), (name, logs[i])
     assert results[len(names)]["native"] == "ran"   # the same worker runs the intact program
 
