@@ -27,18 +27,21 @@ rules, reused here with the dtype check relaxed. The one exception: an
 integer *input* of the delegate holds i32 in its buffer (the runtime writes it
 so, and the embedding kernel reads ids that way); any other reader gets an f32
 copy, made once per input by compare_select SEL_FROM_I32 (or the gather kernel
-reads its i32 indices directly). Integer and boolean values leave the delegate
-only as f32, so they are never the delegate's outputs in these models (an
-integer output would come back as float32).
+reads its i32 indices directly). A delegate returns float32 only, so a node
+with an integer or boolean result is claimed only when every reader is too,
+down to the float results they give (_stays_inside): such a value never leaves
+the delegate.
 
-How rules combine. For a target ops.py already covers, ops.py's rule is tried
-first and this module's ways after it, only when that rule declines (so the
-graphs ops.py already lowers are unchanged, except that a small static subgraph
-is folded). Folding is tried first for a static node of at most FOLD_FIRST_MAX
-elements (a view is never folded: it costs nothing), and last for one of at
-most FOLD_MAX. At partition time a placeholder counts as constant by its
-export metadata (a parameter, a buffer no mutation reads, a lifted constant);
-preprocess checks that against the program's signature before folding.
+How rules combine. install() (at the end) makes every rule of RULES a chain of
+ways, the first whose check passes lowers the node: folding a static node of
+at most FOLD_FIRST_MAX elements (a view is never folded: it costs nothing),
+then ops.py's rule (or this module's own), then this module's ways for the
+target (`also`: integers in ops.py's views, copies and arithmetic), then
+folding up to FOLD_MAX elements. So what ops.py lowers today lowers the same
+way, except that a small static subgraph is folded. At partition time a
+placeholder counts as constant by its export metadata (a parameter, a buffer
+no mutation reads, a lifted constant); preprocess checks that against the
+program's signature before folding, and takes the next way when it disagrees.
 """
 
 from __future__ import annotations
@@ -111,10 +114,8 @@ def _state(lw: Lowerer) -> _State:
 # ---- what the export fixes ------------------------------------------------------------------------------
 
 _MUTATING = ("auto_functionalized", "index_put", "copy_", "update_cache", "slice_scatter", "scatter")
-_RANDOM = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty")
+_RANDOM = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "empty")   # never folded
 _SHAPE_ONLY = {"aten.full_like.default": None, "aten.zeros_like.default": 0.0, "aten.ones_like.default": 1.0}
-_NO_INPUT = {"aten.full.default", "aten.scalar_tensor.default", "aten.arange.start_step", "aten.arange.default",
-             "aten.arange.start", "aten.zeros.default", "aten.ones.default"}
 
 
 def _desc_kind(node: Node) -> str:
@@ -173,7 +174,7 @@ def _static_map(graph: Graph, constant_placeholder: Callable[[Node], bool]) -> D
         elif n.op == "call_function":
             name = target_name(n)
             ok = (name in RULES or name == "operator.getitem") and _static_val(_val(n)) \
-                and not any(r in name for r in _RANDOM if not name.startswith("aten.empty"))
+                and not any(r in name for r in _RANDOM)
             if ok and name not in _SHAPE_ONLY:
                 ok = all(out.get(a, False) for a in _node_inputs(n))
             out[n] = ok
@@ -313,17 +314,15 @@ class _Combined:
 
     def __init__(self, target: str, base: OpRule):
         self.target = target
-        before = _BEFORE.get(target, [])
-        self.ways: List[Way] = [FOLD_FIRST, *before, Way(base.check, base.lower), *_AFTER.get(target, []),
-                                FOLD_LAST]
-        self.base = 1 + len(before)   # the index of ops.py's rule
+        self.ways: List[Way] = [FOLD_FIRST, *_BEFORE.get(target, []), Way(base.check, base.lower),
+                                *_AFTER.get(target, []), FOLD_LAST]
 
     def check(self, node: Node) -> Optional[str]:
         first: Optional[str] = None
         for w in self.ways:
             why = w.check(node)
             if why is None:
-                return None if w is self.ways[self.base] else _stays_inside(node)
+                return _stays_inside(node)
             if first is None and w not in (FOLD_FIRST, FOLD_LAST):
                 first = why
         return first or "no way to run it"
