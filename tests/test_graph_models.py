@@ -268,7 +268,8 @@ def delegate_kernels(method) -> List[str]:
 
 class EncoderOps(torch.nn.Module):
     """What surrounds a BERT layer's linears: positions and token types from buffers sliced to the token count,
-    embeddings of computed ids, LayerNorm, a padding mask from an int input, sdpa with a boolean mask, GELU."""
+    embeddings of computed ids, LayerNorm, a padding mask from an int input, sdpa with a boolean mask, GELU;
+    and a few more rules on the way (sum and any over the last dim, a float -> int cast)."""
 
     def __init__(self, dim: int = 24, heads: int = 4):
         super().__init__()
@@ -291,7 +292,9 @@ class EncoderOps(torch.nn.Module):
         q = h.view(1, s, self.heads, -1).transpose(1, 2)
         keep = mask[:, None, None, :].to(torch.bool).expand(1, 1, s, s)
         a = F.scaled_dot_product_attention(q, q * 0.5, q, attn_mask=keep).transpose(1, 2).reshape(1, s, -1)
-        return F.gelu(a) + (torch.arange(s) >= 2).float()[None, :, None] * ids[..., None].float() * 0.01
+        extras = (torch.arange(s) >= 2).float()[None, :, None] * ids[..., None].float() * 0.01   # int input -> f32
+        extras = extras + h.sum(-1, keepdim=True) * 0.1 + h.any(-1, keepdim=True) + (h * 3).long() * 0.01
+        return F.gelu(a) + extras
 
 
 def test_encoder_ops_with_a_dynamic_token_count_lower_to_one_delegate_and_match_eager():
