@@ -18,12 +18,10 @@
 //      l + 64, l + 128, l + 192 (16 keys per round; loads of v coalesced over the group).
 // Keys past the visible ones (in the last chunk) weigh 0, and loads in a round past them are
 // clamped to the last visible key. No per-invocation state is an array: indexed in loops, arrays
-// went to local memory on an H200 and made the kernel 3x slower. Workgroup memory: MAX_D +
+// went to local memory on a GPU and made the kernel several times slower. Workgroup memory: MAX_D +
 // 2 x WORKGROUP_X + KEY_GROUPS x (MAX_D + 2) floats (2.5 KiB at 64 invocations, 7 KiB at 256).
-//
-// Measured on an H200 (wgpu 0.32, Vulkan), decode, Hq 32, Hkv 8, D 64, 2048 keys: 295 us at
-// WORKGROUP_X = 64 (the loop of one key at a time it replaced: 2519 us), 129 us at 256. A decode
-// dispatch has only Hq x B workgroups; more invocations per workgroup is what speeds it up.
+// A decode dispatch has only Hq x B workgroups, so more invocations per workgroup is what speeds
+// it up (measurements: docs/PERFORMANCE.md, "graph delegate").
 
 const GROUP: u32 = 64u;                        // invocations per key group; MAX_D = 4 x GROUP
 const KEY_GROUPS: u32 = WORKGROUP_X / GROUP;

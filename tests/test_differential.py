@@ -23,7 +23,7 @@ from executorch.runtime import Runtime as EtRuntime
 from executorch_wgpu import WebGPUPartitioner
 from executorch_wgpu.errors import OperatorError, UnsupportedOperatorError
 from executorch_wgpu.runtime import Runtime
-from executorch_wgpu.tools.models import quantize_q4
+from executorch_wgpu.tools.models import SMALL_HF, hf_inputs, quantize_q4, transformers_model
 
 pytestmark = pytest.mark.native
 
@@ -96,23 +96,6 @@ class Accumulator(torch.nn.Module):
         return self.total.clone()
 
 
-def transformers_model(model_class: str, config_class: str, **config) -> torch.nn.Module:
-    """A transformers model of a small config with random weights (no download), without a KV cache.
-
-    (A StaticCache decoder -- transformers' TorchExportableModuleWithStaticCache -- is not in the corpus:
-    with this torch and transformers its export fails in run_decompositions, before any backend, quantized
-    or not, and ExecuTorch's own to_edge fails the same way.)"""
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = getattr(transformers, config_class)(**config, use_cache=False)
-    return getattr(transformers, model_class)(cfg).eval()
-
-
-def hf_inputs(vocab: int = 128, length: int = 6) -> tuple:
-    return (torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(1)),)
-
-
 def images(size: int = 32) -> tuple:
     return (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2)),)
 
@@ -126,7 +109,6 @@ def q4(module: torch.nn.Module) -> torch.nn.Module:
     return quantize_q4(module.eval())
 
 
-SMALL_HF = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 SMALL_GPT = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)   # GPT-2's names for the same
 
 CORPUS: Dict[str, Case] = {

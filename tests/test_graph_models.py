@@ -32,9 +32,14 @@ from executorch_wgpu.shaders import registry
 from executorch_wgpu.tools import demo, models
 from executorch_wgpu.tools.reference import rel_err
 
-from test_differential import SMALL_HF, hf_inputs, q4, transformers_model
+from executorch_wgpu.tools.models import SMALL_HF, hf_inputs, quantize_q4, transformers_model
 
 BAR = 1e-4
+
+
+def q4(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return quantize_q4(module.eval())
 RANK = registry.ELEMENTWISE_RANK
 SEL = registry.kernel("compare_select").constants
 Q4_OPS = {"torchao.dequantize_affine.default", "aten.mm.default", "aten.addmm.default"}   # q4gsw linears

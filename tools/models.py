@@ -363,3 +363,27 @@ def greedy_generate(run: Runner, prompt: Sequence[int], n_tokens: int,
         out.append(int(logits[0].argmax()))
         pos += 1
     return out
+
+
+# -- transformers models (random weights, small configs: tests and differential runs) -----------------
+
+# A small decoder config in transformers' names (Llama, Qwen2, OPT, ... take these fields).
+SMALL_HF = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+def transformers_model(model_class: str, config_class: str, **config) -> torch.nn.Module:
+    """A transformers model of a small config with random weights (no download), without a KV cache.
+
+    (A StaticCache decoder -- transformers' TorchExportableModuleWithStaticCache -- is not offered:
+    with this torch and transformers its export fails in run_decompositions, before any backend, quantized
+    or not, and ExecuTorch's own to_edge fails the same way.)"""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_class)(**config, use_cache=False)
+    return getattr(transformers, model_class)(cfg).eval()
+
+
+def hf_inputs(vocab: int = 128, length: int = 6) -> tuple:
+    """Seeded token ids [1, length] for a transformers decoder."""
+    return (torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(1)),)
