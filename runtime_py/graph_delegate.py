@@ -82,6 +82,7 @@ class _Linear:
             bias[: rec.out_features] = rec.bias
         self.bias = dev.create_buffer_with_data(label=f"{rec.name}.bias", data=bias, usage=_USAGE)
         self.plans: Dict[int, Plan] = {}
+        self._params: Dict[int, List[int]] = {}
         self.max_groups = ctx.plan_limits().max_workgroups_per_dim
 
     def plan(self, m: int) -> Plan:
@@ -93,10 +94,14 @@ class _Linear:
         return plan
 
     def params(self, plan: Plan) -> List[int]:
-        rec = self.rec
-        values = {"M": plan.m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
-                  "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
-        return [values[f] for f in registry.Q4_PARAMS]
+        """The kernels' Params for a plan (built once per M)."""
+        cached = self._params.get(plan.m)
+        if cached is None:
+            rec = self.rec
+            values = {"M": plan.m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
+                      "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
+            cached = self._params[plan.m] = [values[f] for f in registry.Q4_PARAMS]
+        return cached
 
 
 class GraphDelegate:
@@ -154,6 +159,7 @@ class GraphDelegate:
             self._bind_groups.append(dev.create_bind_group(label=st.node, layout=ctx.bind_group_layout(k.name),
                                                            entries=entries))
             self._kernel_steps.append(s)
+        self._dispatch_lists: Dict[tuple, tuple] = {}
         self.scratch = self._linear_bind_groups(16)
 
         # Index arrays: the Params and grids of kernel steps gathered from the expression values at once.
@@ -294,24 +300,9 @@ class GraphDelegate:
             raise WebGPUDelegateError("graph delegate: a kernel parameter does not fit in 32 bits for these inputs")
         if need_scratch > self.scratch.size:
             self.scratch = self._linear_bind_groups(need_scratch)
+            self._dispatch_lists.clear()   # they hold the linears' old bind groups
         groups = value_array[self._group_index] if len(self._kernel_steps) else np.zeros((0, 3), dtype=np.int64)
-        # The dispatch list: (pipeline, bind group, grid) per dispatch, zero-sized grids skipped.
-        dispatches = []
-        labels = []   # (fx node, kernel) per dispatch, for a profile
-        row = 0
-        linear_at = iter(linear_plans)
-        for s, st in enumerate(rec.steps):
-            if st.linear >= 0:
-                plan = next(linear_at)
-                for d in plan.dispatches:
-                    dispatches.append((self.ctx.pipeline(d.kernel), self._bind_groups[s], *d.grid))
-                    labels.append((st.node, d.kernel))
-                continue
-            gx, gy, gz = (int(g) for g in groups[row])
-            row += 1
-            if gx and gy and gz:
-                dispatches.append((self._pipelines[s], self._bind_groups[s], gx, gy, gz))
-                labels.append((st.node, st.kernel))
+        dispatches, labels, handles = self._dispatch_list(groups, linear_plans)
         out_bytes = [4 * int(np.prod([values[d] for d in io.shape], dtype=np.int64)) for io in rec.outputs]
         copies = [(self.buffers[io.buffer], offset, n)
                   for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes) if n]
@@ -325,7 +316,6 @@ class GraphDelegate:
             profile = [(node, kernel, us) for (node, kernel), us in zip(labels, profile_us)]
             ticks = None
         elif self.direct is not None:
-            handles = [(p._internal, b._internal, gx, gy, gz) for p, b, gx, gy, gz in dispatches]
             raw, ticks = self.direct.run_dispatches(writes, handles, copies, self._staging, read_bytes,
                                                     self.query_resolve, self._ts_offset)
             split = self.direct.last_split_us
@@ -344,6 +334,36 @@ class GraphDelegate:
             calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
                                     lin.reasons[0 if plan.m == 1 else 1], None))
         return outputs
+
+    def _dispatch_list(self, groups: np.ndarray, linear_plans: List[Plan]) -> tuple:
+        """(dispatches, labels, C handles) of a call: (pipeline, bind group, grid) per dispatch, zero-sized grids
+        skipped, and (fx node, kernel) per dispatch for a profile. Built once per distinct set of grids and
+        linear plans (they change with the token count, not with input_pos), then reused."""
+        key = (groups.tobytes(), tuple(map(id, linear_plans)))
+        cached = self._dispatch_lists.get(key)
+        if cached is not None:
+            return cached
+        dispatches: list = []
+        labels: List[Tuple[str, str]] = []
+        row = 0
+        linear_at = iter(linear_plans)
+        for s, st in enumerate(self.record.steps):
+            if st.linear >= 0:
+                plan = next(linear_at)
+                for d in plan.dispatches:
+                    dispatches.append((self.ctx.pipeline(d.kernel), self._bind_groups[s], *d.grid))
+                    labels.append((st.node, d.kernel))
+                continue
+            gx, gy, gz = (int(g) for g in groups[row])
+            row += 1
+            if gx and gy and gz:
+                dispatches.append((self._pipelines[s], self._bind_groups[s], gx, gy, gz))
+                labels.append((st.node, st.kernel))
+        handles = [(p._internal, b._internal, gx, gy, gz) for p, b, gx, gy, gz in dispatches]
+        if len(self._dispatch_lists) >= 64:   # a bound: each distinct token count adds one
+            self._dispatch_lists.clear()
+        self._dispatch_lists[key] = (dispatches, labels, handles)
+        return dispatches, labels, handles
 
     def _run_profiled(self, writes, dispatches, copies, read_bytes: int) -> tuple:
         """The call with each dispatch in its own timed compute pass: (bytes, [GPU µs per dispatch], split µs)."""

@@ -141,6 +141,11 @@ def _lower_outputs(lw: Lowerer, ep: ExportedProgram, node: Node) -> None:
             continue
         if spec.kind != OutputKind.USER_OUTPUT:
             raise LoweringError(f"output kind {spec.kind.name} is not supported by the graph delegate")
+        val = arg.meta.get("val") if isinstance(arg, Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
+            # both runtimes hand outputs back as float32: anything else would reach the CPU wrong
+            raise LoweringError(f"delegate output {getattr(arg, 'name', arg)} is "
+                                f"{getattr(val, 'dtype', type(val).__name__)}; a graph delegate returns float32 only")
         ref = lw.tensor(arg)
         if any(ref.buffer == i[0].buffer for i in lw.inputs) or ref.buffer in lw.state_buffers.values() or \
                 lw.vbuffers[ref.buffer].kind != "work":

@@ -230,7 +230,7 @@ def _check_clone(node: Node) -> Optional[str]:
 
 rule("aten.view_copy.default", "aten.squeeze_copy.dims", "aten.squeeze_copy.dim", "aten.squeeze_copy.default",
      "aten.unsqueeze_copy.default", "aten.alias_copy.default")(_alias)
-rule("aten._clone_dim_order.default", "aten.clone.default", check=_check_clone)(_alias)
+rule("aten.clone.default", check=_check_clone)(_alias)   # dim_order_ops._clone_dim_order: ops_transformer.py
 
 
 # ---- copies: permute, slice, select, cat, expand ---------------------------------------------------
