@@ -8,7 +8,7 @@ linear-only path does), then lower every node in graph order through its rule
 
 from __future__ import annotations
 
-from typing import Dict, List, Set, Tuple
+from typing import Dict, Set, Tuple
 
 import torch
 from executorch.exir._serialize._named_data_store import NamedDataStore, NamedDataStoreOutput
@@ -152,10 +152,3 @@ def _lower_outputs(lw: Lowerer, ep: ExportedProgram, node: Node) -> None:
             # an output that is an input, a constant or the state itself: give it its own copy
             ref = ops.copy_strided(lw, arg, ref, 0, ref.strides(), ref.shape)
         lw.outputs.append((ref, arg.name if isinstance(arg, Node) else str(arg)))
-
-
-def user_output_count(ep: ExportedProgram) -> int:
-    return sum(1 for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT)
-
-
-__all__: List[str] = ["compile_graph", "user_output_count"]

@@ -15,14 +15,12 @@ the largest shapes the export allows).
 from __future__ import annotations
 
 import hashlib
-import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import sympy
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Node
 from torch.utils._sympy.value_ranges import bound_sympy
 
@@ -303,8 +301,6 @@ class Lowerer:
             for v in ends.get(step, []):
                 free.append(mapping[v])
         buffers = [gb.Buffer(b.kind, sizes.get(i, b.bytes), b.data_key, b.name) for i, b in enumerate(buffers)]
-        for v in range(len(self.vbuffers)):   # buffers no step touches (dead tensors) share buffer 0's slot
-            mapping.setdefault(v, 0)
         return {"buffers": buffers, "map": mapping}
 
 
@@ -318,18 +314,3 @@ def _fallback(k: registry.Kernel, b: registry.Binding) -> str:
 def named_data_key(data: bytes) -> str:
     """Named data is keyed by content: equal weights are stored once per program."""
     return "executorch_wgpu/" + hashlib.sha256(data).hexdigest()
-
-
-def input_kinds(ep: ExportedProgram) -> Dict[str, Tuple[InputKind, Optional[str]]]:
-    return {s.arg.name: (s.kind, s.target) for s in ep.graph_signature.input_specs}
-
-
-def user_output_nodes(ep: ExportedProgram) -> List[Node]:
-    out = ep.graph.output_node()
-    args = out.args[0]
-    return [a for a, spec in zip(args, ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
-
-
-SYMBOLIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.le,
-                      operator.lt, operator.ge, operator.gt, operator.eq, operator.ne, operator.neg}
-
