@@ -160,6 +160,9 @@ class GraphDelegate:
                                                            entries=entries))
             self._kernel_steps.append(s)
         self._dispatch_lists: Dict[tuple, tuple] = {}
+        self._linear_blocks: Dict[Tuple[int, ...], tuple] = {}
+        self._linear_m = [rec.linears[rec.steps[lin.slot].linear].m for lin in self.linears]   # expr of each M
+        self._linear_slots = np.array([lin.slot for lin in self.linears], dtype=np.int64)
         self.scratch = self._linear_bind_groups(16)
 
         # Index arrays: the Params and grids of kernel steps gathered from the expression values at once.
@@ -241,12 +244,16 @@ class GraphDelegate:
 
     def _symbols(self, inputs: Sequence[torch.Tensor]) -> List[int]:
         values = []
+        elements: Dict[int, list] = {}   # input -> its elements, read once (input_pos is read by many symbols)
         for s in self.record.symbols:
             x = inputs[s.input]
             if s.source == "input-dim":
                 v = int(x.shape[s.index]) if s.index < x.dim() else None
             else:
-                v = int(x.reshape(-1)[s.index]) if s.index < x.numel() else None
+                if s.input not in elements:
+                    elements[s.input] = x.reshape(-1).tolist()
+                flat = elements[s.input]
+                v = int(flat[s.index]) if s.index < len(flat) else None
             if v is None:
                 raise InputError(f"input {s.input} has shape {tuple(x.shape)}: it has no {s.source} {s.index} "
                                  f"({s.name})")
@@ -288,14 +295,9 @@ class GraphDelegate:
         params = np.zeros((len(rec.steps), SLOT_WORDS), dtype=np.int64)
         if len(self._kernel_steps):
             params[self._slots, :self._param_index.shape[1]] = value_array[self._param_index]
-        linear_plans = []
-        need_scratch = 0
-        for lin in self.linears:
-            m = int(values[rec.linears[rec.steps[lin.slot].linear].m])
-            plan = lin.plan(m)
-            need_scratch = max(need_scratch, plan.partial_bytes)
-            params[lin.slot, :len(registry.Q4_PARAMS)] = lin.params(plan)
-            linear_plans.append(plan)
+        linear_plans, linear_params, need_scratch = self._linear_block(tuple(values[i] for i in self._linear_m))
+        if self.linears:
+            params[self._linear_slots, :len(registry.Q4_PARAMS)] = linear_params
         if params.min(initial=0) < 0 or params.max(initial=0) > 0xFFFFFFFF:
             raise WebGPUDelegateError("graph delegate: a kernel parameter does not fit in 32 bits for these inputs")
         if need_scratch > self.scratch.size:
@@ -334,6 +336,18 @@ class GraphDelegate:
             calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
                                     lin.reasons[0 if plan.m == 1 else 1], None))
         return outputs
+
+    def _linear_block(self, ms: Tuple[int, ...]) -> tuple:
+        """(plans, Params rows, split-K scratch bytes) of the linears at these M, built once per distinct M."""
+        block = self._linear_blocks.get(ms)
+        if block is None:
+            plans = [lin.plan(int(m)) for lin, m in zip(self.linears, ms)]
+            rows = np.array([lin.params(p) for lin, p in zip(self.linears, plans)], dtype=np.int64)
+            block = (plans, rows, max([p.partial_bytes for p in plans] or [0]))
+            if len(self._linear_blocks) >= 64:   # a bound: each distinct token count adds one
+                self._linear_blocks.clear()
+            self._linear_blocks[ms] = block
+        return block
 
     def _dispatch_list(self, groups: np.ndarray, linear_plans: List[Plan]) -> tuple:
         """(dispatches, labels, C handles) of a call: (pipeline, bind group, grid) per dispatch, zero-sized grids
