@@ -26,7 +26,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.shaders import registry
@@ -34,6 +34,7 @@ from executorch_wgpu.shaders import registry
 LIBRARY_NAME = "libexecutorch_wgpu_native.so"
 LIBRARY_VARIABLE = "EXECUTORCH_WGPU_NATIVE_LIB"   # the library's path, where it is not in build/native/ here
 RUNNER_NAME = "wgq4_run_pte"   # runtime_native/run_pte.cpp: a .pte through ExecuTorch's C++ Module API
+LLAMA_RUNNER_NAME = "wgq4_llama_run"   # runtime_native/llama_run.cpp: a Llama .pte's prefill and greedy decode
 # Where `make setup` builds it: the repository root is this package's directory.
 DEFAULT_BUILD_DIR = pathlib.Path(__file__).resolve().parent / "build" / "native"
 
@@ -51,6 +52,40 @@ def library_path() -> pathlib.Path:
 def runner_path() -> pathlib.Path:
     """wgq4_run_pte, built beside the library."""
     return library_path().parent / RUNNER_NAME
+
+
+def llama_runner_path() -> pathlib.Path:
+    """wgq4_llama_run, built beside the library."""
+    return library_path().parent / LLAMA_RUNNER_NAME
+
+
+def llama_runner_unavailable_reason() -> Optional[str]:
+    """Why run_llama_in_cpp() would fail here for want of a build, or None when the runner is built."""
+    reason = unavailable_reason()
+    if reason is None and not llama_runner_path().is_file():
+        reason = (f"the native Llama runner is not built: no {llama_runner_path()} beside the library; "
+                  "rebuild (`make setup`, or `cmake --build build/native`)")
+    return reason
+
+
+def run_llama_in_cpp(pte_path, prompt: Sequence[int], new_tokens: int, warmup: int = 1, repeats: int = 1,
+                     timeout: float = 600) -> dict:
+    """The JSON result of wgq4_llama_run on a Llama .pte: prefill `prompt`, greedy decode to `new_tokens` tokens.
+
+    A process of its own with no Python (ExecuTorch's C++ Module API and this library).
+    The result holds "tokens" (the generated ids, the first from the prefill, as
+    tools/models.greedy_generate gives them), "prefill_ms" / "prefill_tokens_per_s" (median of
+    `repeats` timed prefills after `warmup` untimed ones) and "decode_ms_per_token" /
+    "decode_tokens_per_s" (the decode calls after the first `warmup`; null when none is left).
+    Raises RuntimeError with the runner's stderr when it fails.
+    """
+    args = [str(llama_runner_path()), str(pte_path), "--prompt", ",".join(str(int(t)) for t in prompt),
+            "--new-tokens", str(new_tokens), "--warmup", str(warmup), "--repeats", str(repeats)]
+    done = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{llama_runner_path()} failed ({done.returncode}): {done.stderr.strip()}")
+    result: dict = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def run_pte_in_cpp(pte_path, x, warmup: int = 1, iters: int = 1, timeout: float = 600) -> tuple:

@@ -15,6 +15,11 @@ each --prompt length and greedy decode. Reports tokens/s and where the time goes
   cpu_ops_ms            execute() wall time - delegate_wall_ms (embedding, RMSNorm, RoPE,
                         attention, KV cache update, ... through torch on the CPU)
 
+--runtime native also runs the same .pte with the native C++ runner
+(build/native/wgq4_llama_run: ExecuTorch's C++ runtime with the native delegate,
+no Python) at the same prompt lengths and decode count, and reports its tokens/s
+beside ours (skipped, saying why, where the native build is missing).
+
 Writes llama_bench.json and llama_bench.md to --out and prints the table on
 stdout; progress goes to stderr.
 
@@ -62,6 +67,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="graph (default): the whole model is one delegate, KV cache on the GPU, one submit per "
                         "call (ExecuTorch's LLM transforms: custom_sdpa, update_cache); linears-only: one delegate "
                         "per q4 linear, every other op on the CPU")
+    p.add_argument("--runtime", choices=["python", "native"], default="python",
+                   help="python (default): time our Python runtime; native: also time the same .pte in the native "
+                        "C++ runner (build/native/wgq4_llama_run, ExecuTorch's C++ runtime) and report both")
     p.add_argument("--profile", action="store_true",
                    help="graph mode: also time every dispatch of one prefill and one decode call (each in its own "
                         "compute pass: inflated, for where the time goes) and report the top ops")
@@ -147,6 +155,13 @@ def phase_split(wall_s: float, report: List[dict], graph: Optional[List[dict]] =
     }
 
 
+def seeded_prompt(vocab: int, length: int, seed: int):
+    """A prompt of `length` random token ids, [1, length] int64, from a torch generator seeded `seed`."""
+    import torch
+
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
 def timed_execute(method, inputs):
     start = time.perf_counter()
     (logits,) = method.execute(inputs)
@@ -156,8 +171,7 @@ def timed_execute(method, inputs):
 def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) -> Dict[str, Any]:
     import torch
 
-    g = torch.Generator().manual_seed(seed + prompt_len)
-    tokens = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    tokens = seeded_prompt(vocab, prompt_len, seed + prompt_len)
     pos = torch.tensor([0])
     method.reset_state()
     timed_execute(method, [tokens, pos])   # warm-up: pipelines and buffers for this M
@@ -177,8 +191,7 @@ def bench_prefill(method, prompt_len: int, vocab: int, repeats: int, seed: int) 
 def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) -> Dict[str, Any]:
     import torch
 
-    g = torch.Generator().manual_seed(seed + 7919)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    prompt = seeded_prompt(vocab, prompt_len, seed + 7919)
     method.reset_state()
     logits, _, _, _ = timed_execute(method, [prompt, torch.tensor([0])])
     token = int(logits[0].argmax())
@@ -217,6 +230,41 @@ def bench_decode(method, prompt_len: int, n_tokens: int, vocab: int, seed: int) 
         "kernels": dict(kernels),
         "generated_tokens": generated,
     }
+
+
+def bench_native(pte_path: Path, prompts: Sequence[int], n_tokens: int, vocab: int, repeats: int,
+                 seed: int) -> Dict[str, Any]:
+    """The same .pte in the native C++ runner (wgq4_llama_run), with bench_prefill's and bench_decode's prompts.
+
+    One runner process per prompt length (prefill only: a warm-up, then `repeats` timed calls) and one
+    for the decode (prefill, one untimed decode step, n_tokens timed ones, as bench_decode does).
+    """
+    from executorch_wgpu import native
+
+    prefill = []
+    for p in prompts:
+        r = native.run_llama_in_cpp(pte_path, seeded_prompt(vocab, p, seed + p)[0].tolist(), new_tokens=1,
+                                    warmup=1, repeats=repeats)
+        prefill.append({"prompt": p, "tokens_per_s": r["prefill_tokens_per_s"], "wall_ms": r["prefill_ms"]})
+    r = native.run_llama_in_cpp(pte_path, seeded_prompt(vocab, prompts[0], seed + 7919)[0].tolist(),
+                                new_tokens=n_tokens + 2, warmup=1)
+    return {"runner": str(native.llama_runner_path()), "load_ms": r["load_ms"], "prefill": prefill,
+            "decode": {"tokens": r["decode_steps_timed"], "tokens_per_s": r["decode_tokens_per_s"],
+                       "ms_per_token_mean": r["decode_ms_per_token"], "generated_tokens": r["tokens"]}}
+
+
+def run_native(pte_path: Path, prompts: Sequence[int], n_tokens: int, vocab: int, repeats: int,
+               seed: int) -> Dict[str, Any]:
+    """bench_native's figures, or {"skipped": why} where the runner is not built or fails (its message)."""
+    from executorch_wgpu import native
+
+    reason = native.llama_runner_unavailable_reason()
+    if reason:
+        return {"skipped": reason}
+    try:
+        return bench_native(pte_path, prompts, n_tokens, vocab, repeats, seed)
+    except RuntimeError as e:
+        return {"skipped": f"the runner failed: {e}"}
 
 
 def op_kind(node: str, kernel: str) -> str:
@@ -319,6 +367,12 @@ def markdown(result: Dict[str, Any]) -> str:
     d = result["decode"]
     gpu = [p["gpu_kernels_ms"] for p in result["prefill"]] + [d["gpu_kernels_ms_per_token"]]
     timed = any(v is not None for v in gpu)
+    native: Dict[str, Any] = result.get("native") or {}   # --runtime native: its figures, or why it was skipped
+    ncol = "prefill" in native
+
+    def nat(entry: Dict[str, Any]) -> str:   # the native column's cell, with its separator
+        return f"{entry['native_tokens_per_s']:.1f} | " if ncol else ""
+
     lines = [
         f"# llama-bench: {result['config']} ({result['date']})",
         "",
@@ -331,21 +385,28 @@ def markdown(result: Dict[str, Any]) -> str:
         f"({result['pte_bytes'] / 1e6:.1f} MB .pte); load {result['load_s']:.1f} s",
         f"- command: `{result['command']}`",
         "",
-        "| phase | tokens | tokens/s | wall ms | " + ("GPU kernels ms | delegate overhead ms | " if timed else
-                                                     "delegate calls ms | ") + "CPU ops ms | kernels |",
-        "|---" * (8 if timed else 7) + "|",
+        "| phase | tokens | tokens/s | " + ("native C++ tokens/s | " if ncol else "") + "wall ms | "
+        + ("GPU kernels ms | delegate overhead ms | " if timed else "delegate calls ms | ") + "CPU ops ms | kernels |",
+        "|---" * ((8 if timed else 7) + ncol) + "|",
     ]
     for p in result["prefill"]:
         kernels = ", ".join(f"{k}×{v}" for k, v in sorted(p["kernels"].items()))
         split = (f"{_ms(p['gpu_kernels_ms'])} | {_ms(p['delegate_overhead_ms'])}" if timed else
                  f"{p['delegate_wall_ms']:.2f}")
-        lines.append(f"| prefill | {p['prompt']} | {p['tokens_per_s']:.1f} | {p['wall_ms']:.2f} | "
+        lines.append(f"| prefill | {p['prompt']} | {p['tokens_per_s']:.1f} | {nat(p)}{p['wall_ms']:.2f} | "
                      f"{split} | {p['cpu_ops_ms']:.2f} | {kernels} |")
     kernels = ", ".join(f"{k}×{v / d['tokens']:g}" for k, v in sorted(d["kernels"].items()))
     split = (f"{_ms(d['gpu_kernels_ms_per_token'])} | {_ms(d['delegate_overhead_ms_per_token'])}" if timed else
              f"{d['delegate_wall_ms_per_token']:.2f}")
     lines.append(f"| decode (per token, after {d['after_prompt']}) | {d['tokens']} | {d['tokens_per_s']:.1f} | "
-                 f"{d['ms_per_token_mean']:.2f} | {split} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
+                 f"{nat(d)}{d['ms_per_token_mean']:.2f} | {split} | {d['cpu_ops_ms_per_token']:.2f} | {kernels} |")
+    if ncol:
+        same = "the same" if native["decode"]["generated_tokens"] == d["generated_tokens"] else "NOT the same"
+        lines += ["", f"native C++ tokens/s: `{native['runner']}` on the same .pte (ExecuTorch's C++ runtime, no "
+                      f"Python; its own process per prompt length and for the decode; load {native['load_ms']:.0f} "
+                      f"ms): {same} greedy tokens as ours."]
+    elif native:
+        lines += ["", f"native C++ runner: {native['skipped']}"]
     if result.get("mode") == "graph":
         lines += ["", "Graph mode: GPU kernels = the graph call's compute pass (GPU timestamps); delegate overhead = "
                       "host prepare + encode + wait + readback - GPU kernels; CPU ops = execute wall - that host time.",
@@ -382,8 +443,9 @@ def markdown(result: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Build, export, load and time; progress on stderr, the report table on stdout."""
-    # steps: import, build, export, load, each prefill length, decode
-    with cli.Progress(4 + len(args.prompt) + 1, f"llama-bench {args.config}") as progress:
+    # steps: import, build, export, load, each prefill length, decode[, the native runner]
+    steps = 4 + len(args.prompt) + 1 + (args.runtime == "native")
+    with cli.Progress(steps, f"llama-bench {args.config}") as progress:
         progress.step("importing torch and ExecuTorch")
         result = _run(args, progress)
     print(markdown(result), end="")
@@ -474,9 +536,20 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
         peer = torch_peer(args.config, overrides, prompts, args.decode_tokens, args.repeats, args.seed)
         if peer is None:
             progress.note("no CUDA device: no torch peer")
+    native = None
+    if args.runtime == "native":
+        progress.step("the native C++ runner on the same .pte")
+        native = run_native(pte_path, prompts, args.decode_tokens, model_args.vocab_size, args.repeats, args.seed)
+        if "skipped" in native:
+            progress.note(f"native C++ runner skipped: {native['skipped']}")
+        else:
+            for entry, theirs in [*zip(prefill, native["prefill"]), (decode, native["decode"])]:
+                entry["native_tokens_per_s"] = theirs["tokens_per_s"]   # beside ours, in the JSON and the table
+            progress.note(f"native C++ runner: decode {decode['native_tokens_per_s']:.1f} tok/s")
     delegated = len(method.route_report()) if graph else prefill[0]["delegate_calls"]
     result = {
         "mode": args.mode,
+        "runtime": args.runtime,
         "command": "python -m executorch_wgpu llama-bench " + " ".join(args.argv),
         "date": datetime.date.today().isoformat(),
         "adapter": ctx.adapter_name,
@@ -497,6 +570,7 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
         "decode": decode,
         "profile": profile,
         "torch_peer": peer,
+        "native": native,
     }
     (out / "llama_bench.json").write_text(json.dumps(result, indent=2))
     (out / "llama_bench.md").write_text(markdown(result))
