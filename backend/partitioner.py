@@ -97,19 +97,46 @@ class WebGPUPartitioner(Partitioner):
     # -- to_edge_transform_and_lower hooks, in the order ExecuTorch calls them --
 
     def transform_for_pre_decomposition(self, exported_program: ExportedProgram) -> ExportedProgram:
-        """Lower every declined dequantize_affine to ATen ops before decomposition."""
+        """Lower every declined dequantize_affine to ATen ops before decomposition (graph mode keeps a quantized
+        embedding table whole: its delegate gathers from the codes)."""
         # Functionalize and flatten torchao's tensor subclasses first, so weights are plain
         # constant placeholders we can inspect (ExecuTorch runs this same step next anyway).
         ep = exported_program.run_decompositions({})
-        declined = [r for r in find_q4gsw_linears(ep) if isinstance(r, Decline)]
-        for d in declined:
-            log.warning("WebGPUPartitioner: layer %s stays on the CPU: %s", d.name, d.describe())
+        declined: List[Decline] = []    # q4 linears, for partition()'s summary
+        inlined = False
+        logged = set()
+        for d in find_q4gsw_linears(ep):
+            if not isinstance(d, Decline):
+                continue
+            table = None if self.linears_only else self._embedding_table(ep, d)
+            if table:
+                continue   # graph mode gathers its rows from the codes (backend/graph/ops_quantized.py)
+            if (d.name, d.describe()) not in logged:   # once per layer (a module called twice dequantizes twice)
+                log.warning("WebGPUPartitioner: layer %s stays on the CPU: %s", d.name, d.describe())
+                logged.add((d.name, d.describe()))
             inline_dequantize_affine(ep.graph_module, d.dequant)
+            inlined = True
+            if table is None:
+                declined.append(d)
         self._declined.append(declined)
-        if declined:
+        if inlined:
             ep.graph.eliminate_dead_code()
             ep.graph_module.recompile()
         return ep
+
+    @staticmethod
+    def _embedding_table(ep: ExportedProgram, d: Decline) -> Optional[bool]:
+        """Graph mode: is this dequantize_affine, which no q4 linear takes, a quantized embedding table? None: not
+        a table (something besides embeddings reads it); True: the graph delegate gathers from it; False: a table
+        that stays on the CPU, d's reason now saying why."""
+        from executorch_wgpu.backend.graph.ops_quantized import feeds_embeddings, table_problem
+
+        if not feeds_embeddings(d.dequant):
+            return None
+        problem = table_problem(d.dequant, ep)
+        if problem is not None:
+            d.reason, d.fix = problem, ""
+        return problem is None
 
     def ops_to_not_decompose(
         self, ep: ExportedProgram
@@ -126,8 +153,11 @@ class WebGPUPartitioner(Partitioner):
         if not self.linears_only:
             from executorch_wgpu.backend.graph.partition import partition_graph
 
+            from executorch_wgpu.backend.graph.ops_quantized import feeds_embeddings
+
             accepted = [r for r in results if isinstance(r, Q4LinearMatch)]
-            declined += [r for r in results if isinstance(r, Decline)]
+            # an embedding's table left whole by the transform is partition_graph's (it logs a decline)
+            declined += [r for r in results if isinstance(r, Decline) and not feeds_embeddings(r.dequant)]
             partition_tags = partition_graph(exported_program, accepted, self.delegation_spec)
             log_route_table_gaps(accepted, self.route_options)
             log_summary(len(accepted), declined)

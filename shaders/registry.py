@@ -217,6 +217,16 @@ KERNELS: Tuple[Kernel, ...] = (
            params=("n", "n_idx", "a_off", "b_off", "c_off", "b_i32", "c_i32", "b_wrap", "c_wrap", "b_step",
                    "c_step", "_pad0") + tuple(f"{p}{i}" for p in ("d", "sa", "sb", "sc")
                                               for i in range(ELEMENTWISE_RANK))),
+    # ---- graph kernels of backend/graph/ops_quantized.py (weight-only quantized embeddings) ----
+    # embedding_q: out[t][d] = code(id, d) * scale(id, d / group_size), the table's int4 / int8 codes
+    # packed 32 / bits per u32, row-major: a quantized nn.Embedding gathered with no fp32 table.
+    Kernel("embedding_q", "embedding_q.wgsl",
+           layout=(Binding("params", "uniform"), Binding("a", "read-only-storage"),
+                   Binding("w", "read-only-storage"), Binding("scales", "read-only-storage"),
+                   Binding("out", "storage")),
+           types={"params": "Params", "a": U32, "w": U32, "scales": F32, "out": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           params=("n_ids", "dim", "vocab", "bits", "group_size", "n_groups", "ids_f32", "_pad0")),
     # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
     Kernel("stream_read", "stream_read.wgsl",
            layout=(Binding("data", "read-only-storage"), Binding("sink", "storage")),

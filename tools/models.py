@@ -61,6 +61,26 @@ def quantize_q4(module: torch.nn.Module, group_size: int = GROUP_SIZE,
     return module
 
 
+EMBEDDING_DTYPES = ("int4", "int8")
+
+
+def quantize_embeddings(module: torch.nn.Module, weight_dtype: str = "int4", group_size: Optional[int] = GROUP_SIZE,
+                        filter_fn: Optional[Callable[[torch.nn.Module, str], bool]] = None) -> torch.nn.Module:
+    """torchao weight-only int4 / int8 on the nn.Embedding modules (all, or those filter_fn takes), symmetric, per
+    group of `group_size` values of a row (None: one scale per row, PerAxis(0)), in place. Graph mode gathers their
+    rows from the codes (backend/graph/ops_quantized.py)."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if weight_dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding weight dtype must be one of {EMBEDDING_DTYPES}, got {weight_dtype!r}")
+    dtype = torch.int4 if weight_dtype == "int4" else torch.int8   # type: ignore[attr-defined]
+    granularity = PerAxis(0) if group_size is None else PerGroup(group_size)
+    quantize_(module, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding) and (filter_fn is None or filter_fn(m, fqn)))
+    return module
+
+
 def linear_names(module: torch.nn.Module, prefix: str = "") -> List[str]:
     """Fully qualified names of the nn.Linear modules under `module` (quantized ones included)."""
     return [f"{prefix}{name}" for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -267,11 +287,16 @@ class LlamaDecoder(torch.nn.Module):
 
 
 def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = True,
-                group_size: int = GROUP_SIZE, llm_ops: bool = False, **overrides) -> LlamaDecoder:
+                group_size: int = GROUP_SIZE, llm_ops: bool = False, quantize_embedding: Optional[str] = None,
+                **overrides) -> LlamaDecoder:
     """ExecuTorch's Llama transformer with seeded random weights, every linear q4gsw.
 
     quantize_output=False keeps the output projection (lm_head) fp32: it is then
     not a q4gsw layer, so it stays on the CPU.
+
+    quantize_embedding="int4" or "int8" quantizes the token embedding too (torchao
+    weight-only, symmetric): int4 per group of `group_size` values, int8 one scale per
+    row (quantize_embeddings). Graph mode gathers its rows from the codes; None keeps it fp32.
 
     llm_ops=True applies ExecuTorch's LLM export transforms, as its export_llama does:
     attention becomes llama::custom_sdpa and the KV cache llama::update_cache on
@@ -280,6 +305,8 @@ def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = Tr
     """
     from executorch.examples.models.llama.llama_transformer import construct_transformer
 
+    if quantize_embedding not in (None, *EMBEDDING_DTYPES):
+        raise ValueError(f"quantize_embedding must be None or one of {EMBEDDING_DTYPES}, got {quantize_embedding!r}")
     args = llama_args(config, **overrides)
     torch.manual_seed(seed)
     model = LlamaDecoder(construct_transformer(args)).eval()
@@ -290,6 +317,8 @@ def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = Tr
     keep_fp32 = set() if quantize_output else {"transformer.output"}
     quantize_q4(model, group_size,
                 filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn not in keep_fp32)
+    if quantize_embedding is not None:
+        quantize_embeddings(model, quantize_embedding, group_size if quantize_embedding == "int4" else None)
     if llm_ops:
         from executorch.examples.models.llama.source_transformation.custom_kv_cache import (
             replace_kv_cache_with_custom_kv_cache,

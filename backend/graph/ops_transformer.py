@@ -38,7 +38,9 @@ at most FOLD_FIRST_MAX elements (a view is never folded: it costs nothing),
 then ops.py's rule (or this module's own), then this module's ways for the
 target (`also`: integers in ops.py's views, copies and arithmetic), then
 folding up to FOLD_MAX elements. So what ops.py lowers today lowers the same
-way, except that a small static subgraph is folded. At partition time a
+way, except that a small static subgraph is folded. A target in UNFOLDED is
+never folded (a quantized embedding's table: ops_quantized.py, whose rules join
+after install()). At partition time a
 placeholder counts as constant by its export metadata (a parameter, a buffer
 no mutation reads, a lifted constant); preprocess checks that against the
 program's signature before folding, and takes the next way when it disagrees.
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.export.graph_signature import InputKind
@@ -261,6 +263,7 @@ class Way:
     check: Check                                          # from the node alone (partition and preprocess)
     lower: Lower
     ready: Callable[[Lowerer, Node], bool] = lambda lw, node: True   # preprocess's final word
+    reported: bool = True    # False: when no way runs the node, another reason is the one logged
 
 
 def _fold_check(limit: int, views: bool) -> Check:
@@ -296,15 +299,26 @@ def _fold_ready(lw: Lowerer, node: Node) -> bool:
 FOLD_FIRST = Way(_fold_check(FOLD_FIRST_MAX, views=False), _fold, _fold_ready)
 FOLD_LAST = Way(_fold_check(FOLD_MAX, views=True), _fold, _fold_ready)
 
-_BEFORE: Dict[str, List[Way]] = {}   # ways tried before ops.py's rule
-_AFTER: Dict[str, List[Way]] = {}    # ... after it
+_BEFORE: Dict[str, List[Way]] = {}   # ways tried before ops.py's rule, the latest registered first
+_AFTER: Dict[str, List[Way]] = {}    # ... after it, in the order registered
+UNFOLDED: Set[str] = set()           # targets whose value is never folded (ops_quantized.py: a packed table)
 
 
-def also(*targets: str, check: Check, first: bool = False) -> Callable[[Lower], Lower]:
-    """Another way to lower `targets`, beside their rule: tried after it (first=True: before it)."""
+def also(*targets: str, check: Check, first: bool = False, reported: bool = True) -> Callable[[Lower], Lower]:
+    """Another way to lower `targets`, beside their rule: tried after it (first=True: before it, and before
+    the ways registered earlier). reported=False: its check's reason is not the one logged when no way runs
+    the node (a way for a special case only). Registered after install() (ops_quantized.py, imported last),
+    it joins the installed rule."""
     def register(lower: Lower) -> Lower:
         for t in targets:
-            (_BEFORE if first else _AFTER).setdefault(t, []).append(Way(check, lower))
+            way = Way(check, lower, reported=reported)
+            if first:
+                _BEFORE.setdefault(t, []).insert(0, way)
+            else:
+                _AFTER.setdefault(t, []).append(way)
+            owner = getattr(RULES[t].lower, "__self__", None) if t in RULES else None
+            if isinstance(owner, _Combined):
+                owner.ways = owner.chain()
         return lower
     return register
 
@@ -314,8 +328,13 @@ class _Combined:
 
     def __init__(self, target: str, base: OpRule):
         self.target = target
-        self.ways: List[Way] = [FOLD_FIRST, *_BEFORE.get(target, []), Way(base.check, base.lower),
-                                *_AFTER.get(target, []), FOLD_LAST]
+        self.base = base
+        self.ways: List[Way] = self.chain()
+
+    def chain(self) -> List[Way]:
+        folds = self.target not in UNFOLDED
+        return [*([FOLD_FIRST] if folds else []), *_BEFORE.get(self.target, []),
+                Way(self.base.check, self.base.lower), *_AFTER.get(self.target, []), *([FOLD_LAST] if folds else [])]
 
     def check(self, node: Node) -> Optional[str]:
         first: Optional[str] = None
@@ -323,7 +342,7 @@ class _Combined:
             why = w.check(node)
             if why is None:
                 return _stays_inside(node)
-            if first is None and w not in (FOLD_FIRST, FOLD_LAST):
+            if first is None and w.reported and w not in (FOLD_FIRST, FOLD_LAST):
                 first = why
         return first or "no way to run it"
 
@@ -987,5 +1006,8 @@ def lower_fold_only(lw: Lowerer, node: Node) -> None:
 
 install()
 
-__all__ = ["FOLD_FIRST_MAX", "FOLD_MAX", "Way", "also", "f32_operand", "gather_step", "install", "is_static",
-           "select_step"]
+# Quantized embeddings: registered after install(), as a module imported on its own would be (see also()).
+from executorch_wgpu.backend.graph import ops_quantized  # noqa: E402,F401  (registers its rules)
+
+__all__ = ["FOLD_FIRST_MAX", "FOLD_MAX", "UNFOLDED", "Way", "also", "f32_operand", "gather_step", "install",
+           "is_static", "select_step"]

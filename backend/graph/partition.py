@@ -1,7 +1,8 @@
 """Graph mode of WebGPUPartitioner: maximal regions of supported ops, one delegate each.
 
 A node is supported when it belongs to an accepted q4gsw linear or a rule of
-ops.py covers it and its check passes. torch's CapabilityBasedPartitioner
+ops.py covers it and its check passes (a dequantize_affine outside the linears:
+ops_quantized.py's, the table of quantized embeddings). torch's CapabilityBasedPartitioner
 merges supported nodes into the largest regions that create no cycle, as
 ExecuTorch's Vulkan and XNNPACK partitioners do; ExecuTorch's tag helpers
 then hand each region its constants and the mutable buffers (KV cache) it
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import Counter
-from typing import Dict, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set
 
 from executorch.exir.backend.partitioner import DelegationSpec
 from executorch.exir.backend.utils import tag_constant_data, tag_mutated_buffer
@@ -23,10 +24,12 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from executorch_wgpu.backend.graph import ops
-from executorch_wgpu.backend.q4gsw_pattern import DEQUANTIZE_AFFINE, Q4LinearMatch
+from executorch_wgpu.backend.q4gsw_pattern import Q4LinearMatch
 
 log = logging.getLogger("executorch_wgpu.backend.partitioner")
 
+# Why a region that reads nothing but constants stays on the CPU (partition_graph).
+CONSTANTS_ONLY = "its region reads only constants (a delegate needs an input)"
 # Nodes that compute nothing on the device: symbols, checks, reading input_pos.
 _HOST_OPS = {"aten.sym_size.int", "aten._assert_scalar.default", "aten._local_scalar_dense.default"}
 
@@ -52,8 +55,9 @@ class GraphSupport(OperatorSupportBase):
         if node.target is operator.getitem:
             src = node.args[0]
             return None if isinstance(src, Node) and self.reason(src) is None else "it reads an unsupported node"
-        if name == DEQUANTIZE_AFFINE or name in ("aten.mm.default", "aten.linear.default", "aten.addmm.default"):
+        if name in ("aten.mm.default", "aten.linear.default", "aten.addmm.default"):
             return "not part of an accepted q4gsw linear (fp32 matmuls stay on the CPU)"
+        # a dequantize_affine outside the q4 linears: ops_quantized.py's rule takes a quantized embedding table
         return ops.unsupported_reason(node)
 
     def is_node_supported(self, submodules, node: Node) -> bool:
@@ -63,6 +67,15 @@ class GraphSupport(OperatorSupportBase):
         if why is not None:
             self.declined[(ops.target_name(node), why)] += 1
         return why is None
+
+
+def _reads_only_constants(nodes: Iterable[Node]) -> bool:
+    """Do these nodes read nothing from outside but constants of the program (no input, no mutable state)?"""
+    from executorch_wgpu.backend.graph.ops_transformer import _constant_placeholder_by_meta
+
+    inside = set(nodes)
+    outside = {a for n in nodes for a in n.all_input_nodes if a not in inside}
+    return all(a.op == "placeholder" and _constant_placeholder_by_meta(a) for a in outside)
 
 
 def partition_graph(ep: ExportedProgram, accepted: List[Q4LinearMatch], spec: DelegationSpec,
@@ -78,6 +91,12 @@ def partition_graph(ep: ExportedProgram, accepted: List[Q4LinearMatch], spec: De
                        and getattr(n.target, "__module__", None) != "_operator"]
         if not device_work:
             continue   # only host arithmetic: leave it to the CPU
+        if _reads_only_constants(p.nodes):
+            # a region of constants only (e.g. a declined quantized table's dequantize, as ATen ops) would be a
+            # delegate that takes no input, which the Python runtime refuses: the CPU computes it
+            for n in device_work:
+                support.declined[(ops.target_name(n), CONSTANTS_ONLY)] += 1
+            continue
         tag = f"{tag_prefix}_{len(tags)}"
         for n in p.nodes:
             n.meta["delegation_tag"] = tag
