@@ -110,9 +110,8 @@ def _lower_placeholder(lw: Lowerer, ep: ExportedProgram, node: Node, spec, mutat
         lw.state_buffers[spec.target] = ref.buffer
         lw.values[node] = ref
         return
-    if value.dtype == torch.float32:
-        lw.constant(node, value)
-    # else: an integer constant only a claimed q4 node reads (codes, zero points): never uploaded
+    # Other constants are uploaded when a step first reads one (Lowerer.value): the codes and scales of
+    # a q4 linear live in its own blob and are never read as tensors.
 
 
 def _lower_q4_linear(lw: Lowerer, ep: ExportedProgram, node: Node, match: Q4LinearMatch, build_record,

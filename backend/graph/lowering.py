@@ -25,6 +25,7 @@ from torch.fx import Node
 from torch.utils._sympy.value_ranges import bound_sympy
 
 from executorch_wgpu.backend.graph.exprs import ExprError, IntExpr, sym, to_rpn
+from executorch_wgpu.backend.q4gsw_pattern import constant_value
 from executorch_wgpu.backend.serialization import graph_blob as gb
 from executorch_wgpu.shaders import registry
 
@@ -188,6 +189,10 @@ class Lowerer:
     def value(self, arg):
         """The lowered value of an argument: a TensorRef, an int expression, a list, or a plain constant."""
         if isinstance(arg, Node):
+            if arg not in self.values and arg.op == "placeholder":
+                value = constant_value(self.ep, arg)   # a weight: uploaded when a step first reads it
+                if value is not None and value.dtype == torch.float32:
+                    return self.constant(arg, value)
             if arg not in self.values:
                 raise LoweringError(f"{arg.name} ({arg.op} {arg.target}) was not lowered before its use")
             return self.values[arg]

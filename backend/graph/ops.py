@@ -343,8 +343,6 @@ def _check_arith(node: Node) -> Optional[str]:
 
 
 def _operand(lw: Lowerer, arg) -> TensorRef:
-    if isinstance(arg, Node) and arg.op == "placeholder" and arg not in lw.values:
-        raise LoweringError(f"{arg.name} was not lowered")
     return lw.tensor(arg)
 
 
@@ -561,10 +559,26 @@ def lower_custom_sdpa(lw: Lowerer, node: Node) -> None:
     hkv, c = k.shape[2], k.shape[1]
     out = lw.out_tensor(node)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(d))
-    lw.dispatch(node, "sdpa", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "out": out.buffer},
-                {"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "C": c, "start_pos": start, "causal": int(is_causal),
-                 "scale_bits": f32_bits(scale)},
-                (hq, s, b))
+    params = {"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "C": c, "start_pos": start, "causal": int(is_causal),
+              "scale_bits": f32_bits(scale)}
+    # S > 1: one sdpa dispatch, a workgroup per (head, query row). S == 1 (decode): flash-decoding, the keys
+    # split over workgroups (sdpa_split) and their partial results merged (sdpa_combine). S is the dynamic
+    # token count, so both paths are emitted and the grid of the one that does not apply is 0 (the runtimes
+    # skip empty grids); a static S emits one.
+    prefill_on, decode_on = sympy.Min(1, sym(s) - 1), sympy.Max(0, 2 - sym(s))    # 1 / 0 each
+    if prefill_on != 0:
+        lw.dispatch(node, "sdpa", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "out": out.buffer}, params,
+                    (hq * prefill_on, s, b))
+    if decode_on != 0:
+        keys_per_split = registry.kernel("sdpa_split").constants["KEYS_PER_SPLIT"]
+        n_splits = ceildiv(sympy.Min(start + s, c), keys_per_split)
+        # records (max, sum, D accumulators) per (b, s, h, split), sized for S == 1 and the whole cache
+        partial = lw.new_tensor((b, hq, ceildiv(c, keys_per_split), d + 2), f"{node.name}_splits")
+        split_params = {**params, "n_splits": n_splits}
+        lw.dispatch(node, "sdpa_split", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "partial": partial.buffer},
+                    split_params, (n_splits * decode_on, hq, b * s))
+        lw.dispatch(node, "sdpa_combine", {"partial": partial.buffer, "out": out.buffer}, split_params,
+                    (hq * decode_on, s, b))
     lw.values[node] = out
 
 
