@@ -227,6 +227,27 @@ KERNELS: Tuple[Kernel, ...] = (
            types={"params": "Params", "a": U32, "w": U32, "scales": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            params=("n_ids", "dim", "vocab", "bits", "group_size", "n_groups", "ids_f32", "_pad0")),
+    # ---- flash-decoding: custom_sdpa at S == 1 (backend/graph/ops.py lower_custom_sdpa) ----
+    # sdpa_split: grid (n_splits, Hq, B x S); each workgroup attends over KEYS_PER_SPLIT keys of one
+    # query row and writes a partial record (max, sum of exp, D unnormalised accumulators) to
+    # `partial`; sdpa_combine: grid (Hq, S, B), merges a row's n_splits records into out. Params as
+    # sdpa's, plus n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT) (layout: sdpa_split.wgsl).
+    Kernel("sdpa_split", "sdpa_split.wgsl",
+           layout=(Binding("params", "uniform"), Binding("q", "read-only-storage"),
+                   Binding("k", "read-only-storage"), Binding("v", "read-only-storage"),
+                   Binding("partial", "storage")),
+           types={"params": "Params", "q": F32, "k": F32, "v": F32, "partial": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants={"MAX_D": 256, "KEYS_PER_SPLIT": 256},
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "_pad0",
+                   "_pad1")),
+    Kernel("sdpa_combine", "sdpa_combine.wgsl",
+           layout=(Binding("params", "uniform"), Binding("partial", "read-only-storage"),
+                   Binding("out", "storage")),
+           types={"params": "Params", "partial": F32, "out": F32},
+           workgroup_size=(64, 1, 1), prelude=("graph_prelude.wgsl",),
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "_pad0",
+                   "_pad1")),
     # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
     Kernel("stream_read", "stream_read.wgsl",
            layout=(Binding("data", "read-only-storage"), Binding("sink", "storage")),
@@ -275,6 +296,13 @@ def _check_registry() -> None:
     require((shmem.constants["TM"], shmem.constants["TN"], shmem.constants["TK"], shmem.workgroup_size) ==
             (128, 128, 16, (16, 16, 1)), "shmem: its staging and 8 x 8 register tiles are written for "
                                          "TM = TN = 128, TK = 16 and a 16 x 16 workgroup")
+
+    split, combine = BY_NAME["sdpa_split"], BY_NAME["sdpa_combine"]
+    require(split.workgroup_size[0] % 64 == 0 and split.constants["KEYS_PER_SPLIT"] % split.workgroup_size[0] == 0
+            and split.constants["MAX_D"] == 256,
+            "sdpa_split: WORKGROUP_X is a multiple of 64 (its key groups), KEYS_PER_SPLIT a multiple of "
+            "WORKGROUP_X, MAX_D 256 (4 dims per invocation of a group)")
+    require(combine.workgroup_size == (64, 1, 1), "sdpa_combine: 64 invocations, 4 output dims each (MAX_D 256)")
 
     ids = sorted(k.route_id for k in KERNELS if k.route_id is not None)
     require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, each once, got {ids}")

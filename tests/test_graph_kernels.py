@@ -1,4 +1,5 @@
-"""The graph kernels (elementwise, reduce_rows, embedding, sdpa), one dispatch each, against fp64 goldens.
+"""The graph kernels (elementwise, reduce_rows, embedding, sdpa, sdpa_split + sdpa_combine), one dispatch each,
+against fp64 goldens.
 
 Each test fills the kernel's Params by the registry's field names, binds numpy arrays in the registry's
 layout order and dispatches one grid (run_kernel below), as the graph delegate's lowering will. Shapes
@@ -72,11 +73,12 @@ def pipeline(name: str, workgroup_x: Optional[int]) -> GPUComputePipeline:
 
 def run_kernel(name: str, grid: Grid, params: Mapping[str, ParamValue], inputs: Mapping[str, np.ndarray],
                out: np.ndarray, workgroup_x: Optional[int] = None) -> np.ndarray:
-    """Dispatch registry kernel `name` once on `grid` workgroups and return its `out` binding.
+    """Dispatch registry kernel `name` once on `grid` workgroups and return its storage binding (`out`,
+    or sdpa_split's `partial`).
 
     params: Params fields by name (a float is written as its f32 bits; fields not named are 0);
     inputs: arrays (float32 or uint32) for the read-only bindings by name, absent ones get 16 zero bytes;
-    out: the initial contents of `out` (float32), which is read back, of the same size, after the dispatch;
+    out: the initial contents of the storage binding (float32), read back, of the same size, after the dispatch;
     workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's.
     """
     kernel = registry.kernel(name)
@@ -105,7 +107,8 @@ def run_kernel(name: str, grid: Grid, params: Mapping[str, ParamValue], inputs: 
     cpass.dispatch_workgroups(*grid)
     cpass.end()
     dev.queue.submit([encoder.finish()])
-    result = np.frombuffer(dev.queue.read_buffer(buffers["out"]), dtype=np.float32)
+    written = next(b.name for b in kernel.layout if b.kind == "storage")
+    result = np.frombuffer(dev.queue.read_buffer(buffers[written]), dtype=np.float32)
     return result[: out.size].reshape(out.shape).copy()
 
 
@@ -442,3 +445,95 @@ def test_sdpa_matches_custom_sdpa_and_fp64(case, workgroup_x, custom_sdpa):
     assert not got.isnan().any()
     assert rel_err(got, golden) < BAR
     assert rel_err(got, expected) < BAR
+
+
+# ---- flash-decoding: sdpa_split then sdpa_combine ----------------------------------------------------
+
+KEYS_PER_SPLIT = registry.kernel("sdpa_split").constants["KEYS_PER_SPLIT"]
+
+
+def run_split_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, causal: bool, scale: float,
+                   workgroup_x: Optional[int] = None) -> Tuple[torch.Tensor, np.ndarray]:
+    """(out, partial records) of sdpa_split on its grid (n_splits, Hq, B x S), then sdpa_combine on (Hq, S, B),
+    as lower_custom_sdpa dispatches them: n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT)."""
+    B, S, Hq, D = q.shape
+    C, Hkv = k.shape[1], k.shape[2]
+    n_splits = -(-min(start_pos + S, C) // KEYS_PER_SPLIT)
+    params = {"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D, "C": C, "start_pos": start_pos, "causal": int(causal),
+              "scale_bits": f32_bits(scale), "n_splits": n_splits}
+    # one record more than the grid writes: it must keep its sentinel
+    records = np.full((B * S * Hq * n_splits + 1, D + 2), SENTINEL)
+    partial = run_kernel("sdpa_split", (n_splits, Hq, B * S), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
+                         records, workgroup_x)
+    out = run_kernel("sdpa_combine", (Hq, S, B), params, {"partial": partial}, np.full(q.shape, SENTINEL))
+    return torch.from_numpy(out), partial
+
+
+SPLIT_CASES = {
+    # name: (B, S, Hq, Hkv, D, C, start_pos, causal, scale or None for 1/sqrt(D)); S == 1 is what the lowering
+    # dispatches; start_pos + 1 keys are visible, so start_pos = KEYS_PER_SPLIT - 2 fills one split less one key
+    "first_token_gqa_d64": (1, 1, 8, 2, 64, 16, 0, True, None),
+    "few_keys_mha_d48": (1, 1, 4, 4, 48, 16, 6, True, None),
+    "one_key_short_of_a_split_gqa_d64": (1, 1, 8, 2, 64, KEYS_PER_SPLIT + 8, KEYS_PER_SPLIT - 2, True, None),
+    "exactly_one_split_mha_d128": (1, 1, 4, 4, 128, KEYS_PER_SPLIT + 8, KEYS_PER_SPLIT - 1, True, None),
+    "one_key_into_a_second_split_gqa_d48": (1, 1, 8, 2, 48, 2 * KEYS_PER_SPLIT, KEYS_PER_SPLIT, True, None),
+    "splits_partial_last_gqa_d64": (1, 1, 8, 2, 64, 4 * KEYS_PER_SPLIT, 3 * KEYS_PER_SPLIT + 40, True, None),
+    "splits_partial_last_mha_d128": (1, 1, 4, 4, 128, 3 * KEYS_PER_SPLIT + 9, 2 * KEYS_PER_SPLIT + 70, True, None),
+    "full_cache_gqa_d48": (1, 1, 8, 4, 48, 2 * KEYS_PER_SPLIT + 7, 2 * KEYS_PER_SPLIT + 6, True, None),
+    "not_causal_batch_of_two_d50": (2, 1, 4, 2, 50, KEYS_PER_SPLIT + 20, KEYS_PER_SPLIT + 3, False, 0.4),
+    "d256_peaked": (1, 1, 2, 1, 256, 2 * KEYS_PER_SPLIT, KEYS_PER_SPLIT + 30, True, 4.0),
+    # S > 1 is not lowered to this path, but the kernels take it: a causal row's last split may be empty
+    "prefill_across_a_split_boundary": (1, 3, 4, 2, 64, 2 * KEYS_PER_SPLIT, KEYS_PER_SPLIT - 2, True, None),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_split_sdpa_matches_custom_sdpa_and_fp64(case, custom_sdpa):
+    B, S, Hq, Hkv, D, C, start_pos, causal, scale = SPLIT_CASES[case]
+    q = tensor((B, S, Hq, D), 30)
+    k, v = tensor((B, C, Hkv, D), 31), tensor((B, C, Hkv, D), 32)
+    k[:, start_pos + S:] = float("nan")     # not attention's to read
+    v[:, start_pos + S:] = float("nan")
+    scale_f = scale if scale is not None else D ** -0.5
+    golden = sdpa_golden(q, k, v, start_pos, causal, scale_f)
+    expected = custom_sdpa(q, k, v, start_pos, None, 0.0, causal, scale)
+    assert rel_err(expected, golden) < 1e-5
+    got, partial = run_split_sdpa(q, k, v, start_pos, causal, scale_f)
+    assert not got.isnan().any()
+    assert rel_err(got, golden) < BAR
+    assert rel_err(got, expected) < BAR
+    assert (partial[-1] == SENTINEL).all()          # nothing written past the grid's records
+
+
+def test_split_records_hold_each_splits_max_sum_and_unnormalised_sum():
+    """The record layout sdpa_combine reads: (m, l, acc[0:D]) per (b, s, h, split), in fp64 terms."""
+    B, S, Hq, Hkv, D = 1, 1, 4, 2, 48
+    start_pos = 2 * KEYS_PER_SPLIT + 10
+    C = start_pos + 5
+    q, k, v = tensor((B, S, Hq, D), 33), tensor((B, C, Hkv, D), 34), tensor((B, C, Hkv, D), 35)
+    scale = D ** -0.5
+    _, partial = run_split_sdpa(q, k, v, start_pos, True, scale)
+    n_splits = 3
+    records = torch.from_numpy(partial[:-1].reshape(Hq, n_splits, D + 2)).double()
+    for h in range(Hq):
+        keys, values = k[0, :start_pos + 1, h // 2].double(), v[0, :start_pos + 1, h // 2].double()
+        scores = keys @ q[0, 0, h].double() * scale
+        for i in range(n_splits):
+            sl = slice(i * KEYS_PER_SPLIT, (i + 1) * KEYS_PER_SPLIT)
+            m = scores[sl].max()
+            w = torch.exp(scores[sl] - m)
+            assert abs(records[h, i, 0] - m) < 1e-5 * max(1.0, abs(float(m)))
+            assert abs(records[h, i, 1] - w.sum()) < 1e-5 * float(w.sum())
+            assert rel_err(records[h, i, 2:], w @ values[sl]) < BAR
+
+
+@pytest.mark.parametrize("workgroup_x", sorted({64, registry.kernel("sdpa_split").workgroup_size[0]}))
+def test_split_sdpa_at_other_workgroup_sizes(workgroup_x):
+    """The kernel is written for any WORKGROUP_X that is a multiple of 64 and divides KEYS_PER_SPLIT."""
+    B, S, Hq, Hkv, D, C = 1, 1, 8, 2, 64, 3 * KEYS_PER_SPLIT
+    start_pos = 2 * KEYS_PER_SPLIT + 17
+    q, k, v = tensor((B, S, Hq, D), 36), tensor((B, C, Hkv, D), 37), tensor((B, C, Hkv, D), 38)
+    k[:, start_pos + 1:] = float("nan")
+    v[:, start_pos + 1:] = float("nan")
+    got, _ = run_split_sdpa(q, k, v, start_pos, True, D ** -0.5, workgroup_x)
+    assert rel_err(got, sdpa_golden(q, k, v, start_pos, True, D ** -0.5)) < BAR
