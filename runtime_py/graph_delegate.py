@@ -352,7 +352,8 @@ class GraphDelegate:
     def _dispatch_list(self, groups: np.ndarray, linear_plans: List[Plan]) -> tuple:
         """(dispatches, labels, C handles) of a call: (pipeline, bind group, grid) per dispatch, zero-sized grids
         skipped, and (fx node, kernel) per dispatch for a profile. Built once per distinct set of grids and
-        linear plans (they change with the token count, not with input_pos), then reused."""
+        linear plans, then reused: they change with the token count, and with input_pos only where a grid
+        counts cache blocks (split-KV attention: once per 256 positions)."""
         key = (groups.tobytes(), tuple(map(id, linear_plans)))
         cached = self._dispatch_lists.get(key)
         if cached is not None:

@@ -20,8 +20,9 @@
 // clamped to the last visible key. No per-invocation state is an array: indexed in loops, arrays
 // went to local memory on a GPU and made the kernel several times slower. Workgroup memory: MAX_D +
 // 2 x WORKGROUP_X + KEY_GROUPS x (MAX_D + 2) floats (2.5 KiB at 64 invocations, 7 KiB at 256).
-// A decode dispatch has only Hq x B workgroups, so more invocations per workgroup is what speeds
-// it up (measurements: docs/PERFORMANCE.md, "graph delegate").
+// More invocations per workgroup is what speeds a dispatch of few rows up. Decode (S == 1) takes
+// sdpa_split + sdpa_combine instead, which spread a head's keys over workgroups (the lowering
+// picks by zero grids; measurements: docs/PERFORMANCE.md, "issue 13").
 
 const GROUP: u32 = 64u;                        // invocations per key group; MAX_D = 4 x GROUP
 const KEY_GROUPS: u32 = WORKGROUP_X / GROUP;
