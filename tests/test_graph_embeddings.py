@@ -16,20 +16,18 @@ or 4 bytes per u32) and the fp32 scales, so the blob never holds an fp32 table. 
 from __future__ import annotations
 
 import types
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytest
 import torch
-import wgpu
 
 from executorch_wgpu.backend.graph.ops_quantized import pack_codes
 from executorch_wgpu.runtime import Runtime
-from executorch_wgpu.runtime_py.gpu import gpu_context
 from executorch_wgpu.runtime_py.graph_delegate import GraphDelegate
 from executorch_wgpu.shaders import registry
 from executorch_wgpu.tools import models
-from executorch_wgpu.tools.reference import rel_err
+from executorch_wgpu.tools.reference import rel_err, run_registry_kernel
 
 SENTINEL = 12345.0
 WG = registry.kernel("embedding_q").workgroup_size[0]
@@ -40,41 +38,10 @@ MAX_TOKENS = 64
 
 # ---- the kernel ---------------------------------------------------------------------------------------
 
-def run_kernel(name: str, grid: Sequence[int], params: Mapping[str, int], inputs: Mapping[str, np.ndarray],
-               out_size: int) -> np.ndarray:
-    """Dispatch registry kernel `name` once; returns `out` as float32 (SENTINEL where nothing was written)."""
-    kernel = registry.kernel(name)
-    assert not set(params) - set(kernel.params), sorted(set(params) - set(kernel.params))
-    ctx = gpu_context()
-    dev = ctx.device
-
-    def buffer(data: np.ndarray, usage: int):
-        raw = np.ascontiguousarray(data).view(np.uint8).ravel()
-        padded = np.zeros(max(16, -(-raw.size // 16) * 16), dtype=np.uint8)
-        padded[: raw.size] = raw
-        return dev.create_buffer_with_data(data=padded, usage=usage)
-
-    buffers = {}
-    for b in kernel.layout:
-        if b.kind == "uniform":
-            words = np.array([int(params.get(f, 0)) for f in kernel.params], dtype=np.uint32)
-            buffers[b.name] = buffer(words, wgpu.BufferUsage.UNIFORM)
-        elif b.kind == "storage":
-            buffers[b.name] = buffer(np.full(out_size, SENTINEL, np.float32),
-                                     wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
-        else:
-            buffers[b.name] = buffer(inputs[b.name], wgpu.BufferUsage.STORAGE)
-    bind_group = dev.create_bind_group(layout=ctx.bind_group_layout(name), entries=[
-        {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
-        for i, b in enumerate(kernel.layout)])
-    encoder = dev.create_command_encoder()
-    cpass = encoder.begin_compute_pass()
-    cpass.set_pipeline(ctx.pipeline(name))
-    cpass.set_bind_group(0, bind_group)
-    cpass.dispatch_workgroups(*grid)
-    cpass.end()
-    dev.queue.submit([encoder.finish()])
-    return np.frombuffer(dev.queue.read_buffer(buffers["out"]), dtype=np.float32)[:out_size].copy()
+def run_kernel(name: str, grid: Sequence[int], params: Mapping[str, Union[int, float]],
+               inputs: Mapping[str, np.ndarray], out_size: int) -> np.ndarray:
+    """Dispatch registry kernel `name` once; returns `out` (float32 words, SENTINEL where nothing was written)."""
+    return run_registry_kernel(name, grid, params, inputs, np.full(out_size, SENTINEL, np.float32))
 
 
 def test_codes_pack_row_major_from_the_low_bits_up():

@@ -10,18 +10,15 @@ power of two. sdpa is checked against ExecuTorch's own llama::custom_sdpa as wel
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import wgpu
-from wgpu.classes import GPUBuffer, GPUComputePipeline
 
-from executorch_wgpu.runtime_py.gpu import gpu_context
 from executorch_wgpu.shaders import registry
-from executorch_wgpu.tools.reference import rel_err
+from executorch_wgpu.tools.reference import f32_bits, rel_err, run_registry_kernel
 
 BAR = 1e-4                            # relative error bar of every comparison with a golden
 OPS = registry.ELEMENTWISE_OPS
@@ -36,81 +33,6 @@ Golden = Callable[..., torch.Tensor]
 
 
 # ---- running one kernel once ---------------------------------------------------------------------
-
-def f32_bits(x: float) -> int:
-    """The bits of x as an f32: what a Params field declared f32 carries."""
-    return int(np.array(x, dtype=np.float32).view(np.uint32))
-
-
-def _buffer(data: np.ndarray, usage: int) -> GPUBuffer:
-    """A buffer holding `data`, its size rounded up to a multiple of 16 bytes (never 0)."""
-    raw = np.ascontiguousarray(data).view(np.uint8).ravel()
-    padded = np.zeros(max(16, -(-raw.size // 16) * 16), dtype=np.uint8)
-    padded[: raw.size] = raw
-    return gpu_context().device.create_buffer_with_data(data=padded, usage=usage)
-
-
-_resized: Dict[Tuple[str, int], GPUComputePipeline] = {}
-
-
-def pipeline(name: str, workgroup_x: Optional[int]) -> GPUComputePipeline:
-    """The kernel's pipeline; with workgroup_x, compiled with that WORKGROUP_X instead of the registry's."""
-    ctx = gpu_context()
-    registered = registry.kernel(name).workgroup_size[0]
-    if workgroup_x is None or workgroup_x == registered:
-        return ctx.pipeline(name)
-    if (name, workgroup_x) not in _resized:
-        const = "const WORKGROUP_X: u32 = {}u;"
-        source = registry.wgsl_source(name)
-        assert const.format(registered) in source
-        module = ctx.device.create_shader_module(code=source.replace(const.format(registered),
-                                                                     const.format(workgroup_x)))
-        layout = ctx.device.create_pipeline_layout(bind_group_layouts=[ctx.bind_group_layout(name)])
-        _resized[name, workgroup_x] = ctx.device.create_compute_pipeline(
-            layout=layout, compute={"module": module, "entry_point": "main"})
-    return _resized[name, workgroup_x]
-
-
-def run_kernel(name: str, grid: Grid, params: Mapping[str, ParamValue], inputs: Mapping[str, np.ndarray],
-               out: np.ndarray, workgroup_x: Optional[int] = None) -> np.ndarray:
-    """Dispatch registry kernel `name` once on `grid` workgroups and return its storage binding (`out`,
-    or sdpa_split's `partial`).
-
-    params: Params fields by name (a float is written as its f32 bits; fields not named are 0);
-    inputs: arrays (float32 or uint32) for the read-only bindings by name, absent ones get 16 zero bytes;
-    out: the initial contents of the storage binding (float32), read back, of the same size, after the dispatch;
-    workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's.
-    """
-    kernel = registry.kernel(name)
-    unknown = set(params) - set(kernel.params)
-    assert not unknown, f"{name} has no Params fields {sorted(unknown)}"
-    words = [f32_bits(v) if isinstance(v, float) else int(v) for v in (params.get(f, 0) for f in kernel.params)]
-    ctx = gpu_context()
-    dev = ctx.device
-    out = np.ascontiguousarray(out, dtype=np.float32)
-    buffers: Dict[str, GPUBuffer] = {}
-    for b in kernel.layout:
-        if b.kind == "uniform":
-            buffers[b.name] = _buffer(np.array(words, dtype=np.uint32), wgpu.BufferUsage.UNIFORM)
-        elif b.kind == "storage":
-            buffers[b.name] = _buffer(out, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
-        else:
-            buffers[b.name] = _buffer(inputs.get(b.name, np.zeros(4, np.uint32)), wgpu.BufferUsage.STORAGE)
-    assert set(inputs) <= set(buffers), f"{name} has no bindings {sorted(set(inputs) - set(buffers))}"
-    bind_group = dev.create_bind_group(layout=ctx.bind_group_layout(name), entries=[
-        {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
-        for i, b in enumerate(kernel.layout)])
-    encoder = dev.create_command_encoder()
-    cpass = encoder.begin_compute_pass()
-    cpass.set_pipeline(pipeline(name, workgroup_x))
-    cpass.set_bind_group(0, bind_group)
-    cpass.dispatch_workgroups(*grid)
-    cpass.end()
-    dev.queue.submit([encoder.finish()])
-    written = next(b.name for b in kernel.layout if b.kind == "storage")
-    result = np.frombuffer(dev.queue.read_buffer(buffers[written]), dtype=np.float32)
-    return result[: out.size].reshape(out.shape).copy()
-
 
 def groups(n: int) -> int:
     return -(-n // WG)
@@ -176,7 +98,7 @@ def test_binary_op_broadcasts_both_operands_through_zero_strides(op):
     shape = (3, 5, 37)                               # 555 outputs: three workgroups, the last partial
     a, b = binary_operands(op, (3, 1, 37), (5, 1))   # a broadcast over dim 1, b over dims 0 and 2
     params = elementwise_params(op, shape, broadcast_strides(a, shape), broadcast_strides(b, shape))
-    got = run_kernel("elementwise", (groups(555), 1, 1), params, {"a": np32(a), "b": np32(b)}, np.zeros(shape))
+    got = run_registry_kernel("elementwise", (groups(555), 1, 1), params, {"a": np32(a), "b": np32(b)}, np.zeros(shape))
     assert rel_err(torch.from_numpy(got), BINARY_GOLDEN[op](a.double(), b.double())) < BAR
 
 
@@ -186,7 +108,7 @@ def test_binary_op_broadcasts_both_operands_through_zero_strides(op):
 def test_binary_op_takes_b_from_the_scalar_field(op, scalar):
     a = tensor((7, 41), 4, 0.1, 3.0) if op == "OP_POW" else tensor((7, 41), 4)
     params = elementwise_params(op, (7, 41), a.stride(), scalar_bits=scalar, b_is_scalar=1)
-    got = run_kernel("elementwise", (groups(287), 1, 1), params, {"a": np32(a)}, np.zeros((7, 41)))
+    got = run_registry_kernel("elementwise", (groups(287), 1, 1), params, {"a": np32(a)}, np.zeros((7, 41)))
     golden = BINARY_GOLDEN[op](a.double(), torch.tensor(scalar, dtype=torch.float64))
     assert rel_err(torch.from_numpy(got), golden) < BAR
 
@@ -199,7 +121,7 @@ def test_pow_of_any_base_with_an_integer_exponent_follows_torch(exponent):
     if exponent < 0:
         a = torch.where(a.abs() < 0.1, 0.5, a)        # keep 1/x away from 0
     params = elementwise_params("OP_POW", (a.numel(),), (1,), scalar_bits=exponent, b_is_scalar=1)
-    got = torch.from_numpy(run_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
+    got = torch.from_numpy(run_registry_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
     golden = torch.pow(a.double(), exponent)
     nan = golden.isnan()
     assert torch.equal(got.isnan(), nan)
@@ -242,14 +164,14 @@ def test_unary_op_matches_torch_in_fp64(op):
     shape = (7, 41)
     a = tensor(shape, 6, low, high)
     params = elementwise_params(op, shape, a.stride())
-    got = run_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)}, np.zeros(shape))
+    got = run_registry_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)}, np.zeros(shape))
     assert rel_err(torch.from_numpy(got), golden_fn(a.double())) < BAR
 
 
 def test_gelu_erf_matches_torch_exact_gelu_pointwise_near_zero_and_in_the_tails():
     a = torch.cat([torch.linspace(-6.0, 6.0, 241), torch.tensor([-30.0, -9.0, 1e-3, -1e-3, 9.0, 30.0])])
     params = elementwise_params("OP_GELU_ERF", (a.numel(),), (1,))
-    got = torch.from_numpy(run_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)},
+    got = torch.from_numpy(run_registry_kernel("elementwise", (groups(a.numel()), 1, 1), params, {"a": np32(a)},
                                       np.zeros(a.numel()))).double()
     golden = F.gelu(a.double())
     assert ((got - golden).abs() <= 1e-6 + 1e-4 * golden.abs()).all()
@@ -261,7 +183,7 @@ def test_saturating_unary_op_stays_finite_for_large_inputs(op):
     large = [-1000.0, -100.0, -88.0, -40.0, 40.0, 88.0, 100.0, 1000.0]
     a = torch.tensor([x for x in large if op != "OP_EXP" or x <= 88.0])   # exp(88) is f32's largest power of e
     params = elementwise_params(op, (a.numel(),), (1,))
-    got = torch.from_numpy(run_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
+    got = torch.from_numpy(run_registry_kernel("elementwise", (1, 1, 1), params, {"a": np32(a)}, np.zeros(a.numel())))
     golden = UNARY[op][0](a.double())
     assert torch.isfinite(got).all()
     assert ((got.double() - golden).abs() <= 1e-4 * golden.abs() + 1e-30).all()
@@ -271,7 +193,7 @@ def test_copy_permutes_a_strided_input():
     x = tensor((4, 6, 5), 7)
     view = x.permute(2, 0, 1)                        # [5, 4, 6], strides (1, 30, 5)
     params = elementwise_params("OP_COPY", view.shape, view.stride())
-    got = run_kernel("elementwise", (groups(view.numel()), 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
+    got = run_registry_kernel("elementwise", (groups(view.numel()), 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
     assert np.array_equal(got, view.contiguous().numpy())
 
 
@@ -279,7 +201,7 @@ def test_copy_reads_a_slice_from_a_offset():
     x = tensor((9, 11), 8)
     view = x[2:7, 3:10]                              # storage offset 2 * 11 + 3
     params = elementwise_params("OP_COPY", view.shape, view.stride(), a_off=int(view.storage_offset()))
-    got = run_kernel("elementwise", (1, 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
+    got = run_registry_kernel("elementwise", (1, 1, 1), params, {"a": np32(x)}, np.zeros(view.shape))
     assert np.array_equal(got, view.contiguous().numpy())
 
 
@@ -290,7 +212,7 @@ def test_copy_writes_new_rows_into_a_cache_at_out_off_and_nothing_else():
     src = new.permute(1, 0, 2)                       # iterate [S][H][D] over the cache's rows
     params = elementwise_params("OP_COPY", src.shape, src.stride(), out_strides=cache.stride(),
                                 out_off=start_pos * H * D)
-    got = run_kernel("elementwise", (1, 1, 1), params, {"a": np32(new)}, np32(cache))
+    got = run_registry_kernel("elementwise", (1, 1, 1), params, {"a": np32(new)}, np32(cache))
     expected = cache.clone()
     expected[start_pos:start_pos + 3] = src
     assert np.array_equal(got, expected.numpy())
@@ -300,7 +222,7 @@ def test_flat_index_covers_a_grid_split_over_y_and_writes_nothing_past_n():
     n = 3 * WG * 2 - 77                              # grid (3, 2, 1) holds 1536 invocations; 1459 run
     a = tensor((n,), 11)
     params = elementwise_params("OP_NEG", (n,), (1,))
-    got = run_kernel("elementwise", (3, 2, 1), params, {"a": np32(a)}, np.full(n + 100, SENTINEL))
+    got = run_registry_kernel("elementwise", (3, 2, 1), params, {"a": np32(a)}, np.full(n + 100, SENTINEL))
     assert np.array_equal(got[:n], -a.numpy())
     assert (got[n:] == SENTINEL).all()
 
@@ -316,7 +238,7 @@ def run_rows(op: str, a: torch.Tensor, out_shape: Sequence[int], w: Optional[tor
     rows, n = a.shape
     params = {"rows": rows, "n": n, "op": REDUCE[op], "eps_bits": f32_bits(eps), "has_w": int(w is not None)}
     inputs = {"a": np32(a)} if w is None else {"a": np32(a), "w": np32(w)}
-    return run_kernel("reduce_rows", ROWS_GRID, params, inputs, np.full(out_shape, SENTINEL))
+    return run_registry_kernel("reduce_rows", ROWS_GRID, params, inputs, np.full(out_shape, SENTINEL))
 
 
 @pytest.mark.parametrize("n", [37, 700])             # below one workgroup; 2.7 elements per invocation
@@ -373,7 +295,7 @@ def test_embedding_gathers_rows_including_the_last(grid):
     table = tensor((vocab, dim), 19)
     ids = np.array([vocab - 1, 0, 3, vocab - 1, 5, 7, 1], dtype=np.uint32)
     params = {"n_ids": ids.size, "dim": dim, "vocab": vocab}
-    got = run_kernel("embedding", grid, params, {"a": ids, "w": np32(table)}, np.full((ids.size + 1, dim), SENTINEL))
+    got = run_registry_kernel("embedding", grid, params, {"a": ids, "w": np32(table)}, np.full((ids.size + 1, dim), SENTINEL))
     assert np.array_equal(got[:ids.size], table.numpy()[ids])
     assert (got[ids.size] == SENTINEL).all()
 
@@ -440,7 +362,7 @@ def test_sdpa_matches_custom_sdpa_and_fp64(case, workgroup_x, custom_sdpa):
     assert rel_err(expected, golden) < 1e-5        # the golden states custom_sdpa's semantics
     params = {"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D, "C": C, "start_pos": start_pos, "causal": int(causal),
               "scale_bits": f32_bits(scale if scale is not None else D ** -0.5)}
-    got = torch.from_numpy(run_kernel("sdpa", (Hq, S, B), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
+    got = torch.from_numpy(run_registry_kernel("sdpa", (Hq, S, B), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
                                       np.zeros(q.shape), workgroup_x))
     assert not got.isnan().any()
     assert rel_err(got, golden) < BAR
@@ -463,9 +385,9 @@ def run_split_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos:
               "scale_bits": f32_bits(scale), "n_splits": n_splits}
     # one record more than the grid writes: it must keep its sentinel
     records = np.full((B * S * Hq * n_splits + 1, D + 2), SENTINEL)
-    partial = run_kernel("sdpa_split", (n_splits, Hq, B * S), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
+    partial = run_registry_kernel("sdpa_split", (n_splits, Hq, B * S), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
                          records, workgroup_x)
-    out = run_kernel("sdpa_combine", (Hq, S, B), params, {"partial": partial}, np.full(q.shape, SENTINEL))
+    out = run_registry_kernel("sdpa_combine", (Hq, S, B), params, {"partial": partial}, np.full(q.shape, SENTINEL))
     return torch.from_numpy(out), partial
 
 

@@ -22,15 +22,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import wgpu
 
 from executorch_wgpu.backend.graph import ops
 from executorch_wgpu.runtime import Runtime
-from executorch_wgpu.runtime_py.gpu import gpu_context
 from executorch_wgpu.runtime_py.graph_delegate import GraphDelegate
 from executorch_wgpu.shaders import registry
 from executorch_wgpu.tools import demo, models
-from executorch_wgpu.tools.reference import rel_err
+from executorch_wgpu.tools.reference import rel_err, run_registry_kernel
 
 from executorch_wgpu.tools.models import SMALL_HF, hf_inputs, quantize_q4, transformers_model
 
@@ -47,46 +45,10 @@ Q4_OPS = {"torchao.dequantize_affine.default", "aten.mm.default", "aten.addmm.de
 
 # ---- running one kernel -------------------------------------------------------------------------------
 
-def f32_bits(x: float) -> int:
-    return int(np.array(x, dtype=np.float32).view(np.uint32))
-
-
 def run_kernel(name: str, grid: Sequence[int], params: Mapping[str, Union[int, float]],
                inputs: Mapping[str, np.ndarray], out_size: int) -> np.ndarray:
-    """Dispatch registry kernel `name` once; returns `out` (as float32 words). A float param is written as
-    its f32 bits; read-only bindings not given get 16 zero bytes."""
-    kernel = registry.kernel(name)
-    assert not set(params) - set(kernel.params), sorted(set(params) - set(kernel.params))
-    words = [f32_bits(v) if isinstance(v, float) else int(v) for v in (params.get(f, 0) for f in kernel.params)]
-    ctx = gpu_context()
-    dev = ctx.device
-
-    def buffer(data: np.ndarray, usage: int):
-        raw = np.ascontiguousarray(data).view(np.uint8).ravel()
-        padded = np.zeros(max(16, -(-raw.size // 16) * 16), dtype=np.uint8)
-        padded[: raw.size] = raw
-        return dev.create_buffer_with_data(data=padded, usage=usage)
-
-    buffers = {}
-    for b in kernel.layout:
-        if b.kind == "uniform":
-            buffers[b.name] = buffer(np.array(words, dtype=np.uint32), wgpu.BufferUsage.UNIFORM)
-        elif b.kind == "storage":
-            buffers[b.name] = buffer(np.full(out_size, 12345.0, np.float32),
-                                     wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
-        else:
-            buffers[b.name] = buffer(inputs.get(b.name, np.zeros(4, np.uint32)), wgpu.BufferUsage.STORAGE)
-    bind_group = dev.create_bind_group(layout=ctx.bind_group_layout(name), entries=[
-        {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
-        for i, b in enumerate(kernel.layout)])
-    encoder = dev.create_command_encoder()
-    cpass = encoder.begin_compute_pass()
-    cpass.set_pipeline(ctx.pipeline(name))
-    cpass.set_bind_group(0, bind_group)
-    cpass.dispatch_workgroups(*grid)
-    cpass.end()
-    dev.queue.submit([encoder.finish()])
-    return np.frombuffer(dev.queue.read_buffer(buffers["out"]), dtype=np.float32)[:out_size].copy()
+    """Dispatch registry kernel `name` once; returns `out` (float32 words, 12345.0 where nothing was written)."""
+    return run_registry_kernel(name, grid, params, inputs, np.full(out_size, 12345.0, np.float32))
 
 
 def strided_params(shape: Sequence[int], **strides: Sequence[int]) -> Dict[str, int]:

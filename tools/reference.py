@@ -1,4 +1,5 @@
-"""Random q4gsw layers and fp64 references: goldens, relative error -- for bench, tune and the tests.
+"""Random q4gsw layers and fp64 references: goldens, relative error -- for bench, tune and the tests;
+and one registry kernel run once on given buffers (run_registry_kernel), for the graph kernels' tests.
 
 A golden is computed in fp64 from what a layer *is* -- its int4 codes and
 per-group scales, or torchao's quantized weight tensor -- never from our
@@ -16,8 +17,9 @@ packing or kernels, so that it can judge them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
@@ -94,3 +96,91 @@ def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:
     """max |got - golden| / max |golden|, in fp64."""
     got, golden = got.detach().double(), golden.detach().double()
     return float((got - golden).abs().max() / golden.abs().max())
+
+
+# ---- one registry kernel, once: the graph kernels against their goldens ------------------------------
+
+def f32_bits(x: float) -> int:
+    """The bits of x as an f32: what a Params field declared f32 carries."""
+    return int(np.array(x, dtype=np.float32).view(np.uint32))
+
+
+def _kernel_buffer(data: np.ndarray, usage: int):
+    """A buffer holding `data`, its size rounded up to a multiple of 16 bytes (never 0)."""
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+
+    raw = np.ascontiguousarray(data).view(np.uint8).ravel()
+    padded = np.zeros(max(16, -(-raw.size // 16) * 16), dtype=np.uint8)
+    padded[: raw.size] = raw
+    return gpu_context().device.create_buffer_with_data(data=padded, usage=usage)
+
+
+_resized_pipelines: Dict[Tuple[str, int], Any] = {}
+
+
+def _kernel_pipeline(name: str, workgroup_x: Optional[int]):
+    """The kernel's pipeline; with workgroup_x, compiled with that WORKGROUP_X instead of the registry's."""
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+    from executorch_wgpu.shaders import registry
+
+    ctx = gpu_context()
+    registered = registry.kernel(name).workgroup_size[0]
+    if workgroup_x is None or workgroup_x == registered:
+        return ctx.pipeline(name)
+    if (name, workgroup_x) not in _resized_pipelines:
+        const = "const WORKGROUP_X: u32 = {}u;"
+        source = registry.wgsl_source(name)
+        assert const.format(registered) in source
+        module = ctx.device.create_shader_module(code=source.replace(const.format(registered),
+                                                                     const.format(workgroup_x)))
+        layout = ctx.device.create_pipeline_layout(bind_group_layouts=[ctx.bind_group_layout(name)])
+        _resized_pipelines[name, workgroup_x] = ctx.device.create_compute_pipeline(
+            layout=layout, compute={"module": module, "entry_point": "main"})
+    return _resized_pipelines[name, workgroup_x]
+
+
+def run_registry_kernel(name: str, grid: Sequence[int], params: Mapping[str, Union[int, float]],
+                        inputs: Mapping[str, np.ndarray], out: np.ndarray,
+                        workgroup_x: Optional[int] = None) -> np.ndarray:
+    """Dispatch registry kernel `name` once on `grid` workgroups and return its storage binding (`out`,
+    or sdpa_split's `partial`).
+
+    params: Params fields by name (a float is written as its f32 bits; fields not named are 0);
+    inputs: arrays (float32 or uint32) for the read-only bindings by name, absent ones get 16 zero bytes;
+    out: the initial contents of the storage binding (float32), read back, of the same size, after the dispatch;
+    workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's.
+    """
+    import wgpu
+
+    from executorch_wgpu.runtime_py.gpu import gpu_context
+    from executorch_wgpu.shaders import registry
+
+    kernel = registry.kernel(name)
+    unknown = set(params) - set(kernel.params)
+    assert not unknown, f"{name} has no Params fields {sorted(unknown)}"
+    words = [f32_bits(v) if isinstance(v, float) else int(v) for v in (params.get(f, 0) for f in kernel.params)]
+    ctx = gpu_context()
+    dev = ctx.device
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    buffers: Dict[str, Any] = {}
+    for b in kernel.layout:
+        if b.kind == "uniform":
+            buffers[b.name] = _kernel_buffer(np.array(words, dtype=np.uint32), wgpu.BufferUsage.UNIFORM)
+        elif b.kind == "storage":
+            buffers[b.name] = _kernel_buffer(out, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+        else:
+            buffers[b.name] = _kernel_buffer(inputs.get(b.name, np.zeros(4, np.uint32)), wgpu.BufferUsage.STORAGE)
+    assert set(inputs) <= set(buffers), f"{name} has no bindings {sorted(set(inputs) - set(buffers))}"
+    bind_group = dev.create_bind_group(layout=ctx.bind_group_layout(name), entries=[
+        {"binding": i, "resource": {"buffer": buffers[b.name], "offset": 0, "size": buffers[b.name].size}}
+        for i, b in enumerate(kernel.layout)])
+    encoder = dev.create_command_encoder()
+    cpass = encoder.begin_compute_pass()
+    cpass.set_pipeline(_kernel_pipeline(name, workgroup_x))
+    cpass.set_bind_group(0, bind_group)
+    cpass.dispatch_workgroups(*grid)
+    cpass.end()
+    dev.queue.submit([encoder.finish()])
+    written = next(b.name for b in kernel.layout if b.kind == "storage")
+    result = np.frombuffer(dev.queue.read_buffer(buffers[written]), dtype=np.float32)
+    return result[: out.size].reshape(out.shape).copy()
