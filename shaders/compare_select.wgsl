@@ -16,27 +16,6 @@
 // An operand the op does not use is never read. a, b, c, out are declared u32 (an i32 input is
 // read as its bits; where and copies move words untouched); arithmetic bitcasts to f32.
 
-fn sel_dim(i: u32) -> u32 {
-    switch i { case 0u: { return params.d0; } case 1u: { return params.d1; } case 2u: { return params.d2; }
-               case 3u: { return params.d3; } case 4u: { return params.d4; } default: { return params.d5; } }
-}
-fn sel_sa(i: u32) -> u32 {
-    switch i { case 0u: { return params.sa0; } case 1u: { return params.sa1; } case 2u: { return params.sa2; }
-               case 3u: { return params.sa3; } case 4u: { return params.sa4; } default: { return params.sa5; } }
-}
-fn sel_sb(i: u32) -> u32 {
-    switch i { case 0u: { return params.sb0; } case 1u: { return params.sb1; } case 2u: { return params.sb2; }
-               case 3u: { return params.sb3; } case 4u: { return params.sb4; } default: { return params.sb5; } }
-}
-fn sel_sc(i: u32) -> u32 {
-    switch i { case 0u: { return params.sc0; } case 1u: { return params.sc1; } case 2u: { return params.sc2; }
-               case 3u: { return params.sc3; } case 4u: { return params.sc4; } default: { return params.sc5; } }
-}
-fn sel_so(i: u32) -> u32 {
-    switch i { case 0u: { return params.so0; } case 1u: { return params.so1; } case 2u: { return params.so2; }
-               case 3u: { return params.so3; } case 4u: { return params.so4; } default: { return params.so5; } }
-}
-
 fn as_f32(x: bool) -> f32 {
     return select(0.0, 1.0, x);
 }
@@ -54,13 +33,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var io = params.out_off;
     for (var k = 0u; k < RANK; k++) {
         let dim = RANK - 1u - k;      // innermost first
-        let size = sel_dim(dim);
+        let size = d_at(dim);
         let idx = rest % size;
         rest = rest / size;
-        ia += idx * sel_sa(dim);
-        ib += idx * sel_sb(dim);
-        ic += idx * sel_sc(dim);
-        io += idx * sel_so(dim);
+        ia += idx * sa_at(dim);
+        ib += idx * sb_at(dim);
+        ic += idx * sc_at(dim);
+        io += idx * so_at(dim);
     }
     let op = params.op;
     let scalar = param_f32(params.scalar_bits);

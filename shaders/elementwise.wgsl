@@ -3,23 +3,6 @@
 // (registry.ELEMENTWISE_PARAMS), so one kernel does broadcasting arithmetic, permutes,
 // slices, cats (one dispatch per part) and writes into a cache at a row offset.
 
-fn shape_dim(i: u32) -> u32 {
-    switch i { case 0u: { return params.d0; } case 1u: { return params.d1; } case 2u: { return params.d2; }
-               case 3u: { return params.d3; } case 4u: { return params.d4; } default: { return params.d5; } }
-}
-fn stride_a(i: u32) -> u32 {
-    switch i { case 0u: { return params.sa0; } case 1u: { return params.sa1; } case 2u: { return params.sa2; }
-               case 3u: { return params.sa3; } case 4u: { return params.sa4; } default: { return params.sa5; } }
-}
-fn stride_b(i: u32) -> u32 {
-    switch i { case 0u: { return params.sb0; } case 1u: { return params.sb1; } case 2u: { return params.sb2; }
-               case 3u: { return params.sb3; } case 4u: { return params.sb4; } default: { return params.sb5; } }
-}
-fn stride_o(i: u32) -> u32 {
-    switch i { case 0u: { return params.so0; } case 1u: { return params.so1; } case 2u: { return params.so2; }
-               case 3u: { return params.so3; } case 4u: { return params.so4; } default: { return params.so5; } }
-}
-
 fn gelu_erf(x: f32) -> f32 {
     // erf by Abramowitz-Stegun 7.1.26 is 1.5e-7 absolute: within the 1e-4 bar.
     let z = abs(x) * 0.70710678118654752;
@@ -93,12 +76,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var io = params.out_off;
     for (var k = 0u; k < RANK; k++) {
         let dim = RANK - 1u - k;      // innermost first
-        let size = shape_dim(dim);
+        let size = d_at(dim);
         let idx = rest % size;
         rest = rest / size;
-        ia += idx * stride_a(dim);
-        ib += idx * stride_b(dim);
-        io += idx * stride_o(dim);
+        ia += idx * sa_at(dim);
+        ib += idx * sb_at(dim);
+        io += idx * so_at(dim);
     }
     var y = 0.0;
     if (params.op < OP_COPY) {

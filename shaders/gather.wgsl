@@ -8,23 +8,6 @@
 // it is then clamped into [0, wrap), so a bad index never reads outside the source. Every
 // binding is declared u32: the gathered words are moved, never touched as floats.
 
-fn g_dim(i: u32) -> u32 {
-    switch i { case 0u: { return params.d0; } case 1u: { return params.d1; } case 2u: { return params.d2; }
-               case 3u: { return params.d3; } case 4u: { return params.d4; } default: { return params.d5; } }
-}
-fn g_sa(i: u32) -> u32 {
-    switch i { case 0u: { return params.sa0; } case 1u: { return params.sa1; } case 2u: { return params.sa2; }
-               case 3u: { return params.sa3; } case 4u: { return params.sa4; } default: { return params.sa5; } }
-}
-fn g_sb(i: u32) -> u32 {
-    switch i { case 0u: { return params.sb0; } case 1u: { return params.sb1; } case 2u: { return params.sb2; }
-               case 3u: { return params.sb3; } case 4u: { return params.sb4; } default: { return params.sb5; } }
-}
-fn g_sc(i: u32) -> u32 {
-    switch i { case 0u: { return params.sc0; } case 1u: { return params.sc1; } case 2u: { return params.sc2; }
-               case 3u: { return params.sc3; } case 4u: { return params.sc4; } default: { return params.sc5; } }
-}
-
 fn index_value(raw: u32, is_i32: u32, wrap: u32) -> u32 {
     var v = i32(bitcast<f32>(raw));
     if (is_i32 != 0u) {
@@ -48,12 +31,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var ic = params.c_off;
     for (var k = 0u; k < RANK; k++) {
         let dim = RANK - 1u - k;      // innermost first
-        let size = g_dim(dim);
+        let size = d_at(dim);
         let idx = rest % size;
         rest = rest / size;
-        ia += idx * g_sa(dim);
-        ib += idx * g_sb(dim);
-        ic += idx * g_sc(dim);
+        ia += idx * sa_at(dim);
+        ib += idx * sb_at(dim);
+        ic += idx * sc_at(dim);
     }
     if (params.n_idx >= 1u) {
         ia += index_value(b[ib], params.b_i32, params.b_wrap) * params.b_step;

@@ -5,7 +5,8 @@ to it with, the bindings it uses, its workgroup size and the constants its
 shader and the planners share. Everything else reads the entry:
 
   * the WGSL a device compiles is `wgsl_source(kernel)`: a header generated
-    from the entry (constants, the Params struct, the binding declarations),
+    from the entry (constants, the Params struct, accessors of its indexed
+    field families, the binding declarations),
     then the prelude files the entry names, then the kernel's own file;
   * the Python runtime builds pipelines and bind group layouts from it
     (runtime_py/gpu.py) and plans dispatches with its constants
@@ -80,11 +81,16 @@ ELEMENTWISE_OPS = {
     # fused binary: silu(a) * b (SwiGLU's gate times up)
     "OP_SILU_MUL": 7,
 }
+
+
+def rank_fields(*families: str) -> Tuple[str, ...]:
+    """Params fields d0..d5, sa0..sa5, ...: a shape and strides of ELEMENTWISE_RANK dims, one field per dim.
+    A kernel that lists a family in `indexed` reads them as d_at(i), sa_at(i), ... (the generated header)."""
+    return tuple(f"{family}{i}" for family in families for i in range(ELEMENTWISE_RANK))
+
+
 ELEMENTWISE_PARAMS = (("n", "op", "scalar_bits", "b_is_scalar", "a_off", "b_off", "out_off", "_pad0")
-                      + tuple(f"d{i}" for i in range(ELEMENTWISE_RANK))
-                      + tuple(f"sa{i}" for i in range(ELEMENTWISE_RANK))
-                      + tuple(f"sb{i}" for i in range(ELEMENTWISE_RANK))
-                      + tuple(f"so{i}" for i in range(ELEMENTWISE_RANK)))
+                      + rank_fields("d", "sa", "sb", "so"))
 # reduce_rows.wgsl: one workgroup per row of a contiguous [rows][n] input.
 REDUCE_OPS = {"REDUCE_SUM": 0, "REDUCE_MEAN": 1, "REDUCE_MAX": 2,
               "ROWS_SOFTMAX": 8,     # out[r][:] = softmax(a[r][:])
@@ -117,6 +123,7 @@ class Kernel:
     prefill: bool = False                # may run M > 1
     prelude: Tuple[str, ...] = ("q4gsw_prelude.wgsl",)
     params: Tuple[str, ...] = Q4_PARAMS  # fields of its `params` uniform (empty: none)
+    indexed: Tuple[str, ...] = ()        # rank_fields families the header gives an accessor fn <family>_at(i)
 
     def binding(self, name: str) -> int:
         return [b.name for b in self.layout].index(name)
@@ -165,7 +172,7 @@ KERNELS: Tuple[Kernel, ...] = (
            types={"params": "Params", "a": F32, "b": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            constants={"RANK": ELEMENTWISE_RANK, **ELEMENTWISE_OPS},
-           params=ELEMENTWISE_PARAMS),
+           params=ELEMENTWISE_PARAMS, indexed=("d", "sa", "sb", "so")),
     Kernel("reduce_rows", "reduce_rows.wgsl", layout=ROWS_LAYOUT,
            types={"params": "Params", "a": F32, "w": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
@@ -205,8 +212,8 @@ KERNELS: Tuple[Kernel, ...] = (
                       "SEL_WHERE": 32,                                   # c ? a : b
                       "SEL_FILL": 48, "SEL_ARANGE": 49},                 # no operand
            params=("n", "op", "scalar_bits", "step_bits", "b_is_scalar", "a_off", "b_off", "c_off", "out_off",
-                   "_pad0") + tuple(f"{p}{i}" for p in ("d", "sa", "sb", "sc", "so")
-                                    for i in range(ELEMENTWISE_RANK))),
+                   "_pad0") + rank_fields("d", "sa", "sb", "sc", "so"),
+           indexed=("d", "sa", "sb", "sc", "so")),
     # gather: out[p] = a[p . sa + idx_b(p) * b_step + idx_c(p) * c_step], indices from b and c.
     Kernel("gather", "gather.wgsl",
            layout=(Binding("params", "uniform"), Binding("a", "read-only-storage"),
@@ -215,8 +222,8 @@ KERNELS: Tuple[Kernel, ...] = (
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            constants={"RANK": ELEMENTWISE_RANK},
            params=("n", "n_idx", "a_off", "b_off", "c_off", "b_i32", "c_i32", "b_wrap", "c_wrap", "b_step",
-                   "c_step", "_pad0") + tuple(f"{p}{i}" for p in ("d", "sa", "sb", "sc")
-                                              for i in range(ELEMENTWISE_RANK))),
+                   "c_step", "_pad0") + rank_fields("d", "sa", "sb", "sc"),
+           indexed=("d", "sa", "sb", "sc")),
     # ---- graph kernels of backend/graph/ops_quantized.py (weight-only quantized embeddings) ----
     # embedding_q: out[t][d] = code(id, d) * scale(id, d / group_size), the table's int4 / int8 codes
     # packed 32 / bits per u32, row-major: a quantized nn.Embedding gathered with no fp32 table.
@@ -308,6 +315,8 @@ def _check_registry() -> None:
     require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, each once, got {ids}")
     require(len(BY_NAME) == len(KERNELS), "kernel names must be unique")
     for k in KERNELS:
+        missing = set(rank_fields(*k.indexed)) - set(k.params)
+        require(not missing, f"{k.name}: indexed families need Params fields {sorted(missing)}")
         unknown = set(k.types) - {b.name for b in k.layout}
         require(not unknown, f"{k.name}: types for bindings not in its layout: {sorted(unknown)}")
         require(k.route_id is None or k.decode or k.prefill, f"{k.name}: a routable kernel must run some M")
@@ -328,6 +337,10 @@ def _header(k: Kernel) -> str:
         lines.append(f"const {const}: u32 = {value}u;")
     if k.params:
         lines += ["", "struct Params {"] + [f"    {f}: u32," for f in k.params] + ["}"]
+    for family in k.indexed:   # a uniform struct's fields cannot be indexed by a variable: a switch can
+        cases = " ".join(f"case {i}u: {{ return params.{family}{i}; }}" for i in range(ELEMENTWISE_RANK - 1))
+        lines += ["", f"fn {family}_at(i: u32) -> u32 {{",
+                  f"    switch i {{ {cases} default: {{ return params.{family}{ELEMENTWISE_RANK - 1}; }} }}", "}"]
     lines.append("")
     for i, b in enumerate(k.layout):
         if b.name in k.types:
