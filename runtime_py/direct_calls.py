@@ -1,4 +1,4 @@
-"""A layer's per-call command sequence, issued straight through wgpu-native's C API.
+"""A call's command sequence -- a layer's or a graph's -- issued straight through wgpu-native's C API.
 
 Why this exists: wgpu-py wraps every WebGPU call in Python (descriptor
 structs built per call, error capture, a poller thread that resolves buffer
@@ -66,61 +66,20 @@ class DirectCalls:
 
         Returns (y as float32 array, (tick0, tick1) or None).
         """
-        t0 = time.perf_counter()
-        x = np.ascontiguousarray(x)
-        lib.wgpuQueueWriteBuffer(self._queue, x_buffer._internal, 0, ffi.from_buffer(x), x.nbytes)
-        t1 = time.perf_counter()
-        encoder = lib.wgpuDeviceCreateCommandEncoder(self._device, self._encoder_desc)
-        cpass = lib.wgpuCommandEncoderBeginComputePass(encoder, self._pass_desc)
-        lib.wgpuComputePassEncoderSetBindGroup(cpass, 0, bind_group._internal, 0, ffi.NULL)
-        for pipeline, (gx, gy, gz) in zip(pipelines, grids):
-            lib.wgpuComputePassEncoderSetPipeline(cpass, pipeline._internal)
-            lib.wgpuComputePassEncoderDispatchWorkgroups(cpass, gx, gy, gz)
-        lib.wgpuComputePassEncoderEnd(cpass)
-        lib.wgpuComputePassEncoderRelease(cpass)
-        lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, y_buffer._internal, 0, staging._internal, 0, y_bytes)
-        read_bytes = y_bytes
-        if self._query_set is not None and ts_resolve is not None:
-            lib.wgpuCommandEncoderResolveQuerySet(encoder, self._query_set, 0, 2, ts_resolve._internal, 0)
-            lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, ts_resolve._internal, 0, staging._internal, ts_offset, 16)
-            read_bytes = ts_offset + 16
-        self._commands[0] = lib.wgpuCommandEncoderFinish(encoder, self._buffer_desc)
-        lib.wgpuQueueSubmit(self._queue, 1, self._commands)
-        lib.wgpuCommandBufferRelease(self._commands[0])
-        lib.wgpuCommandEncoderRelease(encoder)
-
-        t2 = time.perf_counter()
-        self._map_status[0] = 0
-        lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, read_bytes, self._map_info[0])
-        # Spin on non-blocking polls first: a decode call's GPU work takes tens of
-        # µs, less than a blocking wait's wake-up; block only once it runs long.
-        spin_until = time.perf_counter() + SPIN_SECONDS
-        while self._map_status[0] == 0:
-            lib.wgpuDevicePoll(self._device, time.perf_counter() > spin_until, ffi.NULL)
-        if self._map_status[0] != lib.WGPUMapAsyncStatus_Success:
-            raise WebGPUDelegateError(f"reading the result back failed (map status {self._map_status[0]})")
-        t3 = time.perf_counter()
-        try:
-            mapped = ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, read_bytes), read_bytes)
-            y = np.frombuffer(mapped, dtype=np.float32, count=y_bytes // 4).copy()
-            ticks: Optional[tuple] = None
-            if read_bytes > y_bytes:
-                t = np.frombuffer(mapped, dtype=np.uint64, count=2, offset=ts_offset)
-                ticks = (int(t[0]), int(t[1]))
-        finally:
-            lib.wgpuBufferUnmap(staging._internal)
-        t4 = time.perf_counter()
-        self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
-        return y, ticks
+        bind = bind_group._internal
+        data, ticks = self.run_dispatches([(x_buffer, np.ascontiguousarray(x))],
+                                          [(p._internal, bind, *grid) for p, grid in zip(pipelines, grids)],
+                                          [(y_buffer, 0, y_bytes)], staging, y_bytes, ts_resolve, ts_offset)
+        return data.view(np.float32), ticks
 
     def run_dispatches(self, writes: Sequence, dispatches: Sequence, copies: Sequence, staging, read_bytes: int,
                        ts_resolve=None, ts_offset: int = 0) -> tuple:
-        """A graph's call: write buffers, run every dispatch in one pass, copy results to staging, read back.
+        """A call: write buffers, run every dispatch in one pass, copy results to staging, read back.
 
         writes: (buffer, contiguous array); dispatches: (pipeline, bind group, gx, gy, gz) as wgpu-py
         objects' C handles (`._internal`); copies: (source buffer, staging offset, bytes). Returns
-        (a copy of the staging bytes [0, read_bytes), (tick0, tick1) or None); last_split_us says
-        where the host time went.
+        (a copy of the staging bytes [0, read_bytes) as a uint8 array, (tick0, tick1) or None);
+        last_split_us says where the host time went.
         """
         t0 = time.perf_counter()
         for buffer, data in writes:
@@ -150,6 +109,8 @@ class DirectCalls:
         t2 = time.perf_counter()
         self._map_status[0] = 0
         lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, max(total, 4), self._map_info[0])
+        # Spin on non-blocking polls first: a decode call's GPU work takes tens of
+        # µs, less than a blocking wait's wake-up; block only once it runs long.
         spin_until = time.perf_counter() + SPIN_SECONDS
         while self._map_status[0] == 0:
             lib.wgpuDevicePoll(self._device, time.perf_counter() > spin_until, ffi.NULL)
@@ -158,7 +119,7 @@ class DirectCalls:
         t3 = time.perf_counter()
         try:
             mapped = ffi.buffer(lib.wgpuBufferGetConstMappedRange(staging._internal, 0, max(total, 4)), max(total, 4))
-            data = bytes(mapped[:read_bytes])
+            data = np.frombuffer(mapped, dtype=np.uint8, count=read_bytes).copy()
             ticks: Optional[tuple] = None
             if total > read_bytes:
                 t = np.frombuffer(mapped, dtype=np.uint64, count=2, offset=ts_offset)
