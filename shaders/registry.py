@@ -190,7 +190,8 @@ KERNELS: Tuple[Kernel, ...] = (
     Kernel("sdpa", "sdpa.wgsl", layout=SDPA_LAYOUT,
            types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
            # 256 invocations: a decode dispatch has only Hq x B workgroups (docs/PERFORMANCE.md)
-           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",), constants={"MAX_D": 256},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "attention_prelude.wgsl"),
+           constants={"MAX_D": 256},
            params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
     # ---- graph kernels of backend/graph/ops_transformer.py (BERT / Hugging Face decoders) ----
     # bmm: out[t] = a[t] @ b[t], fp32 operands read through offsets and strides, out contiguous.
@@ -244,7 +245,7 @@ KERNELS: Tuple[Kernel, ...] = (
                    Binding("k", "read-only-storage"), Binding("v", "read-only-storage"),
                    Binding("partial", "storage")),
            types={"params": "Params", "q": F32, "k": F32, "v": F32, "partial": F32},
-           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "attention_prelude.wgsl"),
            constants={"MAX_D": 256, "KEYS_PER_SPLIT": 256},
            params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "_pad0",
                    "_pad1")),
