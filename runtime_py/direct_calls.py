@@ -129,3 +129,46 @@ class DirectCalls:
         t4 = time.perf_counter()
         self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
         return data, ticks
+
+
+def run_through_wgpu_py(device, writes: Sequence, dispatches: Sequence, copies: Sequence, staging, read_bytes: int,
+                        query_set=None, ts_resolve=None, ts_offset: int = 0) -> tuple:
+    """The call of DirectCalls.run_dispatches through wgpu-py's API (EXECUTORCH_WGPU_DIRECT=0), with wgpu-py
+    objects for dispatches' pipelines and bind groups: (staging bytes as a uint8 array, ticks or None, split µs)."""
+    t0 = time.perf_counter()
+    for buffer, data in writes:
+        device.queue.write_buffer(buffer, 0, data)
+    t1 = time.perf_counter()
+    encoder = device.create_command_encoder()
+    timestamps = None
+    if query_set is not None:
+        timestamps = {"query_set": query_set, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
+    cpass = encoder.begin_compute_pass(timestamp_writes=timestamps)
+    for pipeline, bind_group, gx, gy, gz in dispatches:
+        cpass.set_pipeline(pipeline)
+        cpass.set_bind_group(0, bind_group)
+        cpass.dispatch_workgroups(gx, gy, gz)
+    cpass.end()
+    for source, offset, nbytes in copies:
+        encoder.copy_buffer_to_buffer(source, 0, staging, offset, nbytes)
+    if query_set is not None and ts_resolve is not None:
+        encoder.resolve_query_set(query_set, 0, 2, ts_resolve, 0)
+        encoder.copy_buffer_to_buffer(ts_resolve, 0, staging, ts_offset, 16)
+    device.queue.submit([encoder.finish()])
+    t2 = time.perf_counter()
+    # "READ_NOSYNC": wgpu-py otherwise submits an empty command buffer before
+    # every read map (its workaround for reading a buffer no submit has
+    # touched); ours was just written by the submit above.
+    staging.map_sync("READ_NOSYNC")
+    t3 = time.perf_counter()
+    try:
+        data = np.frombuffer(staging.read_mapped(0, max(read_bytes, 4), copy=False), dtype=np.uint8,
+                             count=read_bytes).copy()
+        ticks: Optional[tuple] = None
+        if query_set is not None and ts_resolve is not None:
+            t = np.frombuffer(staging.read_mapped(ts_offset, 16, copy=False), dtype=np.uint64)
+            ticks = (int(t[0]), int(t[1]))
+    finally:
+        staging.unmap()
+    t4 = time.perf_counter()
+    return data, ticks, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)

@@ -32,7 +32,7 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deseriali
 from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, compile_exprs, deserialize_graph
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
-from executorch_wgpu.runtime_py.direct_calls import DirectCalls
+from executorch_wgpu.runtime_py.direct_calls import DirectCalls, run_through_wgpu_py
 from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, use_direct_calls
 from executorch_wgpu.shaders import registry
 
@@ -322,7 +322,8 @@ class GraphDelegate:
                                                     self.query_resolve, self._ts_offset)
             split = self.direct.last_split_us
         else:
-            raw, ticks, split = self._run_through_wgpu_py(writes, dispatches, copies, read_bytes)
+            raw, ticks, split = run_through_wgpu_py(self.ctx.device, writes, dispatches, copies, self._staging,
+                                                    read_bytes, self.query_set, self.query_resolve, self._ts_offset)
         outputs = []
         for io, offset, n in zip(rec.outputs, self._output_offsets, out_bytes):
             shape = [values[d] for d in io.shape]
@@ -420,41 +421,3 @@ class GraphDelegate:
         us = [self.ctx.ticks_to_us(int(t[2 * i]), int(t[2 * i + 1])) or 0.0 for i in range(n)]
         t4 = time.perf_counter()
         return raw, us, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
-
-    def _run_through_wgpu_py(self, writes, dispatches, copies, read_bytes: int) -> tuple:
-        """The call of DirectCalls.run_dispatches through wgpu-py's API: (bytes, ticks or None, split µs)."""
-        dev = self.ctx.device
-        t0 = time.perf_counter()
-        for buffer, data in writes:
-            dev.queue.write_buffer(buffer, 0, data)
-        t1 = time.perf_counter()
-        encoder = dev.create_command_encoder()
-        timestamps = None
-        if self.query_set is not None:
-            timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0,
-                          "end_of_pass_write_index": 1}
-        cpass = encoder.begin_compute_pass(timestamp_writes=timestamps)
-        for pipeline, bind_group, gx, gy, gz in dispatches:
-            cpass.set_pipeline(pipeline)
-            cpass.set_bind_group(0, bind_group)
-            cpass.dispatch_workgroups(gx, gy, gz)
-        cpass.end()
-        for source, offset, nbytes in copies:
-            encoder.copy_buffer_to_buffer(source, 0, self._staging, offset, nbytes)
-        if self.query_set is not None and self.query_resolve is not None:
-            encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
-            encoder.copy_buffer_to_buffer(self.query_resolve, 0, self._staging, self._ts_offset, 16)
-        dev.queue.submit([encoder.finish()])
-        t2 = time.perf_counter()
-        self._staging.map_sync("READ_NOSYNC")
-        t3 = time.perf_counter()
-        try:
-            raw = bytes(self._staging.read_mapped(0, max(read_bytes, 4), copy=True))[:read_bytes]
-            ticks = None
-            if self.query_set is not None:
-                t = np.frombuffer(self._staging.read_mapped(self._ts_offset, 16, copy=False), dtype=np.uint64)
-                ticks = (int(t[0]), int(t[1]))
-        finally:
-            self._staging.unmap()
-        t4 = time.perf_counter()
-        return raw, ticks, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -22,7 +21,7 @@ from wgpu.classes import GPUBuffer
 
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
-from executorch_wgpu.runtime_py.direct_calls import DirectCalls
+from executorch_wgpu.runtime_py.direct_calls import DirectCalls, run_through_wgpu_py
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.shaders import registry
 
@@ -294,50 +293,20 @@ class Q4LinearGPU:
         kernel = self.route.kernel_for(m)
         plan = self.prepare(kernel, m)
         x_np = x.detach().contiguous().numpy()
+        y_bytes = m * rec.out_features * 4
         if self.direct is not None:
             pipelines = [self.ctx.pipeline(d.kernel) for d in plan.dispatches]
             y, ticks = self.direct.run(x_np, self.x, self.bind_group, pipelines, [d.grid for d in plan.dispatches],
-                                       self.y, m * rec.out_features * 4, self.staging, self.query_resolve,
-                                       self.ts_offset)
+                                       self.y, y_bytes, self.staging, self.query_resolve, self.ts_offset)
             split = self.direct.last_split_us
         else:
-            y, ticks, split = self._run_through_wgpu_py(x_np, plan)
+            raw, ticks, split = run_through_wgpu_py(
+                self.ctx.device, [(self.x, x_np)],
+                [(self.ctx.pipeline(d.kernel), self.bind_group, *d.grid) for d in plan.dispatches],
+                [(self.y, 0, y_bytes)], self.staging, y_bytes, self.query_set, self.query_resolve, self.ts_offset)
+            y = raw.view(np.float32)
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
         reason = self.reasons[0 if m == 1 else 1]
         return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us,
                                upload_us=split[0], submit_us=split[1], wait_us=split[2], readback_us=split[3])
-
-    def _run_through_wgpu_py(self, x_np: np.ndarray, plan: Plan) -> tuple:
-        """The same call as DirectCalls.run, through wgpu-py's API: (y, ticks or None, split µs)."""
-        dev = self.ctx.device
-        y_bytes = plan.m * self.rec.out_features * 4
-        t0 = time.perf_counter()
-        dev.queue.write_buffer(self.x, 0, x_np)
-        t1 = time.perf_counter()
-        encoder = dev.create_command_encoder()
-        timestamps = None
-        if self.query_set is not None:
-            timestamps = {"query_set": self.query_set, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1}
-        self.encode(encoder, plan, timestamps)
-        encoder.copy_buffer_to_buffer(self.y, 0, self.staging, 0, y_bytes)
-        if self.query_set is not None and self.query_resolve is not None:
-            encoder.resolve_query_set(self.query_set, 0, 2, self.query_resolve, 0)
-            encoder.copy_buffer_to_buffer(self.query_resolve, 0, self.staging, self.ts_offset, _TIMESTAMP_BYTES)
-        dev.queue.submit([encoder.finish()])
-        t2 = time.perf_counter()
-        # "READ_NOSYNC": wgpu-py otherwise submits an empty command buffer before
-        # every read map (its workaround for reading a buffer no submit has
-        # touched); ours was just written by the submit above.
-        self.staging.map_sync("READ_NOSYNC")
-        t3 = time.perf_counter()
-        try:
-            y = np.frombuffer(self.staging.read_mapped(0, y_bytes, copy=False), dtype=np.float32).copy()
-            ticks = None
-            if self.query_set is not None:
-                raw = self.staging.read_mapped(self.ts_offset, _TIMESTAMP_BYTES, copy=False)
-                ticks = tuple(int(t) for t in np.frombuffer(raw, dtype=np.uint64))
-        finally:
-            self.staging.unmap()
-        t4 = time.perf_counter()
-        return y, ticks, ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)

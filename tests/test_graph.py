@@ -195,3 +195,14 @@ def test_expressions_evaluate_like_python_integer_math():
         expected = [int(bool(v)) if isinstance(v, sympy.logic.boolalg.Boolean) else int(v)
                     for v in (e.subs({s: sv, u: uv}) for e in cases)]
         assert values([sv, uv]) == expected
+
+
+def test_wgpu_py_path_and_direct_c_api_path_give_identical_results(llama, monkeypatch):
+    inputs = [torch.tensor([PROMPT]), torch.tensor([0])]
+    (direct,) = load(llama.pte).execute(inputs)
+    monkeypatch.setenv("EXECUTORCH_WGPU_DIRECT", "0")
+    method = load(llama.pte)
+    assert method._delegates[0].direct is None
+    (through_wgpu_py,) = method.execute(inputs)
+    assert torch.equal(direct, through_wgpu_py)
+    assert method.graph_report()[0]["dispatches"] > 0
