@@ -342,10 +342,6 @@ def _check_arith(node: Node) -> Optional[str]:
     return _fp32_output(node)
 
 
-def _operand(lw: Lowerer, arg) -> TensorRef:
-    return lw.tensor(arg)
-
-
 @rule(*_BINARY, check=_check_arith)
 def lower_binary(lw: Lowerer, node: Node) -> None:
     if target_name(node) == "aten.mul.Tensor" and (_lower_rms_norm(lw, node) or _lower_silu_mul(lw, node)):
@@ -354,11 +350,11 @@ def lower_binary(lw: Lowerer, node: Node) -> None:
     out = lw.out_tensor(node)
     x, y = args_of(node)[0], args_of(node)[1]
     if not isinstance(y, Node):   # add.Tensor(x, 2.0) after decomposition
-        a = _operand(lw, x)
+        a = lw.tensor(x)
         elementwise(lw, node, _BINARY[target_name(node)], out, shape, (a, 0, broadcast_strides(a, shape)),
                     scalar=float(y))
     else:
-        a, b = _operand(lw, x), _operand(lw, y)
+        a, b = lw.tensor(x), lw.tensor(y)
         elementwise(lw, node, _BINARY[target_name(node)], out, shape, (a, 0, broadcast_strides(a, shape)),
                     (b, 0, broadcast_strides(b, shape)))
     lw.values[node] = out
@@ -368,7 +364,7 @@ def lower_binary(lw: Lowerer, node: Node) -> None:
 def lower_scalar(lw: Lowerer, node: Node) -> None:
     shape = _meta_shape(node)
     out = lw.out_tensor(node)
-    a = _operand(lw, args_of(node)[0])
+    a = lw.tensor(args_of(node)[0])
     elementwise(lw, node, _SCALAR[target_name(node)], out, shape, (a, 0, broadcast_strides(a, shape)),
                 scalar=float(args_of(node)[1]))
     lw.values[node] = out
@@ -378,7 +374,7 @@ def lower_scalar(lw: Lowerer, node: Node) -> None:
 def lower_unary(lw: Lowerer, node: Node) -> None:
     shape = _meta_shape(node)
     out = lw.out_tensor(node)
-    a = _operand(lw, args_of(node)[0])
+    a = lw.tensor(args_of(node)[0])
     elementwise(lw, node, _UNARY[target_name(node)], out, shape, (a, 0, a.strides()))
     lw.values[node] = out
 
@@ -392,7 +388,7 @@ def _check_gelu(node: Node) -> Optional[str]:
 def lower_gelu(lw: Lowerer, node: Node) -> None:
     shape = _meta_shape(node)
     out = lw.out_tensor(node)
-    a = _operand(lw, args_of(node)[0])
+    a = lw.tensor(args_of(node)[0])
     op = "OP_GELU_TANH" if node.kwargs.get("approximate", "none") == "tanh" else "OP_GELU_ERF"
     elementwise(lw, node, op, out, shape, (a, 0, a.strides()))
     lw.values[node] = out
