@@ -67,6 +67,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="graph (default): the whole model is one delegate, KV cache on the GPU, one submit per "
                         "call (ExecuTorch's LLM transforms: custom_sdpa, update_cache); linears-only: one delegate "
                         "per q4 linear, every other op on the CPU")
+    p.add_argument("--embedding", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="the token embedding's weights: fp32 (default) or torchao weight-only int8 / int4 "
+                        "(graph mode gathers rows from the codes; 1b's fp32 table is 1 GB, int4 0.14 GB)")
     p.add_argument("--runtime", choices=["python", "native"], default="python",
                    help="python (default): time our Python runtime; native: also time the same .pte in the native "
                         "C++ runner (build/native/wgq4_llama_run, ExecuTorch's C++ runtime) and report both")
@@ -473,12 +476,13 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}-{args.mode}.pte"
     partitioner_options = {"route_table": args.route_table} if args.route_table else {}
     graph = args.mode == "graph"
+    embedding = None if args.embedding == "fp32" else args.embedding
 
     def export(lm_head_mode: str):
         t0 = time.perf_counter()
         progress.step(f"building {args.config} (random weights, seed {args.seed}; lm_head {lm_head_mode})")
         model = models.build_llama(args.config, seed=args.seed, quantize_output=lm_head_mode == "q4",
-                                   llm_ops=graph, **overrides)
+                                   llm_ops=graph, quantize_embedding=embedding, **overrides)
         n_linears = len(models.llama_linear_names(model))
         progress.step("exporting and lowering")
         with models.recording_declines() as declines:
@@ -549,6 +553,7 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     delegated = len(method.route_report()) if graph else prefill[0]["delegate_calls"]
     result = {
         "mode": args.mode,
+        "embedding": args.embedding,
         "runtime": args.runtime,
         "command": "python -m executorch_wgpu llama-bench " + " ".join(args.argv),
         "date": datetime.date.today().isoformat(),
