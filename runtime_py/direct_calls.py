@@ -17,12 +17,13 @@ are worth their cost. A map that fails (e.g. the device was lost) raises.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from wgpu.backends.wgpu_native import ffi, lib
 
 from executorch_wgpu.errors import WebGPUDelegateError
+from executorch_wgpu.shaders.registry import DISPATCHES_PER_SUBMIT
 
 SPIN_SECONDS = 0.002   # how long a call polls without blocking before it sleeps in wgpuDevicePoll
 
@@ -36,16 +37,23 @@ class DirectCalls:
         self._encoder_desc = ffi.new("WGPUCommandEncoderDescriptor *")
         self._buffer_desc = ffi.new("WGPUCommandBufferDescriptor *")
         self._commands = ffi.new("WGPUCommandBuffer[1]")
-        self._pass_desc = ffi.new("WGPUComputePassDescriptor *")
-        if query_set is not None:
-            self._timestamps = ffi.new("WGPUPassTimestampWrites *")
-            self._timestamps.querySet = query_set._internal
-            self._timestamps.beginningOfPassWriteIndex = 0
-            self._timestamps.endOfPassWriteIndex = 1
-            self._pass_desc.timestampWrites = self._timestamps
-            self._query_set = query_set._internal
-        else:
-            self._query_set = None
+        # Pass descriptors by (first pass of the call, last pass of the call): with timestamps, the
+        # call's first pass writes tick 0 at its start and its last pass tick 1 at its end.
+        self._pass_descs: Dict[Tuple[bool, bool], Any] = {}
+        self._timestamp_writes: List[Any] = []   # referenced by the descriptors: kept alive with them
+        self._query_set = None if query_set is None else query_set._internal
+        unset = lib.WGPU_QUERY_SET_INDEX_UNDEFINED
+        for first in (False, True):
+            for last in (False, True):
+                desc = ffi.new("WGPUComputePassDescriptor *")
+                if query_set is not None and (first or last):
+                    ts = ffi.new("WGPUPassTimestampWrites *")
+                    ts.querySet = self._query_set
+                    ts.beginningOfPassWriteIndex = 0 if first else unset
+                    ts.endOfPassWriteIndex = 1 if last else unset
+                    desc.timestampWrites = ts
+                    self._timestamp_writes.append(ts)
+                self._pass_descs[first, last] = desc
         self._map_status = [0]
         self.last_split_us = (0.0, 0.0, 0.0, 0.0)   # upload, encode + submit, wait, readback of the last run
 
@@ -74,7 +82,7 @@ class DirectCalls:
 
     def run_dispatches(self, writes: Sequence, dispatches: Sequence, copies: Sequence, staging, read_bytes: int,
                        ts_resolve=None, ts_offset: int = 0) -> tuple:
-        """A call: write buffers, run every dispatch in one pass, copy results to staging, read back.
+        """A call: write buffers, run the dispatches (one pass per submit), copy results to staging, read back.
 
         writes: (buffer, contiguous array); dispatches: (pipeline, bind group, gx, gy, gz) as wgpu-py
         objects' C handles (`._internal`); copies: (source buffer, staging offset, bytes). Returns
@@ -85,16 +93,23 @@ class DirectCalls:
         for buffer, data in writes:
             lib.wgpuQueueWriteBuffer(self._queue, buffer._internal, 0, ffi.from_buffer(data), data.nbytes)
         t1 = time.perf_counter()
-        encoder = lib.wgpuDeviceCreateCommandEncoder(self._device, self._encoder_desc)
-        cpass = lib.wgpuCommandEncoderBeginComputePass(encoder, self._pass_desc)
         set_pipeline, set_bind_group = lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
         dispatch, null = lib.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL
-        for pipeline, bind_group, gx, gy, gz in dispatches:
-            set_pipeline(cpass, pipeline)
-            set_bind_group(cpass, 0, bind_group, 0, null)
-            dispatch(cpass, gx, gy, gz)
-        lib.wgpuComputePassEncoderEnd(cpass)
-        lib.wgpuComputePassEncoderRelease(cpass)
+        # Long calls go in several submits of DISPATCHES_PER_SUBMIT dispatches, so the GPU runs the
+        # first while the host still encodes the rest; queue order keeps them in sequence.
+        starts = range(0, max(len(dispatches), 1), DISPATCHES_PER_SUBMIT)
+        for start in starts:
+            last = start == starts[-1]
+            encoder = lib.wgpuDeviceCreateCommandEncoder(self._device, self._encoder_desc)
+            cpass = lib.wgpuCommandEncoderBeginComputePass(encoder, self._pass_descs[start == 0, last])
+            for pipeline, bind_group, gx, gy, gz in dispatches[start:start + DISPATCHES_PER_SUBMIT]:
+                set_pipeline(cpass, pipeline)
+                set_bind_group(cpass, 0, bind_group, 0, null)
+                dispatch(cpass, gx, gy, gz)
+            lib.wgpuComputePassEncoderEnd(cpass)
+            lib.wgpuComputePassEncoderRelease(cpass)
+            if not last:
+                self._submit(encoder)
         for source, offset, nbytes in copies:
             lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, source._internal, 0, staging._internal, offset, nbytes)
         total = read_bytes
@@ -102,10 +117,7 @@ class DirectCalls:
             lib.wgpuCommandEncoderResolveQuerySet(encoder, self._query_set, 0, 2, ts_resolve._internal, 0)
             lib.wgpuCommandEncoderCopyBufferToBuffer(encoder, ts_resolve._internal, 0, staging._internal, ts_offset, 16)
             total = ts_offset + 16
-        self._commands[0] = lib.wgpuCommandEncoderFinish(encoder, self._buffer_desc)
-        lib.wgpuQueueSubmit(self._queue, 1, self._commands)
-        lib.wgpuCommandBufferRelease(self._commands[0])
-        lib.wgpuCommandEncoderRelease(encoder)
+        self._submit(encoder)
         t2 = time.perf_counter()
         self._map_status[0] = 0
         lib.wgpuBufferMapAsync(staging._internal, lib.WGPUMapMode_Read, 0, max(total, 4), self._map_info[0])
@@ -129,6 +141,12 @@ class DirectCalls:
         t4 = time.perf_counter()
         self.last_split_us = ((t1 - t0) * 1e6, (t2 - t1) * 1e6, (t3 - t2) * 1e6, (t4 - t3) * 1e6)
         return data, ticks
+
+    def _submit(self, encoder) -> None:
+        self._commands[0] = lib.wgpuCommandEncoderFinish(encoder, self._buffer_desc)
+        lib.wgpuQueueSubmit(self._queue, 1, self._commands)
+        lib.wgpuCommandBufferRelease(self._commands[0])
+        lib.wgpuCommandEncoderRelease(encoder)
 
 
 def run_through_wgpu_py(device, writes: Sequence, dispatches: Sequence, copies: Sequence, staging, read_bytes: int,

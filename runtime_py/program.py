@@ -397,9 +397,10 @@ class Method:
                 d.profile = on
 
     def graph_report(self) -> List[Dict[str, Any]]:
-        """One entry per graph delegate the last execute ran: {"dispatches", "gpu_us" (the call's compute pass,
-        by GPU timestamps; None without them), "prepare_us", "encode_us", "wait_us", "readback_us", "profile"
-        (per-dispatch GPU µs when the delegate's `profile` flag was set, else None)}."""
+        """One entry per graph delegate the last execute ran: {"dispatches", "gpu_us" (the call's compute
+        passes, from the first's start to the last's end, by GPU timestamps; None without them),
+        "prepare_us", "encode_us", "wait_us", "readback_us", "profile" (per-dispatch GPU µs when the
+        delegate's `profile` flag was set, else None)}."""
         calls = [getattr(d, "last_call", None) for d in self._ran]
         return [dataclasses.asdict(c) for c in calls if c is not None]
 

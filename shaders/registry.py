@@ -64,6 +64,12 @@ Q4_LINEAR_LAYOUT = (
     Binding("partial", "storage"),           # split-K partial sums [k_splits][M][N]
 )
 
+# How the runtimes issue a long call: its dispatches go in submits of this many (one compute
+# pass each), so the GPU runs the first submits while the host still encodes the rest; queue
+# order keeps them in sequence and a call still reads back once. Chosen so that a submit's
+# fixed cost (tens of µs) stays small beside its dispatches' GPU and encoding time (~5 µs each).
+DISPATCHES_PER_SUBMIT = 48
+
 
 # ---- graph kernels' shared declarations ----
 
@@ -390,6 +396,8 @@ def cpp_header() -> str:
            "                                        // pointers, one layout)",
            "  int binding_count;",
            "};", "",
+           "// A long call's dispatches go in submits of this many (DISPATCHES_PER_SUBMIT).",
+           f"constexpr size_t kDispatchesPerSubmit = {DISPATCHES_PER_SUBMIT};", "",
            f"constexpr int kKernelCount = {len(KERNELS)};",
            "extern const KernelInfo kKernels[kKernelCount];", "",
            "// The entry of a kernel name, or nullptr.",
