@@ -23,6 +23,9 @@ from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, 
 
 # The compile spec that marks a graph-mode partition (WebGPUPartitioner(linears_only=False)).
 GRAPH_SPEC = "graph"
+# Graph mode fuses sibling q4 linears (one input, one dispatch: backend/graph/fused_linears.py) unless a
+# compile spec of this key says b"0" (to measure or compare the unfused program).
+FUSE_LINEARS_SPEC = "fuse_linears"
 
 # Upper bound recorded for M when the export leaves a leading dim unbounded.
 M_UNBOUNDED = 2**62
@@ -72,8 +75,9 @@ class WebGPUBackend(BackendDetails):
         if any(s.key == GRAPH_SPEC for s in compile_specs):
             from executorch_wgpu.backend.graph.compile import compile_graph
 
-            blob, named_data = compile_graph(
-                edge_program, RouteOptions.from_compile_specs([s for s in compile_specs if s.key != GRAPH_SPEC]))
+            fuse = all(s.value != b"0" for s in compile_specs if s.key == FUSE_LINEARS_SPEC)
+            routing = [s for s in compile_specs if s.key not in (GRAPH_SPEC, FUSE_LINEARS_SPEC)]
+            blob, named_data = compile_graph(edge_program, RouteOptions.from_compile_specs(routing), fuse_linears=fuse)
             return PreprocessResult(processed_bytes=blob, data_store_output=named_data)
         options = RouteOptions.from_compile_specs(compile_specs)
         results = find_q4gsw_linears(edge_program)

@@ -278,6 +278,25 @@ WGPUComputePipeline GpuDevice::pipeline(const KernelInfo& kernel, std::string* e
   return pipeline;
 }
 
+WGPUBuffer GpuDevice::unused_part_buffer(size_t part, std::string* error) {
+  if (!unused_parts_[part]) {
+    std::string problem = checked([&] {
+      WGPUBufferDescriptor desc = WGPU_BUFFER_DESCRIPTOR_INIT;
+      desc.label = view("unused output part");
+      desc.size = kUnusedPartBytes;
+      desc.usage = WGPUBufferUsage_Storage;
+      unused_parts_[part] = wgpuDeviceCreateBuffer(device, &desc);
+    });
+    if (!problem.empty() || !unused_parts_[part]) {
+      *error = "allocating a placeholder output buffer failed: " + problem;
+      if (unused_parts_[part]) wgpuBufferRelease(unused_parts_[part]);
+      unused_parts_[part] = nullptr;
+      return nullptr;
+    }
+  }
+  return unused_parts_[part];
+}
+
 GpuDevice* shared_gpu_device(std::string* error) {
   static std::mutex creation;
   static GpuDevice* device = nullptr;

@@ -42,6 +42,11 @@ class GpuDevice {
   WGPUBindGroupLayout bind_group_layout(const KernelInfo& kernel, std::string* error);
   // The pipeline of a kernel; nullptr with *error set when it does not compile.
   WGPUComputePipeline pipeline(const KernelInfo& kernel, std::string* error);
+  // What a q4gsw layer binds to an output part it lacks (kQ4OutputParts[part], part >= 1; runtime_py/gpu.py
+  // unused_part_buffers): one small buffer per binding, made once, which no kernel writes (store_y writes a
+  // part only when its columns exist); nullptr with *error set when wgpu refuses it.
+  WGPUBuffer unused_part_buffer(size_t part, std::string* error);
+  static constexpr uint64_t kUnusedPartBytes = 16;
 
   // Runs fn inside a validation + out-of-memory error scope; returns "" or the first error wgpu reported.
   template <typename Fn>
@@ -75,6 +80,7 @@ class GpuDevice {
  private:
   void push_error_scopes();
   std::string pop_error_scopes();
+  WGPUBuffer unused_parts_[kQ4OutputPartCount] = {};
   struct Layouts {
     WGPUBindGroupLayout group = nullptr;
     WGPUPipelineLayout pipeline = nullptr;

@@ -224,7 +224,7 @@ Status GraphDelegate::load(const NamedDataMap* named_data) {
       const std::string what = "linear " + st.node;
       Linear lin;
       lin.step = s;
-      lin.x = gl.x, lin.y = gl.y, lin.m = gl.m;
+      lin.x = gl.x, lin.m = gl.m;
       Status status = with_named_data(named_data, gl.blob_key, what, [&](const uint8_t* data, size_t n) -> Status {
         std::vector<uint64_t> aligned;  // the verifier reads the blob in place, 8-byte aligned
         const void* at = data;
@@ -241,10 +241,22 @@ Status GraphDelegate::load(const NamedDataMap* named_data) {
                       what + ": " + why);
         lin.name = lb.name;
         lin.k = lb.in_features, lin.n = lb.out_features, lin.n_stride = lb.n_stride, lin.group_size = lb.group_size;
+        // Its outputs: a fused linear's parts, else y with all N columns, named as the layer.
+        lin.parts = gl.parts.empty() ? std::vector<GraphLinearPart>{{gl.y, lb.out_features, lb.name}} : gl.parts;
+        uint64_t columns = 0;
+        std::string listed;
+        for (const GraphLinearPart& p : lin.parts) {
+          columns += p.columns;
+          listed += (listed.empty() ? "" : ", ") + std::to_string(p.columns);
+          if (!gl.parts.empty()) lin.part_columns.push_back(p.columns);
+        }
+        if (columns != lb.out_features)
+          return fail(Error::InvalidProgram, "linear " + py_repr(lb.name) + " has parts of [" + listed +
+                                                 "] columns, its blob " + std::to_string(lb.out_features));
         std::string choice;
         lin.route = lb.route_for_adapter(gpu_->adapter_class, &choice);
         const std::string reason = std::string(" (") + route_source_name(lin.route.source) + ") [" + choice + "]; " +
-                                   lin.route.reason;
+                                   lin.route.reason + (gl.parts.empty() ? "" : "; fused: one layer " + lb.name);
         lin.reasons[0] = "M == 1: decode route" + reason;
         lin.reasons[1] = "M > 1: prefill route" + reason;
         const uint64_t qweight_bytes = uint64_t(lb.qweight_words) * 4, scales_bytes = uint64_t(lb.scales_count) * 4;
@@ -347,6 +359,9 @@ std::string GraphDelegate::build_linear_bind_groups(uint64_t scratch_bytes) {
   // Every q4gsw linear kernel shares gemv's layout, so one bind group serves any route.
   WGPUBindGroupLayout layout = gpu_->bind_group_layout(kernel_info(Kernel::Gemv), &why);
   if (!layout) return why;
+  WGPUBuffer unused[kQ4OutputPartCount] = {};
+  for (size_t p = 1; p < kQ4OutputPartCount; ++p)
+    if (!(unused[p] = gpu_->unused_part_buffer(p, &why))) return why;
   const uint64_t size = std::max<uint64_t>(16, scratch_bytes);
   WGPUBuffer scratch = nullptr;
   std::vector<WGPUBindGroup> groups(linears_.size(), nullptr);
@@ -362,8 +377,12 @@ std::string GraphDelegate::build_linear_bind_groups(uint64_t scratch_bytes) {
       buffers[kBindQweight] = lin.qweight, sizes[kBindQweight] = wgpuBufferGetSize(lin.qweight);
       buffers[kBindScales] = lin.scales, sizes[kBindScales] = wgpuBufferGetSize(lin.scales);
       buffers[kBindBias] = lin.bias, sizes[kBindBias] = wgpuBufferGetSize(lin.bias);
-      buffers[kBindY] = buffers_[lin.y], sizes[kBindY] = sizes_[lin.y];
       buffers[kBindPartial] = scratch, sizes[kBindPartial] = size;
+      for (size_t p = 0; p < kQ4OutputPartCount; ++p) {  // a part it lacks: a placeholder no kernel writes
+        const uint32_t at = kQ4OutputParts[p];
+        buffers[at] = p < lin.parts.size() ? buffers_[lin.parts[p].y] : unused[p];
+        sizes[at] = p < lin.parts.size() ? sizes_[lin.parts[p].y] : GpuDevice::kUnusedPartBytes;
+      }
       WGPUBindGroupEntry entries[kQ4BindingCount];
       for (uint32_t i = 0; i < kQ4BindingCount; ++i) {
         entries[i] = WGPU_BIND_GROUP_ENTRY_INIT;
@@ -598,13 +617,13 @@ Status GraphDelegate::execute(Span<EValue*> args) {
       const PlannedCall* call = nullptr;
       std::string problem = plan_linear(lin, uint64_t(m), &call);
       if (!problem.empty()) return fail(Error::InvalidArgument, problem);
-      if (uint64_t(m) * lin.k * 4 > sizes_[lin.x] || uint64_t(m) * lin.n * 4 > sizes_[lin.y])
+      bool fits = uint64_t(m) * lin.k * 4 <= sizes_[lin.x];
+      for (const GraphLinearPart& part : lin.parts) fits = fits && uint64_t(m) * part.columns * 4 <= sizes_[part.y];
+      if (!fits)
         return fail(Error::InvalidProgram, "layer " + py_repr(lin.name) + ": M=" + std::to_string(m) +
                                                " rows do not fit the graph's buffers of its input and output");
       const Plan& p = call->plan;
-      Q4Params q{};
-      q.M = uint32_t(m), q.K = lin.k, q.N = lin.n, q.n_stride = lin.n_stride, q.group_size = lin.group_size;
-      q.k_splits = p.k_splits, q.k_chunk = p.k_chunk;
+      const Q4Params q = q4_params(p, lin.k, lin.n, lin.n_stride, lin.group_size, lin.part_columns);
       std::memcpy(slot, &q, sizeof(q));
       need_scratch = std::max(need_scratch, p.partial_bytes);
       linear_calls_.emplace_back(&lin, call);
@@ -728,16 +747,18 @@ Status GraphDelegate::execute(Span<EValue*> args) {
     last_call_record = last_call;
     have_last_call = true;
   }
-  // The route report: one entry per q4 linear, as the Python runtime's graph delegate gives.
+  // The route report: one entry per q4 linear of the model (a fused one's parts), as the Python runtime gives.
   for (const auto& [lin, call] : linear_calls_) {
-    CallRecord record;
-    record.name = lin->name;
-    record.m = call->plan.m;
-    record.k = lin->k;
-    record.n = lin->n;
-    record.kernel = kernel_name(call->plan.kernel);
-    record.reason = lin->reasons[call->plan.m == 1 ? 0 : 1];
-    log_call(std::move(record));
+    for (const GraphLinearPart& part : lin->parts) {
+      CallRecord record;
+      record.name = part.name;
+      record.m = call->plan.m;
+      record.k = lin->k;
+      record.n = part.columns;
+      record.kernel = kernel_name(call->plan.kernel);
+      record.reason = lin->reasons[call->plan.m == 1 ? 0 : 1];
+      log_call(std::move(record));
+    }
   }
   return Status{};
 }

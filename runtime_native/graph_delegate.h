@@ -82,7 +82,9 @@ class GraphDelegate {
   };
   struct Linear {
     size_t step;                 // its uniform slot
-    uint32_t x, y, m;            // the graph's buffers of its activations and outputs; the expr of M
+    uint32_t x, m;               // the graph's buffer of its activations; the expr of M
+    std::vector<GraphLinearPart> parts;  // its outputs: a fused linear's parts, else one (y, N, its name)
+    std::vector<uint32_t> part_columns;  // a fused linear's part widths (q4_params); empty when unfused
     std::string name;
     uint32_t k, n, n_stride, group_size;
     Route route;

@@ -44,12 +44,19 @@ bool tables_ok(const uint8_t* bytes, size_t size, const flatbuffers::Vector<flat
   return true;
 }
 
+bool parts_ok(const uint8_t* bytes, size_t size, const flatbuffers::Vector<flatbuffers::Offset<wggr::Linear>>* linears) {
+  if (!linears) return true;
+  for (const wggr::Linear* l : *linears)
+    if (!tables_ok(bytes, size, l->parts())) return false;
+  return true;
+}
+
 bool all_tables_ok(const uint8_t* bytes, size_t size, const wggr::Graph* root) {
   return table_header_ok(bytes, size, root) && tables_ok(bytes, size, root->symbols()) &&
          tables_ok(bytes, size, root->exprs()) && tables_ok(bytes, size, root->checks()) &&
          tables_ok(bytes, size, root->buffers()) && tables_ok(bytes, size, root->inputs()) &&
          tables_ok(bytes, size, root->outputs()) && tables_ok(bytes, size, root->steps()) &&
-         tables_ok(bytes, size, root->linears());
+         tables_ok(bytes, size, root->linears()) && parts_ok(bytes, size, root->linears());
 }
 
 // graph_blob._read: every field, with the enum and length checks it makes on the way.
@@ -100,8 +107,14 @@ std::string read_fields(const wggr::Graph* root, GraphBlob* g) {
       g->steps.push_back(std::move(step));
     }
   }
-  if (const auto* linears = root->linears())
-    for (const wggr::Linear* l : *linears) g->linears.push_back({fb_string(l->blob_key()), l->x(), l->y(), l->m()});
+  if (const auto* linears = root->linears()) {
+    for (const wggr::Linear* l : *linears) {
+      GraphLinear lin{fb_string(l->blob_key()), l->x(), l->y(), l->m(), {}};
+      if (const auto* parts = l->parts())
+        for (const wggr::LinearPart* p : *parts) lin.parts.push_back({p->y(), p->columns(), fb_string(p->name())});
+      g->linears.push_back(std::move(lin));
+    }
+  }
 
   // Python decodes every string as it reads it: one that is not UTF-8 is refused.
   std::vector<const std::string*> texts;
@@ -111,7 +124,10 @@ std::string read_fields(const wggr::Graph* root, GraphBlob* g) {
   for (const auto* io : {&g->inputs, &g->outputs})
     for (const auto& x : *io) texts.push_back(&x.name);
   for (const auto& st : g->steps) texts.insert(texts.end(), {&st.kernel, &st.node});
-  for (const auto& l : g->linears) texts.push_back(&l.blob_key);
+  for (const auto& l : g->linears) {
+    texts.push_back(&l.blob_key);
+    for (const auto& p : l.parts) texts.push_back(&p.name);
+  }
   for (const std::string* text : texts)
     if (!valid_utf8(*text)) return kTruncated + "a string is not valid UTF-8";
   return "";
@@ -205,6 +221,23 @@ std::string check_graph(GraphBlob* g) {
              std::to_string(lin.y) + " of " + std::to_string(n_buf);
     std::string problem = expr_ok(lin.m, "linear " + py_repr(lin.blob_key));
     if (!problem.empty()) return problem;
+    if (lin.parts.empty()) continue;
+    const std::string where = "linear " + py_repr(lin.blob_key);
+    if (lin.parts.size() < 2 || lin.parts.size() > kQ4OutputPartCount)
+      return kCorrupted + where + " has " + std::to_string(lin.parts.size()) + " parts; a fused linear has 2 to " +
+             std::to_string(kQ4OutputPartCount);
+    if (lin.parts[0].y != lin.y)
+      return kCorrupted + where + " writes its first part to buffer " + std::to_string(lin.parts[0].y) +
+             ", not its y " + std::to_string(lin.y);
+    for (const GraphLinearPart& p : lin.parts) {
+      if (p.y >= n_buf)
+        return kCorrupted + where + ": part " + py_repr(p.name) + " refers to buffer " + std::to_string(p.y) + " of " +
+               std::to_string(n_buf);
+      if (p.columns < 1) return kCorrupted + where + ": part " + py_repr(p.name) + " has no columns";
+    }
+    for (size_t a = 0; a < lin.parts.size(); ++a)
+      for (size_t b = a + 1; b < lin.parts.size(); ++b)
+        if (lin.parts[a].y == lin.parts[b].y) return kCorrupted + where + ": two of its parts share a buffer";
   }
   return "";
 }
@@ -234,10 +267,10 @@ std::string read_graph_blob(const void* data, size_t size, GraphBlob* out, bool*
   // even when this reader could not verify the rest of it.
   uint32_t version = 0;
   if (!read_schema_version(bytes, size, &version)) return kTruncated + "cannot read its header";
-  if (version != WGGR_SCHEMA_VERSION) {
+  if (version < WGGR_OLDEST_READABLE_VERSION || version > WGGR_SCHEMA_VERSION) {
     *version_problem = true;
-    return "graph blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads version " +
-           std::to_string(WGGR_SCHEMA_VERSION) + ": " +
+    return "graph blob has schema version " + std::to_string(version) + "; this executorch_wgpu reads versions " +
+           std::to_string(WGGR_OLDEST_READABLE_VERSION) + " to " + std::to_string(WGGR_SCHEMA_VERSION) + ": " +
            (version > WGGR_SCHEMA_VERSION ? "upgrade executorch_wgpu, or re-export the model with this one"
                                           : "re-export the model with this version of executorch_wgpu");
   }

@@ -67,9 +67,16 @@ struct GraphStep {
   const KernelInfo* info = nullptr;  // the registry entry of `kernel` (kernel steps)
 };
 
+// One output part of a fused linear (graph.fbs LinearPart): `columns` columns of the layer, in buffer y.
+struct GraphLinearPart {
+  uint32_t y, columns;
+  std::string name;
+};
+
 struct GraphLinear {
   std::string blob_key;
   uint32_t x, y, m;
+  std::vector<GraphLinearPart> parts;  // a fused linear's parts in column order; empty: one output, y
 };
 
 struct GraphBlob {

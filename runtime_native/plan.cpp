@@ -39,6 +39,17 @@ std::pair<uint64_t, uint64_t> gemv_k_split_for(uint64_t k, uint64_t group_size, 
 
 }  // namespace
 
+Q4Params q4_params(const Plan& p, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+                   const std::vector<uint32_t>& part_columns) {
+  Q4Params q{};
+  q.M = uint32_t(p.m), q.K = k, q.N = n, q.n_stride = n_stride, q.group_size = group_size;
+  q.k_splits = p.k_splits, q.k_chunk = p.k_chunk;
+  uint32_t starts[2] = {n, n}, start = 0;  // the first columns of parts 1 and 2; N where there is none
+  for (size_t i = 0; i + 1 < part_columns.size() && i < 2; ++i) starts[i] = start += part_columns[i];
+  q.part1 = starts[0], q.part2 = starts[1];
+  return q;
+}
+
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                       uint32_t max_groups, Plan* out) {
   if (m == 0 || k == 0 || n == 0 || n_stride == 0 || group_size == 0 || max_groups == 0)

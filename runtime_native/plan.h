@@ -36,6 +36,11 @@ struct Plan {
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
                       uint32_t max_groups, Plan* out);
 
+// The q4gsw kernels' Params for a plan of a layer of K x N (runtime_py/q4_linear.py q4_params);
+// part_columns: the widths of a fused layer's output parts (kQ4OutputParts), empty for one part.
+Q4Params q4_params(const Plan& p, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
+                   const std::vector<uint32_t>& part_columns = {});
+
 struct Limits {
   uint64_t max_binding_bytes;   // largest storage buffer one binding may hold
   uint32_t max_workgroups_per_dim;

@@ -124,6 +124,9 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
   std::string layout_problem;
   // Every q4gsw linear kernel shares gemv's layout, so one bind group serves any route.
   WGPUBindGroupLayout layout = gpu_->bind_group_layout(kernel_info(Kernel::Gemv), &layout_problem);
+  WGPUBuffer unused[kQ4OutputPartCount] = {};  // the output parts a layer of its own lacks
+  for (size_t p = 1; p < kQ4OutputPartCount && layout; ++p)
+    if (!(unused[p] = gpu_->unused_part_buffer(p, &layout_problem))) layout = nullptr;
   std::string problem = gpu_->checked([&] {
     if (m > capacity_rows_) {
       // Room for the next power of two of rows (fewer regrowths), within the binding limit.
@@ -151,6 +154,7 @@ std::string Q4LinearPart::ensure_buffers(uint64_t m, uint64_t partial_bytes) {
       WGPUBuffer buffers[kQ4BindingCount];
       buffers[kBindParams] = params_, buffers[kBindX] = x_, buffers[kBindQweight] = qweight_;
       buffers[kBindScales] = scales_, buffers[kBindBias] = bias_, buffers[kBindY] = y_, buffers[kBindPartial] = partial_;
+      for (size_t p = 1; p < kQ4OutputPartCount; ++p) buffers[kQ4OutputParts[p]] = unused[p];
       WGPUBindGroupEntry entries[kQ4BindingCount];
       for (uint32_t i = 0; i < kQ4BindingCount; ++i) {
         entries[i] = WGPU_BIND_GROUP_ENTRY_INIT;
@@ -184,9 +188,7 @@ std::string Q4LinearPart::run(const float* x, uint64_t m, float* y, uint64_t y_r
   if (!problem.empty()) return problem;
   WGPUQueue queue = gpu_->queue;
   if (params_for_[0] != m || params_for_[1] != p->k_splits || params_for_[2] != p->k_chunk) {
-    Q4Params params{};
-    params.M = uint32_t(m), params.K = k_, params.N = n_, params.n_stride = n_stride_;
-    params.group_size = group_size_, params.k_splits = p->k_splits, params.k_chunk = p->k_chunk;
+    const Q4Params params = q4_params(*p, k_, n_, n_stride_, group_size_);
     wgpuQueueWriteBuffer(queue, params_, 0, &params, sizeof(params));
     params_for_[0] = m, params_for_[1] = p->k_splits, params_for_[2] = p->k_chunk;
   }

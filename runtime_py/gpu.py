@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import wgpu
 from wgpu.backends.wgpu_native import lib as wgpu_native
-from wgpu.classes import GPUAdapter, GPUBindGroupLayout, GPUComputePipeline, GPUDevice, GPUPipelineLayout
+from wgpu.classes import GPUAdapter, GPUBindGroupLayout, GPUBuffer, GPUComputePipeline, GPUDevice, GPUPipelineLayout
 
 from executorch_wgpu.backend.serialization.blob import adapter_class_of
 from executorch_wgpu.errors import NoAdapterError
@@ -74,6 +74,7 @@ class GPUContext:
     _layouts: Dict[Tuple[Binding, ...], Tuple[GPUBindGroupLayout, GPUPipelineLayout]] = \
         field(default_factory=dict)
     _pipelines: Dict[str, GPUComputePipeline] = field(default_factory=dict)
+    _unused_parts: Tuple[GPUBuffer, ...] = ()
 
     @property
     def adapter_name(self) -> str:
@@ -88,6 +89,15 @@ class GPUContext:
     def ticks_to_us(self, begin: int, end: int) -> Optional[float]:
         """Microseconds between two timestamp ticks of this device; None when they run backwards."""
         return (end - begin) * self.timestamp_period_ns / 1000.0 if end >= begin else None
+
+    def unused_part_buffers(self) -> Tuple[GPUBuffer, ...]:
+        """What a q4gsw layer binds to the output parts it does not have (registry.Q4_OUTPUT_PARTS after y): one
+        small buffer per binding, which no kernel writes (store_y writes a part only when its columns exist)."""
+        if not self._unused_parts:
+            self._unused_parts = tuple(
+                self.device.create_buffer(label=f"unused output part {name}", size=16, usage=wgpu.BufferUsage.STORAGE)
+                for name in registry.Q4_OUTPUT_PARTS[1:])
+        return self._unused_parts
 
     def plan_limits(self) -> PlanLimits:
         """The device's binding and grid limits, lowered by any capped_plan_limits() in force."""

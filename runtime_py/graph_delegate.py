@@ -10,7 +10,8 @@ and every bind group, once. A call then
   2. writes the inputs (int64 token ids become i32, checked) and every step's
      Params in one upload;
   3. encodes every step into one compute pass -- a q4gsw linear takes the
-     kernel its route gives this M, as a linear-only delegate does -- copies
+     kernel its route gives this M, as a linear-only delegate does, and a
+     fused one writes each of its parts to the part's own buffer -- copies
      the outputs to a staging buffer, submits once and maps once.
 
 The interpreter knows no op: what each step computes was decided by
@@ -29,11 +30,11 @@ import wgpu
 from wgpu.classes import GPUBindGroup, GPUBuffer, GPUComputePipeline, GPUQuerySet
 
 from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, deserialize_q4linear
-from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, compile_exprs, deserialize_graph
+from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, Linear, compile_exprs, deserialize_graph
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.direct_calls import DirectCalls, run_through_wgpu_py
-from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, use_direct_calls
+from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, q4_params, use_direct_calls
 from executorch_wgpu.shaders import registry
 
 SLOT_BYTES = 256    # one step's Params: WebGPU's minUniformBufferOffsetAlignment
@@ -59,15 +60,22 @@ class GraphCall:
 
 
 class _Linear:
-    """A q4gsw linear step: its weights, its route, and a bind group over the graph's x and y buffers."""
+    """A q4gsw linear step: its weights, its route, and a bind group over the graph's x and output buffers."""
 
-    def __init__(self, ctx: GPUContext, rec: Q4LinearRecord, slot: int, x: int, y: int):
+    def __init__(self, ctx: GPUContext, rec: Q4LinearRecord, slot: int, lin: Linear):
         self.rec = rec
         self.slot = slot
-        self.x, self.y = x, y     # the graph's buffers of its activations and outputs
+        self.x = lin.x   # the graph's buffer of its activations
+        # Its outputs, one (buffer, columns, name) per part: a fused linear's parts, else y, all N, the layer.
+        self.parts = [(p.y, p.columns, p.name) for p in lin.parts] or [(lin.y, rec.out_features, rec.name)]
+        columns = [c for _, c, _ in self.parts]
+        if sum(columns) != rec.out_features:
+            raise ProgramFormatError(f"graph delegate: linear {rec.name!r} has parts of {columns} columns, "
+                                     f"its blob {rec.out_features}")
         self.route, choice = rec.route_for_adapter(ctx.adapter_class)
         why = f"({self.route.source}) [{choice}]; {self.route.reason}"
-        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}")
+        fused = f"; fused: one layer {rec.name}" if lin.parts else ""
+        self.reasons = (f"M == 1: decode route {why}{fused}", f"M > 1: prefill route {why}{fused}")
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
         if largest > ctx.plan_limits().max_binding_bytes:
             raise WebGPUDelegateError(
@@ -98,9 +106,9 @@ class _Linear:
         cached = self._params.get(plan.m)
         if cached is None:
             rec = self.rec
-            values = {"M": plan.m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
-                      "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
-            cached = self._params[plan.m] = [values[f] for f in registry.Q4_PARAMS]
+            columns = tuple(c for _, c, _ in self.parts) if len(self.parts) > 1 else ()
+            cached = self._params[plan.m] = list(q4_params(plan, rec.in_features, rec.out_features, rec.n_stride,
+                                                           rec.group_size, columns))
         return cached
 
 
@@ -141,8 +149,7 @@ class GraphDelegate:
         for s, st in enumerate(rec.steps):
             if st.linear >= 0:
                 lin = rec.linears[st.linear]
-                key = lin.blob_key
-                q4 = _Linear(ctx, deserialize_q4linear(self._data(key, None, f"linear {st.node}")), s, lin.x, lin.y)
+                q4 = _Linear(ctx, deserialize_q4linear(self._data(lin.blob_key, None, f"linear {st.node}")), s, lin)
                 self.linears.append(q4)
                 self._bind_groups.append(None)   # built by _linear_bind_groups (needs the split-K scratch)
                 continue
@@ -214,9 +221,12 @@ class GraphDelegate:
         scratch = dev.create_buffer(label="split-K partial sums", size=max(16, scratch_bytes),
                                     usage=wgpu.BufferUsage.STORAGE)
         layout = self.ctx.bind_group_layout("gemv")   # the layout every q4gsw linear kernel shares
+        unused = self.ctx.unused_part_buffers()
         for lin in self.linears:
             buffers = {"x": self.buffers[lin.x], "qweight": lin.qweight, "scales": lin.scales, "bias": lin.bias,
-                       "y": self.buffers[lin.y], "partial": scratch}
+                       "partial": scratch, **dict(zip(registry.Q4_OUTPUT_PARTS[1:], unused))}
+            for name, (y, _, _) in zip(registry.Q4_OUTPUT_PARTS, lin.parts):
+                buffers[name] = self.buffers[y]
             entries = []
             for i, b in enumerate(registry.Q4_LINEAR_LAYOUT):
                 if b.kind == "uniform":
@@ -332,10 +342,10 @@ class GraphDelegate:
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         self.last_call = GraphCall(len(dispatches), gpu_us, (t1 - t0) * 1e6, split[0] + split[1], split[2], split[3],
                                    profile)
-        for lin, plan in zip(self.linears, linear_plans):
-            r = lin.rec
-            calls.append(LinearCall(r.name, plan.m, r.in_features, r.out_features, plan.kernel,
-                                    lin.reasons[0 if plan.m == 1 else 1], None))
+        for lin, plan in zip(self.linears, linear_plans):   # one entry per linear of the model: a fused one's parts
+            for _, columns, name in lin.parts:
+                calls.append(LinearCall(name, plan.m, lin.rec.in_features, columns, plan.kernel,
+                                        lin.reasons[0 if plan.m == 1 else 1], None))
         return outputs
 
     def _linear_block(self, ms: Tuple[int, ...]) -> tuple:

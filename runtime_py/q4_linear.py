@@ -153,6 +153,17 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     return Plan(kernel, m, n, k_splits, k_chunk, dispatches)
 
 
+def q4_params(plan: Plan, k: int, n: int, n_stride: int, group_size: int,
+              part_columns: Tuple[int, ...] = ()) -> Tuple[int, ...]:
+    """The q4gsw kernels' Params (registry.Q4_PARAMS order) for a plan of a layer of K x N; part_columns: the
+    widths of a fused layer's output parts (registry.Q4_OUTPUT_PARTS), empty for one part."""
+    starts = [sum(part_columns[:i]) for i in range(1, len(part_columns))]
+    part1, part2 = (starts + [n, n])[:2]
+    values = {"M": plan.m, "K": k, "N": n, "n_stride": n_stride, "group_size": group_size, "k_splits": plan.k_splits,
+              "k_chunk": plan.k_chunk, "part1": part1, "part2": part2}
+    return tuple(values.get(f, 0) for f in registry.Q4_PARAMS)
+
+
 def check_input(rec: Q4LinearRecord, x: torch.Tensor) -> int:
     """M of a call; raises InputError for anything the layer was not exported for."""
     if x.dtype != torch.float32:
@@ -247,7 +258,8 @@ class Q4LinearGPU:
             grown = True
         if grown:
             buffers = {"params": self.params, "x": self.x, "qweight": self.qweight, "scales": self.scales,
-                       "bias": self.bias, "y": self.y, "partial": self.partial}
+                       "bias": self.bias, "y": self.y, "partial": self.partial,
+                       **dict(zip(registry.Q4_OUTPUT_PARTS[1:], self.ctx.unused_part_buffers()))}
             self.bind_group = dev.create_bind_group(
                 label=rec.name,
                 layout=self.ctx.bind_group_layout("gemv"),   # the layout every q4gsw linear kernel shares
@@ -267,9 +279,8 @@ class Q4LinearGPU:
         key = (m, plan.k_splits, plan.k_chunk)
         if self.params_for != key:
             rec = self.rec
-            values = {"M": m, "K": rec.in_features, "N": rec.out_features, "n_stride": rec.n_stride,
-                      "group_size": rec.group_size, "k_splits": plan.k_splits, "k_chunk": plan.k_chunk, "_pad": 0}
-            self.ctx.device.queue.write_buffer(self.params, 0, _PARAMS.pack(*(values[f] for f in registry.Q4_PARAMS)))
+            params = q4_params(plan, rec.in_features, rec.out_features, rec.n_stride, rec.group_size)
+            self.ctx.device.queue.write_buffer(self.params, 0, _PARAMS.pack(*params))
             self.params_for = key
         return plan
 

@@ -89,7 +89,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let n = 4u * n4 + c;
             if (n < params.N) {
                 if (params.k_splits == 1u) {
-                    y[n] = r[c] + bias[n4][c];
+                    store_y(0u, n, r[c] + bias[n4][c]);
                 } else {
                     partial[wg.z * params.N + n] = r[c];
                 }

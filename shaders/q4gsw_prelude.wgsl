@@ -9,7 +9,9 @@
 //           read is 4 adjacent columns
 //   scales  [n_stride/16][K/gs][16] fp32: scale of k in [g*gs, (g+1)*gs) of column n
 //   bias    [n_stride] fp32 (zeros when the layer has none)
-//   y       [M][N] fp32
+//   y       [M][N] fp32 -- or, for a fused layer, its output parts (store_y):
+//   y, y1, y2  columns [0, part1), [part1, part2), [part2, N), each part its own contiguous
+//           [M][width] tensor; an unfused layer has part1 = part2 = N (y1, y2 never written)
 //   partial [k_splits][M][N] fp32 split-K partial sums (kernels that split K)
 // Preconditions: gs % 32 == 0 (a word never straddles two groups), K % gs == 0,
 // n_stride = N rounded up to 16. Padded columns hold code 0 (nibble 8) and scale 0.
@@ -41,6 +43,19 @@ fn row_starts(m0: u32, stride: u32) -> vec4<u32> {
     return vec4<u32>(m0, min(m0 + 1u, last), min(m0 + 2u, last), min(m0 + 3u, last)) * stride;
 }
 
+// Output (m, n) of the layer (n < N): into the part holding column n, at row m of that part.
+// A fused layer (preprocess concatenated sibling linears' columns) hands each consumer its
+// own [M][N_i] tensor this way, whatever M is; an unfused one writes y[m * N + n].
+fn store_y(m: u32, n: u32, v: f32) {
+    if (n < params.part1) {
+        y[m * params.part1 + n] = v;
+    } else if (n < params.part2) {
+        y1[m * (params.part2 - params.part1) + (n - params.part1)] = v;
+    } else {
+        y2[m * (params.N - params.part2) + (n - params.part2)] = v;
+    }
+}
+
 // y[m, 4*n4 .. 4*n4+3] = v, skipping rows >= M and columns >= N (padding).
 fn store_row(m: u32, n4: u32, v: vec4<f32>) {
     if (m >= params.M) {
@@ -49,7 +64,7 @@ fn store_row(m: u32, n4: u32, v: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
         let n = 4u * n4 + c;
         if (n < params.N) {
-            y[m * params.N + n] = v[c];
+            store_y(m, n, v[c]);
         }
     }
 }

@@ -4,7 +4,8 @@
 // in the same compute pass. The fixed summation order keeps results
 // bit-reproducible from call to call.
 //
-// Layout: partial [k_splits][M][N] fp32, bias [n_stride] fp32, y [M][N] fp32.
+// Layout: partial [k_splits][M][N] fp32, bias [n_stride] fp32, y [M][N] fp32 (a fused layer's parts:
+// store_y, q4gsw_prelude.wgsl).
 // Preconditions: k_splits >= 2. One thread per output element.
 // Dispatch: (ceil(M * N / WORKGROUP_X), 1, 1). Split K is only chosen when the GEMM has
 // fewer than 256 tiles of 128 x 128, so M * N < 2^22 and the grid stays below 65535.
@@ -20,5 +21,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     for (var z = 1u; z < params.k_splits; z++) {
         s += partial[z * count + i];
     }
-    y[i] = s + bias[i % params.N];
+    store_y(i / params.N, i % params.N, s + bias[i % params.N]);
 }

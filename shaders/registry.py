@@ -50,7 +50,10 @@ _ADDRESS_SPACE = {"uniform": "uniform", "read-only-storage": "storage, read", "s
 
 # The uniform every q4gsw linear kernel reads, field by field (u32 each): the
 # runtimes fill it by these names, the header declares it as `struct Params`.
-Q4_PARAMS = ("M", "K", "N", "n_stride", "group_size", "k_splits", "k_chunk", "_pad")
+# part1, part2: the first columns of a fused layer's second and third output parts
+# (Q4_OUTPUT_PARTS); N where the layer has fewer parts (an unfused layer: part1 = part2 = N).
+Q4_PARAMS = ("M", "K", "N", "n_stride", "group_size", "k_splits", "k_chunk", "part1", "part2", "_pad0", "_pad1",
+             "_pad2")
 
 # The bind group layout every q4gsw linear kernel shares (binding i = entry i),
 # so one bind group per layer serves whichever kernel a call routes to.
@@ -60,9 +63,17 @@ Q4_LINEAR_LAYOUT = (
     Binding("qweight", "read-only-storage"),  # packed codes (schema.fbs)
     Binding("scales", "read-only-storage"),  # fp32 scales, blocked like qweight
     Binding("bias", "read-only-storage"),    # [n_stride] fp32, zeros without a bias
-    Binding("y", "storage"),                 # outputs [M][N] fp32
+    Binding("y", "storage"),                 # outputs [M][N] fp32 (a fused layer: its first part [M][part1])
     Binding("partial", "storage"),           # split-K partial sums [k_splits][M][N]
+    Binding("y1", "storage"),                # a fused layer's second part [M][part2 - part1]; else a placeholder
+    Binding("y2", "storage"),                # a fused layer's third part [M][N - part2]; else a placeholder
 )
+
+# The bindings a q4gsw layer's output parts go to, in column order: a fused layer (sibling
+# linears of one input, their columns concatenated by preprocess, backend/graph/) writes each
+# part as its own contiguous [M][N_i] tensor; an unfused layer has one part, y. Its length is
+# the most linears one fused layer holds.
+Q4_OUTPUT_PARTS = ("y", "y1", "y2")
 
 # How the runtimes issue a long call: its dispatches go in submits of this many (one compute
 # pass each), so the GPU runs the first submits while the host still encodes the rest; queue
@@ -148,28 +159,28 @@ U32 = "array<u32>"
 KERNELS: Tuple[Kernel, ...] = (
     _q4("gemv", "q4gsw_gemv.wgsl", route_id=0, decode=True,
         types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
-               "bias": VEC4_F32, "y": F32, "partial": F32},
+               "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(4, 64, 1),
         constants={"QUADS": 4, "SLICES": 64},      # 4 column quads (16 columns) x 64 K slices
         plan={"MAX_K_SPLITS": 8}),
     _q4("regtiled", "q4gsw_gemm_regtiled.wgsl", route_id=1, decode=True, prefill=True,
         types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
-               "bias": VEC4_F32, "y": F32},
+               "bias": VEC4_F32, "y": F32, "y1": F32, "y2": F32},
         workgroup_size=(8, 8, 1),
         constants={"TILE_M": 32, "TILE_N": 32}),   # 8 x 8 threads, 4 x 4 outputs each
     _q4("shmem", "q4gsw_gemm_shmem.wgsl", route_id=2, decode=True, prefill=True,
         types={"params": "Params", "x": VEC4_F32, "qweight": U32, "scales": F32,
-               "bias": VEC4_F32, "y": F32, "partial": F32},
+               "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
         constants={"TM": 128, "TN": 128, "TK": 16},
         plan={"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}),
     _q4("skinny", "q4gsw_gemm_skinny.wgsl", route_id=3, decode=True, prefill=True,
         types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
-               "bias": VEC4_F32, "y": F32},
+               "bias": VEC4_F32, "y": F32, "y1": F32, "y2": F32},
         workgroup_size=(4, 64, 1),
         constants={"QUADS": 4, "SLICES": 64, "ROWS": 4}),
     _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
-        types={"params": "Params", "bias": F32, "y": F32, "partial": F32},
+        types={"params": "Params", "bias": F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(256, 1, 1)),
     # ---- graph kernels (backend/graph/): the ops around the linears. Each reads the
     # Params fields it names; an f32 field holds the float's bits (bitcast<f32> in WGSL).
@@ -318,6 +329,15 @@ def _check_registry() -> None:
             "WORKGROUP_X, MAX_D 256 (4 dims per invocation of a group)")
     require(combine.workgroup_size == (64, 1, 1), "sdpa_combine: 64 invocations, 4 output dims each (MAX_D 256)")
 
+    layout_names = [b.name for b in Q4_LINEAR_LAYOUT]
+    require(all(p in layout_names and Q4_LINEAR_LAYOUT[layout_names.index(p)].kind == "storage"
+                for p in Q4_OUTPUT_PARTS) and len(Q4_OUTPUT_PARTS) == 3 and {"part1", "part2"} <= set(Q4_PARAMS),
+            "Q4_OUTPUT_PARTS: three storage bindings of Q4_LINEAR_LAYOUT, bounded by Params part1 and part2 "
+            "(q4gsw_prelude.wgsl store_y)")
+    for k in KERNELS:
+        if k.layout == Q4_LINEAR_LAYOUT:   # the prelude's store_y writes every part
+            require(all(p in k.types for p in Q4_OUTPUT_PARTS), f"{k.name}: declare {Q4_OUTPUT_PARTS} (store_y)")
+
     ids = sorted(k.route_id for k in KERNELS if k.route_id is not None)
     require(ids == list(range(len(ids))), f"route ids must be 0..{len(ids) - 1}, each once, got {ids}")
     require(len(BY_NAME) == len(KERNELS), "kernel names must be unique")
@@ -380,7 +400,8 @@ def _cpp_const(name: str) -> str:
 def cpp_header() -> str:
     """kernel_registry.h: the registry as C++ declarations."""
     out = ["// Generated by shaders/registry.py (the native build runs it): do not edit.",
-           "#pragma once", "", "#include <cstdint>", "", "#include <webgpu.h>", "", "namespace wgq4_native {", "",
+           "#pragma once", "", "#include <cstddef>", "#include <cstdint>", "", "#include <webgpu.h>", "",
+           "namespace wgq4_native {", "",
            "// Routable kernels by route id: the ids blobs name (schema.fbs Route).",
            "enum class Kernel : uint8_t { "
            + ", ".join(f"{_camel(k.name)} = {k.route_id}" for k in ROUTABLE) + " };",
@@ -408,7 +429,11 @@ def cpp_header() -> str:
            "// Binding indices of the layout every q4gsw linear kernel shares.",
            "enum Q4Binding : uint32_t { "
            + ", ".join(f"kBind{_camel(b.name)} = {i}" for i, b in enumerate(Q4_LINEAR_LAYOUT))
-           + f", kQ4BindingCount = {len(Q4_LINEAR_LAYOUT)} }};", "",
+           + f", kQ4BindingCount = {len(Q4_LINEAR_LAYOUT)} }};",
+           "// The bindings of a layer's output parts, in column order (Q4_OUTPUT_PARTS: a fused layer's parts).",
+           f"constexpr size_t kQ4OutputPartCount = {len(Q4_OUTPUT_PARTS)};",
+           "constexpr Q4Binding kQ4OutputParts[kQ4OutputPartCount] = {"
+           + ", ".join(f"kBind{_camel(p)}" for p in Q4_OUTPUT_PARTS) + "};", "",
            "// The Params uniform of the q4gsw linear kernels, field by field.",
            "struct Q4Params {"]
     out += [f"  uint32_t {f};" for f in Q4_PARAMS]

@@ -225,7 +225,7 @@ def corrupted_programs(pte: bytes, blob: bytes, at: int) -> dict:
 
     from executorch_wgpu.backend.serialization import graph_blob
 
-    version = graph_blob.GRAPH_SCHEMA_VERSION
+    version, oldest = graph_blob.GRAPH_SCHEMA_VERSION, graph_blob.OLDEST_READABLE_GRAPH_VERSION
     where = at + root_field_offset(blob, 0)
 
     def with_blob(new: bytes) -> bytes:
@@ -264,11 +264,11 @@ def corrupted_programs(pte: bytes, blob: bytes, at: int) -> dict:
     load, run = "refused-load", "refused-run"
     return {
         "newer schema version": (with_version(version + 1), load, INVALID_COMPATIBILITY,
-                                 f"graph blob has schema version {version + 1}; this executorch_wgpu reads version "
-                                 f"{version}: upgrade executorch_wgpu"),
-        "older schema version": (with_version(version - 1), load, INVALID_COMPATIBILITY,
-                                 f"graph blob has schema version {version - 1}; this executorch_wgpu reads version "
-                                 f"{version}: re-export the model"),
+                                 f"graph blob has schema version {version + 1}; this executorch_wgpu reads versions "
+                                 f"{oldest} to {version}: upgrade executorch_wgpu"),
+        "older schema version": (with_version(oldest - 1), load, INVALID_COMPATIBILITY,
+                                 f"graph blob has schema version {oldest - 1}; this executorch_wgpu reads versions "
+                                 f"{oldest} to {version}: re-export the model"),
         "truncated": (pte[:at + len(blob) // 2] + bytes(len(blob) - len(blob) // 2) + pte[at + len(blob):], load,
                       INVALID_PROGRAM, "graph blob is truncated or corrupted"),
         "unknown kernel": (with_blob(replace_string(blob, kernel, kernel[:-1] + b"!")), load, INVALID_PROGRAM,

@@ -2,13 +2,15 @@
 
 Order of work: remove auto-functionalization (so llama::update_cache writes
 its cache in place), find the q4gsw linears (q4gsw_pattern.py, as the
-linear-only path does), then lower every node in graph order through its rule
-(ops.py), and let the Lowerer plan memory and write the blob.
+linear-only path does) and group the siblings among them that read one input
+(fused_linears.py: each group becomes one layer, one dispatch), then lower
+every node in graph order through its rule (ops.py), and let the Lowerer plan
+memory and write the blob.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from executorch.exir._serialize._named_data_store import NamedDataStore, NamedDataStoreOutput
@@ -17,6 +19,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Node
 
 from executorch_wgpu.backend.graph import ops
+from executorch_wgpu.backend.graph.fused_linears import fused_match, sibling_groups
 from executorch_wgpu.backend.graph.exprs import sym
 from executorch_wgpu.backend.graph.lowering import DTYPE_NAMES, Lowerer, LoweringError, TensorRef, named_data_key
 from executorch_wgpu.backend.q4gsw_pattern import Q4LinearMatch, constant_value, find_q4gsw_linears
@@ -34,7 +37,9 @@ def remove_auto_functionalization(ep: ExportedProgram) -> ExportedProgram:
     return unsafe_remove_auto_functionalized_pass(ep)
 
 
-def compile_graph(ep: ExportedProgram, options: RouteOptions) -> Tuple[bytes, NamedDataStoreOutput]:
+def compile_graph(ep: ExportedProgram, options: RouteOptions,
+                  fuse_linears: bool = True) -> Tuple[bytes, NamedDataStoreOutput]:
+    """The partition's graph blob and named data; fuse_linears=False keeps every q4 linear its own layer."""
     # Imported here: preprocess.py imports this module, and build_record lives beside preprocess.
     from executorch_wgpu.backend.preprocess import build_record
 
@@ -56,6 +61,8 @@ def compile_graph(ep: ExportedProgram, options: RouteOptions) -> Tuple[bytes, Na
         if isinstance(m, Q4LinearMatch):
             matches[m.output] = m
             claimed.update(n for n in m.compute_nodes if n is not m.output)
+    groups = sibling_groups(list(matches.values())) if fuse_linears else []
+    group_of = {m.output: g for g in groups for m in g}
 
     kinds = {s.arg.name: s for s in ep.graph_signature.input_specs}
     mutated = set(ep.graph_signature.buffers_to_mutate.values())
@@ -65,6 +72,10 @@ def compile_graph(ep: ExportedProgram, options: RouteOptions) -> Tuple[bytes, Na
         elif node.op == "call_function":
             if node in claimed:
                 continue   # a q4 linear's dequantize / permute: its blob holds the packed weights
+            if node in group_of:
+                if node not in lw.values:   # the group's first member in graph order lowers them all
+                    _lower_fused_linears(lw, ep, group_of[node], build_record, options)
+                continue
             if node in matches:
                 _lower_q4_linear(lw, ep, node, matches[node], build_record, options)
                 continue
@@ -123,6 +134,20 @@ def _lower_q4_linear(lw: Lowerer, ep: ExportedProgram, node: Node, match: Q4Line
         m = m * d
     lw.linear(node, serialize_q4linear(build_record(ep, match, options)), x, y, m)
     lw.values[node] = y
+
+
+def _lower_fused_linears(lw: Lowerer, ep: ExportedProgram, group: List[Q4LinearMatch], build_record,
+                         options: RouteOptions) -> None:
+    """Sibling linears of one input as one layer (fused_linears.py): one step, an output tensor per member."""
+    x = lw.tensor(group[0].activation)
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    parts = [(lw.out_tensor(g.output), int(g.codes.shape[0]), g.name) for g in group]
+    blob = serialize_q4linear(build_record(ep, fused_match(group), options))
+    lw.fused_linear(f"fused_linears@{group[0].output.name}", blob, x, parts, m)   # as patterns name their steps
+    for g, (y, _, _) in zip(group, parts):
+        lw.values[g.output] = y
 
 
 def _lower_outputs(lw: Lowerer, ep: ExportedProgram, node: Node) -> None:

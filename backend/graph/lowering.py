@@ -70,24 +70,36 @@ class _VBuffer:
     data_key: str = ""
 
 
+@dataclass(frozen=True)
+class _LinearStep:
+    """A q4gsw linear step: its WGQ4 blob's key, the virtual buffers of x and of each output part, M."""
+
+    key: str
+    x: int
+    ys: Tuple[int, ...]             # one per output part (one: an unfused linear)
+    m: IntExpr
+    columns: Tuple[int, ...] = ()   # a fused linear's part widths; empty when unfused
+    names: Tuple[str, ...] = ()     # the linears its parts were
+
+
 @dataclass
 class _Step:
     kernel: str = ""
     bindings: Dict[str, int] = field(default_factory=dict)    # binding name -> virtual buffer
     params: Dict[str, IntExpr] = field(default_factory=dict)
     groups: Tuple[IntExpr, IntExpr, IntExpr] = (1, 1, 1)
-    linear: Optional[Tuple[str, int, int, IntExpr]] = None      # (blob key, x, y, M)
+    linear: Optional[_LinearStep] = None
     node: str = ""
 
     def reads(self) -> List[int]:
         if self.linear is not None:
-            return [self.linear[1]]
+            return [self.linear.x]
         k = registry.kernel(self.kernel)
         return [self.bindings[b.name] for b in k.layout if b.kind == "read-only-storage" and b.name in self.bindings]
 
     def writes(self) -> List[int]:
         if self.linear is not None:
-            return [self.linear[2]]
+            return list(self.linear.ys)
         k = registry.kernel(self.kernel)
         return [self.bindings[b.name] for b in k.layout if b.kind == "storage" and b.name in self.bindings]
 
@@ -170,7 +182,16 @@ class Lowerer:
         self.steps.append(_Step(kernel, dict(bindings), dict(params), groups, node=label))
 
     def linear(self, node: Node, blob: bytes, x: TensorRef, y: TensorRef, m: IntExpr) -> None:
-        self.steps.append(_Step(linear=(self.add_named_data(blob), x.buffer, y.buffer, m), node=node.name))
+        self.steps.append(_Step(linear=_LinearStep(self.add_named_data(blob), x.buffer, (y.buffer,), m),
+                                node=node.name))
+
+    def fused_linear(self, label: str, blob: bytes, x: TensorRef, parts: Sequence[Tuple[TensorRef, int, str]],
+                     m: IntExpr) -> None:
+        """One linear step computing sibling linears of x at once (their columns concatenated in `blob`): each
+        (y, columns, name) of `parts`, in column order, gets its own contiguous [M][columns] tensor y."""
+        step = _LinearStep(self.add_named_data(blob), x.buffer, tuple(y.buffer for y, _, _ in parts), m,
+                           tuple(c for _, c, _ in parts), tuple(n for _, _, n in parts))
+        self.steps.append(_Step(linear=step, node=label))
 
     # ---- symbols ----
 
@@ -234,8 +255,9 @@ class Lowerer:
             rec.outputs.append(gb.IO(buf[ref.buffer], ref.dtype, tuple(expr(d) for d in ref.shape), 0, name))
         for st in self.steps:
             if st.linear is not None:
-                key, x, y, m = st.linear
-                rec.linears.append(gb.Linear(key, buf[x], buf[y], expr(m)))
+                lin = st.linear
+                parts = tuple(gb.LinearPart(buf[y], c, name) for y, c, name in zip(lin.ys, lin.columns, lin.names))
+                rec.linears.append(gb.Linear(lin.key, buf[lin.x], buf[lin.ys[0]], expr(lin.m), parts))
                 rec.steps.append(gb.Step(linear=len(rec.linears) - 1, node=st.node))
                 continue
             k = registry.kernel(st.kernel)

@@ -27,12 +27,15 @@ from executorch_wgpu.backend.serialization.generated.wggr import Expr as fb_expr
 from executorch_wgpu.backend.serialization.generated.wggr import Graph as fb_graph
 from executorch_wgpu.backend.serialization.generated.wggr import IO as fb_io
 from executorch_wgpu.backend.serialization.generated.wggr import Linear as fb_linear
+from executorch_wgpu.backend.serialization.generated.wggr import LinearPart as fb_linear_part
 from executorch_wgpu.backend.serialization.generated.wggr import Step as fb_step
 from executorch_wgpu.backend.serialization.generated.wggr import Symbol as fb_symbol
 from executorch_wgpu.errors import BlobFormatError, BlobVersionError
 from executorch_wgpu.shaders import registry
 
-GRAPH_SCHEMA_VERSION = 1
+# The versions and what each changed: graph.fbs's header. Version 2: fused linears (Linear.parts).
+GRAPH_SCHEMA_VERSION = 2                # what the writer writes
+OLDEST_READABLE_GRAPH_VERSION = 1       # the readers read every version from this one to GRAPH_SCHEMA_VERSION
 GRAPH_FILE_IDENTIFIER = b"WGGR"
 
 SYMBOL_SOURCES = ("input-dim", "input-element")   # schema enum order (SymbolSource)
@@ -100,11 +103,19 @@ class Step:
 
 
 @dataclass(frozen=True)
+class LinearPart:
+    y: int          # buffer of the part's outputs [M][columns]
+    columns: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class Linear:
     blob_key: str
     x: int
-    y: int
+    y: int          # a fused linear: parts[0].y
     m: int
+    parts: Tuple[LinearPart, ...] = ()   # a fused linear's output parts in column order; empty: one output, y
 
 
 @dataclass
@@ -256,12 +267,23 @@ def serialize_graph(rec: GraphRecord) -> bytes:
         steps.append(fb_step.End(b))
     linears = []
     for lin in rec.linears:
+        parts = []
+        for part in lin.parts:
+            (name,) = _strings(b, part.name)
+            fb_linear_part.Start(b)
+            fb_linear_part.AddY(b, part.y)
+            fb_linear_part.AddColumns(b, part.columns)
+            fb_linear_part.AddName(b, name)
+            parts.append(fb_linear_part.End(b))
+        part_vector = _tables(b, parts) if parts else None
         (key,) = _strings(b, lin.blob_key)
         fb_linear.Start(b)
         fb_linear.AddBlobKey(b, key)
         fb_linear.AddX(b, lin.x)
         fb_linear.AddY(b, lin.y)
         fb_linear.AddM(b, lin.m)
+        if part_vector is not None:
+            fb_linear.AddParts(b, part_vector)
         linears.append(fb_linear.End(b))
     vectors = {name: _tables(b, items) for name, items in (
         ("symbols", symbols), ("exprs", exprs), ("checks", checks), ("buffers", buffers), ("inputs", inputs),
@@ -317,9 +339,10 @@ def deserialize_graph(data: bytes) -> GraphRecord:
         version = root.SchemaVersion()
     except (IndexError, struct.error, ValueError, TypeError, OverflowError) as e:
         raise BlobFormatError(f"graph blob is truncated or corrupted: cannot read its header ({e})") from e
-    if version != GRAPH_SCHEMA_VERSION:
+    if not OLDEST_READABLE_GRAPH_VERSION <= version <= GRAPH_SCHEMA_VERSION:
         raise BlobVersionError(
-            f"graph blob has schema version {version}; this executorch_wgpu reads version {GRAPH_SCHEMA_VERSION}: "
+            f"graph blob has schema version {version}; this executorch_wgpu reads versions "
+            f"{OLDEST_READABLE_GRAPH_VERSION} to {GRAPH_SCHEMA_VERSION}: "
             + ("upgrade executorch_wgpu, or re-export the model with this one" if version > GRAPH_SCHEMA_VERSION
                else "re-export the model with this version of executorch_wgpu"))
     try:
@@ -370,7 +393,9 @@ def _read(root: fb_graph.Graph) -> GraphRecord:
                               _text(st.Node())))
     for i in range(root.LinearsLength()):
         lin = root.Linears(i)
-        rec.linears.append(Linear(_text(lin.BlobKey()), lin.X(), lin.Y(), lin.M()))
+        parts = tuple(LinearPart(p.Y(), p.Columns(), _text(p.Name()))
+                      for p in (lin.Parts(j) for j in range(lin.PartsLength())))
+        rec.linears.append(Linear(_text(lin.BlobKey()), lin.X(), lin.Y(), lin.M(), parts))
     return rec
 
 
@@ -421,3 +446,16 @@ def check_graph(rec: GraphRecord) -> None:
         if not (0 <= lin.x < n_buf and 0 <= lin.y < n_buf):
             fail(f"linear {lin.blob_key!r} refers to buffers {lin.x}, {lin.y} of {n_buf}")
         expr_ok(lin.m, f"linear {lin.blob_key!r}")
+        if lin.parts:
+            if not 2 <= len(lin.parts) <= len(registry.Q4_OUTPUT_PARTS):
+                fail(f"linear {lin.blob_key!r} has {len(lin.parts)} parts; a fused linear has 2 to "
+                     f"{len(registry.Q4_OUTPUT_PARTS)}")
+            if lin.parts[0].y != lin.y:
+                fail(f"linear {lin.blob_key!r} writes its first part to buffer {lin.parts[0].y}, not its y {lin.y}")
+            for part in lin.parts:
+                if not 0 <= part.y < n_buf:
+                    fail(f"linear {lin.blob_key!r}: part {part.name!r} refers to buffer {part.y} of {n_buf}")
+                if part.columns < 1:
+                    fail(f"linear {lin.blob_key!r}: part {part.name!r} has no columns")
+            if len({part.y for part in lin.parts}) != len(lin.parts):
+                fail(f"linear {lin.blob_key!r}: two of its parts share a buffer")

@@ -56,8 +56,33 @@ class Linear(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Linear
+    def Parts(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            from executorch_wgpu.backend.serialization.generated.wggr.LinearPart import LinearPart
+            obj = LinearPart()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # Linear
+    def PartsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Linear
+    def PartsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        return o == 0
+
 def LinearStart(builder):
-    builder.StartObject(4)
+    builder.StartObject(5)
 
 def Start(builder):
     LinearStart(builder)
@@ -85,6 +110,18 @@ def LinearAddM(builder, m):
 
 def AddM(builder, m):
     LinearAddM(builder, m)
+
+def LinearAddParts(builder, parts):
+    builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(parts), 0)
+
+def AddParts(builder, parts):
+    LinearAddParts(builder, parts)
+
+def LinearStartPartsVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartPartsVector(builder, numElems):
+    return LinearStartPartsVector(builder, numElems)
 
 def LinearEnd(builder):
     return builder.EndObject()
