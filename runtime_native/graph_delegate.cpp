@@ -684,23 +684,38 @@ Status GraphDelegate::execute(Span<EValue*> args) {
     wgpuQueueWriteBuffer(queue, uniform_, 0, params_.data(), params_.size() * 4);
     uploaded_params_ = params_;
   }
-  WGPUCommandEncoder encoder = wgpuDeviceCreateCommandEncoder(gpu_->device, nullptr);
-  WGPUPassTimestampWrites timestamps = WGPU_PASS_TIMESTAMP_WRITES_INIT;
-  WGPUComputePassDescriptor pass_desc = WGPU_COMPUTE_PASS_DESCRIPTOR_INIT;
-  if (queries_) {
-    timestamps.querySet = queries_;
-    timestamps.beginningOfPassWriteIndex = 0;
-    timestamps.endOfPassWriteIndex = 1;
-    pass_desc.timestampWrites = &timestamps;
+  // The dispatches go in submits of kDispatchesPerSubmit (one pass each), so the GPU starts on
+  // the first while the rest are encoded; with timestamps the call's first pass writes tick 0
+  // at its start and its last pass tick 1 at its end.
+  WGPUCommandEncoder encoder = nullptr;
+  const size_t n_dispatches = dispatches_.size();
+  for (size_t start = 0; start == 0 || start < n_dispatches; start += kDispatchesPerSubmit) {
+    const size_t end = std::min(n_dispatches, start + kDispatchesPerSubmit);
+    const bool last = end == n_dispatches;
+    encoder = wgpuDeviceCreateCommandEncoder(gpu_->device, nullptr);
+    WGPUPassTimestampWrites timestamps = WGPU_PASS_TIMESTAMP_WRITES_INIT;
+    WGPUComputePassDescriptor pass_desc = WGPU_COMPUTE_PASS_DESCRIPTOR_INIT;
+    if (queries_ && (start == 0 || last)) {
+      timestamps.querySet = queries_;
+      timestamps.beginningOfPassWriteIndex = start == 0 ? 0 : WGPU_QUERY_SET_INDEX_UNDEFINED;
+      timestamps.endOfPassWriteIndex = last ? 1 : WGPU_QUERY_SET_INDEX_UNDEFINED;
+      pass_desc.timestampWrites = &timestamps;
+    }
+    WGPUComputePassEncoder pass = wgpuCommandEncoderBeginComputePass(encoder, &pass_desc);
+    for (size_t i = start; i < end; ++i) {
+      const Dispatch& d = dispatches_[i];
+      wgpuComputePassEncoderSetPipeline(pass, d.pipeline);
+      wgpuComputePassEncoderSetBindGroup(pass, 0, d.bind_group, 0, nullptr);
+      wgpuComputePassEncoderDispatchWorkgroups(pass, d.grid[0], d.grid[1], d.grid[2]);
+    }
+    wgpuComputePassEncoderEnd(pass);
+    wgpuComputePassEncoderRelease(pass);
+    if (last) break;   // the output copies and the timestamps' resolve join the last submit
+    WGPUCommandBuffer commands = wgpuCommandEncoderFinish(encoder, nullptr);
+    wgpuQueueSubmit(queue, 1, &commands);
+    wgpuCommandBufferRelease(commands);
+    wgpuCommandEncoderRelease(encoder);
   }
-  WGPUComputePassEncoder pass = wgpuCommandEncoderBeginComputePass(encoder, &pass_desc);
-  for (const Dispatch& d : dispatches_) {
-    wgpuComputePassEncoderSetPipeline(pass, d.pipeline);
-    wgpuComputePassEncoderSetBindGroup(pass, 0, d.bind_group, 0, nullptr);
-    wgpuComputePassEncoderDispatchWorkgroups(pass, d.grid[0], d.grid[1], d.grid[2]);
-  }
-  wgpuComputePassEncoderEnd(pass);
-  wgpuComputePassEncoderRelease(pass);
   uint64_t read_bytes = 0;
   for (size_t o = 0; o < n_out; ++o) {
     if (!out_bytes[o]) continue;
