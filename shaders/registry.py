@@ -206,9 +206,18 @@ KERNELS: Tuple[Kernel, ...] = (
            params=("n_ids", "dim", "vocab", "_pad0")),
     Kernel("sdpa", "sdpa.wgsl", layout=SDPA_LAYOUT,
            types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
-           # 256 invocations: a decode dispatch has only Hq x B workgroups (docs/PERFORMANCE.md)
+           # custom_sdpa at S > 1 with D above sdpa_flash's MAX_D. 256 invocations: a dispatch of few query
+           # rows has only Hq x S x B workgroups (docs/PERFORMANCE.md)
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "attention_prelude.wgsl"),
            constants={"MAX_D": 256},
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
+    # sdpa_flash: custom_sdpa at S > 1 with D <= MAX_D (backend/graph/ops.py lower_custom_sdpa; larger D takes
+    # sdpa), FlashAttention-2 tiling: grid (Hkv, ceil(S x Hq / Hkv / ROWS), B), a workgroup per ROWS
+    # (position, query head) rows of one cache head, KEYS keys at a time through workgroup memory (sdpa_flash.wgsl).
+    Kernel("sdpa_flash", "sdpa_flash.wgsl", layout=SDPA_LAYOUT,
+           types={"params": "Params", "q": F32, "k": F32, "v": F32, "out": F32},
+           workgroup_size=(128, 1, 1), prelude=("graph_prelude.wgsl",),
+           constants={"ROWS": 32, "KEY_GROUPS": 4, "KEYS": 64, "CHUNK_QUADS": 4, "MAX_D": 128, "STAGE_VEC4": 512},
            params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "_pad0", "_pad1", "_pad2")),
     # ---- graph kernels of backend/graph/ops_transformer.py (BERT / Hugging Face decoders) ----
     # bmm: out[t] = a[t] @ b[t], fp32 operands read through offsets and strides, out contiguous.
@@ -328,6 +337,18 @@ def _check_registry() -> None:
             "sdpa_split: WORKGROUP_X is a multiple of 64 (its key groups), KEYS_PER_SPLIT a multiple of "
             "WORKGROUP_X, MAX_D 256 (4 dims per invocation of a group)")
     require(combine.workgroup_size == (64, 1, 1), "sdpa_combine: 64 invocations, 4 output dims each (MAX_D 256)")
+    flash = BY_NAME["sdpa_flash"]
+    fc, flash_x = flash.constants, flash.workgroup_size[0]
+    require(fc["KEY_GROUPS"] == 4 and flash.workgroup_size == (fc["ROWS"] * fc["KEY_GROUPS"], 1, 1)
+            and fc["CHUNK_QUADS"] == fc["KEY_GROUPS"] and fc["KEYS"] == 16 * fc["KEY_GROUPS"]
+            and fc["MAX_D"] == 32 * fc["KEY_GROUPS"]
+            and (fc["ROWS"] + fc["KEYS"]) * fc["CHUNK_QUADS"] + flash_x <= fc["STAGE_VEC4"]
+            and fc["STAGE_VEC4"] % (8 * fc["KEY_GROUPS"] * 4) == 0
+            and 16 * fc["STAGE_VEC4"] + 4 * fc["KEYS"] * fc["ROWS"] <= 16384,
+            "sdpa_flash: thread (row, key group) of ROWS x KEY_GROUPS (4) stages quad `key group` of its row's q "
+            "(CHUNK_QUADS = KEY_GROUPS), holds 16 scores (KEYS = 16 x 4) and 8 output quads (MAX_D = 128); the "
+            "stage holds the q and k chunks and a vec4 per invocation, then v chunks of a multiple of 4 keys at 16 "
+            "or 32 quads a key; stage and probs fit WebGPU's default 16 KiB of workgroup memory")
 
     layout_names = [b.name for b in Q4_LINEAR_LAYOUT]
     require(all(p in layout_names and Q4_LINEAR_LAYOUT[layout_names.index(p)].kind == "storage"

@@ -22,7 +22,9 @@
 // 2 x WORKGROUP_X + KEY_GROUPS x (MAX_D + 2) floats (2.5 KiB at 64 invocations, 7 KiB at 256).
 // More invocations per workgroup is what speeds a dispatch of few rows up. Decode (S == 1) takes
 // sdpa_split + sdpa_combine instead, which spread a head's keys over workgroups (the lowering
-// picks by zero grids; measurements: docs/PERFORMANCE.md, "issue 13").
+// picks by zero grids; measurements: docs/PERFORMANCE.md, "issue 13"), and prefill with D <= 128
+// takes sdpa_flash, whose workgroups share each tile of keys and values over 32 query rows: the
+// lowering dispatches this kernel only for prefill with 128 < D <= 256.
 
 const GROUP: u32 = 64u;                        // invocations per key group; MAX_D = 4 x GROUP
 const KEY_GROUPS: u32 = WORKGROUP_X / GROUP;

@@ -1,5 +1,5 @@
-"""The graph kernels (elementwise, reduce_rows, embedding, sdpa, sdpa_split + sdpa_combine), one dispatch each,
-against fp64 goldens.
+"""The graph kernels (elementwise, reduce_rows, embedding, sdpa, sdpa_flash, sdpa_split + sdpa_combine), one
+dispatch each, against fp64 goldens.
 
 Each test fills the kernel's Params by the registry's field names, binds numpy arrays in the registry's
 layout order and dispatches one grid (run_kernel below), as the graph delegate's lowering will. Shapes
@@ -305,10 +305,10 @@ def test_embedding_gathers_rows_including_the_last(grid):
 def sdpa_golden(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, causal: bool,
                 scale: float) -> torch.Tensor:
     """fp64 attention of q [B][S][Hq][D] over caches [B][C][Hkv][D]: query s sees keys
-    j <= start_pos + s when causal, j < start_pos + S otherwise; GQA repeats each cache head."""
+    j <= start_pos + s when causal, j < start_pos + S otherwise, and j < C; GQA repeats each cache head."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
-    visible = start_pos + S
+    visible = min(start_pos + S, k.shape[1])     # and j < C
     keys = k[:, :visible].double().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)    # [B][Hq][visible][D]
     values = v[:, :visible].double().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
     scores = q.double().transpose(1, 2) @ keys.transpose(-1, -2) * scale                   # [B][Hq][S][visible]
@@ -367,6 +367,116 @@ def test_sdpa_matches_custom_sdpa_and_fp64(case, workgroup_x, custom_sdpa):
     assert not got.isnan().any()
     assert rel_err(got, golden) < BAR
     assert rel_err(got, expected) < BAR
+
+
+# ---- prefill: sdpa_flash (FlashAttention-2 tiles of ROWS (position, query head) rows, D <= MAX_D) -------------
+
+FLASH = registry.kernel("sdpa_flash").constants
+FLASH_ROWS, FLASH_KEYS = FLASH["ROWS"], FLASH["KEYS"]
+
+
+def run_flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, causal: bool, scale: float,
+                   extra: int = 0) -> torch.Tensor:
+    """sdpa_flash on the grid lower_custom_sdpa gives it, (Hkv, ceil(S x G / ROWS), B), G = Hq / Hkv; `out` holds
+    SENTINEL before, plus `extra` floats past q's shape that must keep it (returned flat when extra > 0)."""
+    B, S, Hq, D = q.shape
+    C, Hkv = k.shape[1], k.shape[2]
+    params = {"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D, "C": C, "start_pos": start_pos, "causal": int(causal),
+              "scale_bits": f32_bits(scale)}
+    grid = (Hkv, -(-S * (Hq // Hkv) // FLASH_ROWS), B)
+    out = np.full(q.numel() + extra, SENTINEL)
+    got = run_registry_kernel("sdpa_flash", grid, params, {"q": np32(q), "k": np32(k), "v": np32(v)}, out)
+    return torch.from_numpy(got if extra else got.reshape(q.shape))
+
+
+FLASH_CASES = {
+    # name: (B, S, Hq, Hkv, D, C, start_pos, causal, scale or None for 1/sqrt(D)); S x G rows in tiles of ROWS (32),
+    # keys in tiles of KEYS (64)
+    "mha_d64_from_0_one_key_tile": (1, 45, 4, 4, 64, 64, 0, True, None),
+    "gqa4_d64_chunked_prefill_batch_of_two": (2, 37, 8, 2, 64, 160, 70, True, None),
+    "gqa4_d64_llama_1b_heads": (1, 19, 32, 8, 64, 40, 0, True, None),
+    "gqa8_d128_chunked_prefill": (1, 29, 16, 2, 128, 100, 40, True, None),
+    "gqa8_d64_many_key_tiles": (1, 70, 8, 1, 64, 300, 200, True, None),
+    "gqa4_d100_not_causal_batch_of_two": (2, 19, 8, 2, 100, 90, 50, False, None),
+    "mha_d128_not_causal_partial_key_tile": (1, 40, 2, 2, 128, 200, 133, False, None),
+    "gqa4_d128_batch_of_two": (2, 23, 8, 2, 128, 64, 9, True, None),
+    "mha_d100_one_row_into_a_second_tile": (1, 33, 2, 2, 100, 48, 15, True, None),
+    "gqa4_d68_just_past_64": (1, 13, 8, 2, 68, 30, 4, True, None),
+    "d50_explicit_scale": (1, 9, 4, 2, 50, 12, 3, True, 0.4),
+    "d4_tiny": (1, 7, 4, 1, 4, 16, 5, True, None),
+    "two_tokens": (1, 2, 8, 2, 64, 8, 0, True, None),
+    "peaked_softmax": (1, 33, 4, 2, 32, 140, 80, True, 4.0),
+    # C limits: a cache shorter than start_pos + S (keys j < C only)
+    "cache_ends_inside_the_prompt_causal": (1, 20, 8, 2, 64, 40, 30, True, None),
+    "cache_ends_inside_the_prompt_not_causal": (2, 20, 8, 2, 100, 40, 30, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FLASH_CASES))
+def test_flash_sdpa_matches_custom_sdpa_and_fp64(case, custom_sdpa):
+    B, S, Hq, Hkv, D, C, start_pos, causal, scale = FLASH_CASES[case]
+    q = tensor((B, S, Hq, D), 40)
+    k, v = tensor((B, C, Hkv, D), 41), tensor((B, C, Hkv, D), 42)
+    k[:, start_pos + S:] = float("nan")     # not attention's to read
+    v[:, start_pos + S:] = float("nan")
+    scale_f = scale if scale is not None else D ** -0.5
+    golden = sdpa_golden(q, k, v, start_pos, causal, scale_f)
+    extra = D * Hq   # one row of out past the last: the kernel must not write it
+    got = run_flash_sdpa(q, k, v, start_pos, causal, scale_f, extra)
+    assert (got[q.numel():] == SENTINEL).all()
+    got = got[: q.numel()].reshape(q.shape)
+    assert not got.isnan().any()
+    assert rel_err(got, golden) < BAR
+    if start_pos + S <= C:                   # custom_sdpa takes a cache that holds every position
+        expected = custom_sdpa(q, k, v, start_pos, None, 0.0, causal, scale)
+        assert rel_err(expected, golden) < 1e-5
+        assert rel_err(got, expected) < BAR
+
+
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_flash_sdpa_tile_reads_no_key_past_its_last_rows(G):
+    """Causal: tile 0's rows (the first ROWS / G positions, every head) see keys j <= start_pos + ROWS / G - 1.
+    Keys past them are NaN: tile 0's rows stay exact (the later tiles read those keys, and go NaN here)."""
+    B, Hkv, D, start_pos = 1, 2, 64, 70
+    S, Hq = 3 * FLASH_ROWS // G + 5, Hkv * G
+    positions = FLASH_ROWS // G            # tile 0's
+    C = start_pos + S
+    q, k, v = tensor((B, S, Hq, D), 43), tensor((B, C, Hkv, D), 44), tensor((B, C, Hkv, D), 45)
+    golden = sdpa_golden(q, k, v, start_pos, True, D ** -0.5)[:, :positions]
+    k[:, start_pos + positions:] = float("nan")
+    v[:, start_pos + positions:] = float("nan")
+    got = run_flash_sdpa(q, k, v, start_pos, True, D ** -0.5)
+    assert rel_err(got[:, :positions], golden) < BAR
+    assert got[:, positions:].isnan().all()   # the NaN keys were theirs to read
+
+
+class CacheAttention(torch.nn.Module):
+    """custom_sdpa of q [1, S, Hq, D] over fixed caches [1, C, Hkv, D] from position 0, causal."""
+
+    def __init__(self, hq: int, hkv: int, d: int, c: int):
+        super().__init__()
+        self.register_buffer("k_cache", tensor((1, c, hkv, d), 46))
+        self.register_buffer("v_cache", tensor((1, c, hkv, d), 47))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, 0, None, 0.0, True, None)
+
+
+@pytest.mark.parametrize("d, prefill_kernel", [(64, "sdpa_flash"), (FLASH["MAX_D"] + 32, "sdpa")])
+def test_lowering_runs_prefill_on_sdpa_flash_up_to_its_head_dim_and_decode_on_split(d, prefill_kernel, custom_sdpa):
+    from executorch_wgpu.runtime import Runtime
+    from executorch_wgpu.tools import models
+
+    model = CacheAttention(8, 2, d, 48).eval()
+    tokens = torch.export.Dim("tokens", min=1, max=40)
+    pte = models.lower_to_pte(model, (tensor((1, 5, 8, d), 48),), ({1: tokens},), linears_only=False)
+    method = Runtime.get().load_program(pte).load_method("forward")
+    kernels = [s.kernel for dg in method._delegates for s in dg.record.steps]
+    assert kernels == [prefill_kernel, "sdpa_split", "sdpa_combine"]
+    for s in (1, 2, 37):
+        q = tensor((1, s, 8, d), 49 + s)
+        (got,) = method.execute([q])
+        assert rel_err(got, sdpa_golden(q, model.k_cache, model.v_cache, 0, True, d ** -0.5)) < BAR, s
 
 
 # ---- flash-decoding: sdpa_split then sdpa_combine ----------------------------------------------------

@@ -31,6 +31,9 @@ RANK = registry.ELEMENTWISE_RANK
 OPS = registry.ELEMENTWISE_OPS
 MAX_GROUPS = 65535       # WebGPU's guaranteed maxComputeWorkgroupsPerDimension
 SDPA_MAX_HEAD_DIM = registry.kernel("sdpa").constants["MAX_D"]
+# Prefill (S > 1) attention: the tiled kernel up to its head dim, sdpa above it.
+SDPA_FLASH_MAX_HEAD_DIM = registry.kernel("sdpa_flash").constants["MAX_D"]
+SDPA_FLASH_ROWS = registry.kernel("sdpa_flash").constants["ROWS"]
 
 
 def f32_bits(value: float) -> int:
@@ -541,6 +544,10 @@ def _check_sdpa(node: Node) -> Optional[str]:
     d = q.shape[3]
     if isinstance(d, torch.SymInt) or int(d) > SDPA_MAX_HEAD_DIM:
         return f"head dim {d} is above the sdpa kernel's {SDPA_MAX_HEAD_DIM}"
+    k = _val(args_of(node)[1])
+    heads = (q.shape[2], k.shape[2]) if isinstance(k, torch.Tensor) and k.dim() == 4 else None
+    if heads is None or any(isinstance(h, torch.SymInt) for h in heads) or int(heads[0]) % int(heads[1]):
+        return f"query heads {q.shape[2]} are not a fixed multiple of the cache's heads"
     return _fp32_output(node)
 
 
@@ -557,14 +564,19 @@ def lower_custom_sdpa(lw: Lowerer, node: Node) -> None:
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(d))
     params = {"B": b, "S": s, "Hq": hq, "Hkv": hkv, "D": d, "C": c, "start_pos": start, "causal": int(is_causal),
               "scale_bits": f32_bits(scale)}
-    # S > 1: one sdpa dispatch, a workgroup per (head, query row). S == 1 (decode): flash-decoding, the keys
-    # split over workgroups (sdpa_split) and their partial results merged (sdpa_combine). S is the dynamic
-    # token count, so both paths are emitted and the grid of the one that does not apply is 0 (the runtimes
-    # skip empty grids); a static S emits one.
+    # S > 1: one sdpa_flash dispatch (D <= its MAX_D), a workgroup per ROWS (position, query head) rows of one
+    # cache head, which share each tile of keys and values; above that head dim, one sdpa dispatch, a workgroup
+    # per (head, query row). S == 1 (decode): flash-decoding, the keys split over workgroups (sdpa_split) and
+    # their partial results merged (sdpa_combine). S is the dynamic token count, so both paths are emitted and
+    # the grid of the one that does not apply is 0 (the runtimes skip empty grids); a static S emits one.
     prefill_on, decode_on = sympy.Min(1, sym(s) - 1), sympy.Max(0, 2 - sym(s))    # 1 / 0 each
-    if prefill_on != 0:
-        lw.dispatch(node, "sdpa", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "out": out.buffer}, params,
-                    (hq * prefill_on, s, b))
+    bindings = {"q": q.buffer, "k": k.buffer, "v": v.buffer, "out": out.buffer}
+    if prefill_on != 0 and int(d) <= SDPA_FLASH_MAX_HEAD_DIM:
+        group = int(hq) // int(hkv)       # query heads per cache head
+        lw.dispatch(node, "sdpa_flash", bindings, params,
+                    (hkv, ceildiv(sym(s) * group, SDPA_FLASH_ROWS) * prefill_on, b))
+    elif prefill_on != 0:
+        lw.dispatch(node, "sdpa", bindings, params, (hq * prefill_on, s, b))
     if decode_on != 0:
         keys_per_split = registry.kernel("sdpa_split").constants["KEYS_PER_SPLIT"]
         n_splits = ceildiv(sympy.Min(start + s, c), keys_per_split)
