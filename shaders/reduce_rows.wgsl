@@ -2,7 +2,9 @@
 //   REDUCE_SUM / REDUCE_MEAN / REDUCE_MAX: out[r] = the row's sum / mean / max;
 //   ROWS_SOFTMAX: out[r][:] = softmax(a[r][:]);
 //   ROWS_RMS_NORM: out[r][:] = a[r][:] * rsqrt(mean(a[r]^2) + eps), times w[:] when has_w;
-//   ROWS_LAYER_NORM: (a[r][:] - mean) * rsqrt(var + eps), then * w[0:n] + w[n:2n] when has_w.
+//   ROWS_LAYER_NORM: (a[r][:] - mean) * rsqrt(var + eps), then * w[0:n] + w[n:2n] when has_w;
+//   ROWS_ADD_RMS_NORM: sum[r][:] = a[r][:] + b[r][:] (a residual add) and out[r][:] = ROWS_RMS_NORM of
+//     that sum: one dispatch where the add and the norm took two, and the sum is read once.
 
 var<workgroup> partial: array<f32, WORKGROUP_X>;
 
@@ -51,6 +53,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         s = workgroup_reduce(lid, s, false);
         for (var i = lid; i < n; i += WORKGROUP_X) {
             out[base + i] = exp(a[base + i] - m) / s;
+        }
+        return;
+    }
+    if (op == ROWS_ADD_RMS_NORM) {
+        var sq = 0.0;
+        for (var i = lid; i < n; i += WORKGROUP_X) {
+            let x = a[base + i] + b[base + i];
+            sum[base + i] = x;
+            sq += x * x;
+        }
+        let inv = inverseSqrt(workgroup_reduce(lid, sq, false) / f32(n) + param_f32(params.eps_bits));
+        for (var i = lid; i < n; i += WORKGROUP_X) {
+            let w_i = select(1.0, w[i], params.has_w != 0u);
+            out[base + i] = sum[base + i] * inv * w_i;   // this invocation's own write above
         }
         return;
     }

@@ -112,11 +112,15 @@ ELEMENTWISE_PARAMS = (("n", "op", "scalar_bits", "b_is_scalar", "a_off", "b_off"
 REDUCE_OPS = {"REDUCE_SUM": 0, "REDUCE_MEAN": 1, "REDUCE_MAX": 2,
               "ROWS_SOFTMAX": 8,     # out[r][:] = softmax(a[r][:])
               "ROWS_RMS_NORM": 9,    # out[r][:] = a[r][:] * rsqrt(mean(a[r]^2) + eps) (* w when has_w)
-              "ROWS_LAYER_NORM": 10}  # (a - mean) * rsqrt(var + eps) (* w[0:n] + w[n:2n] when has_w)
+              "ROWS_LAYER_NORM": 10,  # (a - mean) * rsqrt(var + eps) (* w[0:n] + w[n:2n] when has_w)
+              "ROWS_ADD_RMS_NORM": 11}  # sum[r][:] = a[r][:] + b[r][:], out[r][:] = ROWS_RMS_NORM of that sum
 ELEMENTWISE_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-storage"),
                       Binding("b", "read-only-storage"), Binding("out", "storage"))
 ROWS_LAYOUT = (Binding("params", "uniform"), Binding("a", "read-only-storage"),
                Binding("w", "read-only-storage"), Binding("out", "storage"))
+# reduce_rows: ROWS_LAYOUT plus a second operand and a second output, for a residual add fused
+# into the RMSNorm that reads it (ROWS_ADD_RMS_NORM); other ops leave them unbound.
+REDUCE_ROWS_LAYOUT = ROWS_LAYOUT + (Binding("b", "read-only-storage"), Binding("sum", "storage"))
 ROPE_LAYOUT = (Binding("params", "uniform"), Binding("x", "read-only-storage"),
                Binding("cos_t", "read-only-storage"), Binding("sin_t", "read-only-storage"),
                Binding("out", "storage"))
@@ -190,8 +194,8 @@ KERNELS: Tuple[Kernel, ...] = (
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            constants={"RANK": ELEMENTWISE_RANK, **ELEMENTWISE_OPS},
            params=ELEMENTWISE_PARAMS, indexed=("d", "sa", "sb", "so")),
-    Kernel("reduce_rows", "reduce_rows.wgsl", layout=ROWS_LAYOUT,
-           types={"params": "Params", "a": F32, "w": F32, "out": F32},
+    Kernel("reduce_rows", "reduce_rows.wgsl", layout=REDUCE_ROWS_LAYOUT,
+           types={"params": "Params", "a": F32, "w": F32, "out": F32, "b": F32, "sum": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
            constants=REDUCE_OPS,
            params=("rows", "n", "op", "eps_bits", "has_w", "_pad0", "_pad1", "_pad2")),

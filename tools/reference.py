@@ -141,14 +141,17 @@ def _kernel_pipeline(name: str, workgroup_x: Optional[int]):
 
 def run_registry_kernel(name: str, grid: Sequence[int], params: Mapping[str, Union[int, float]],
                         inputs: Mapping[str, np.ndarray], out: np.ndarray,
-                        workgroup_x: Optional[int] = None) -> np.ndarray:
+                        workgroup_x: Optional[int] = None,
+                        other_outputs: Optional[Mapping[str, np.ndarray]] = None) -> np.ndarray:
     """Dispatch registry kernel `name` once on `grid` workgroups and return its storage binding (`out`,
     or sdpa_split's `partial`).
 
     params: Params fields by name (a float is written as its f32 bits; fields not named are 0);
     inputs: arrays (float32 or uint32) for the read-only bindings by name, absent ones get 16 zero bytes;
     out: the initial contents of the storage binding (float32), read back, of the same size, after the dispatch;
-    workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's.
+    workgroup_x: compile the kernel with this WORKGROUP_X rather than the registry's;
+    other_outputs: float32 arrays for further storage bindings by name (initial contents in, results
+    written back in place); storage bindings not named get a copy of `out`.
     """
     import wgpu
 
@@ -167,7 +170,8 @@ def run_registry_kernel(name: str, grid: Sequence[int], params: Mapping[str, Uni
         if b.kind == "uniform":
             buffers[b.name] = _kernel_buffer(np.array(words, dtype=np.uint32), wgpu.BufferUsage.UNIFORM)
         elif b.kind == "storage":
-            buffers[b.name] = _kernel_buffer(out, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+            initial = (other_outputs or {}).get(b.name, out)
+            buffers[b.name] = _kernel_buffer(initial, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
         else:
             buffers[b.name] = _kernel_buffer(inputs.get(b.name, np.zeros(4, np.uint32)), wgpu.BufferUsage.STORAGE)
     assert set(inputs) <= set(buffers), f"{name} has no bindings {sorted(set(inputs) - set(buffers))}"
@@ -181,6 +185,9 @@ def run_registry_kernel(name: str, grid: Sequence[int], params: Mapping[str, Uni
     cpass.dispatch_workgroups(*grid)
     cpass.end()
     dev.queue.submit([encoder.finish()])
+    for name, array in (other_outputs or {}).items():
+        array[...] = np.frombuffer(dev.queue.read_buffer(buffers[name]), dtype=np.float32)[: array.size].reshape(
+            array.shape)
     written = next(b.name for b in kernel.layout if b.kind == "storage")
     result = np.frombuffer(dev.queue.read_buffer(buffers[written]), dtype=np.float32)
     return result[: out.size].reshape(out.shape).copy()

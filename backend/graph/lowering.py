@@ -181,6 +181,11 @@ class Lowerer:
         label = f"{pattern}@{node.name}" if pattern else node.name
         self.steps.append(_Step(kernel, dict(bindings), dict(params), groups, node=label))
 
+    def supersede(self, node: Node) -> None:
+        """Drop the steps emitted so far for `node`: a fused step emitted later computes its value (into the
+        same buffer). The caller makes sure nothing between them reads that value but steps that die."""
+        self.steps = [st for st in self.steps if st.node != node.name]
+
     def linear(self, node: Node, blob: bytes, x: TensorRef, y: TensorRef, m: IntExpr) -> None:
         self.steps.append(_Step(linear=_LinearStep(self.add_named_data(blob), x.buffer, (y.buffer,), m),
                                 node=node.name))
@@ -332,10 +337,12 @@ class Lowerer:
 
 
 def _fallback(k: registry.Kernel, b: registry.Binding) -> str:
-    """An unused read-only binding is bound to the kernel's first input (`a` or `q`): a buffer it reads anyway."""
-    if b.kind != "read-only-storage":
+    """An unused binding is bound to a buffer of the step's own: a read-only one to the kernel's first input
+    (`a` or `q`), which it reads anyway; a writable one (reduce_rows' `sum` outside ROWS_ADD_RMS_NORM) to
+    its first output, which the kernel then never writes through that binding."""
+    if b.kind == "uniform":
         raise LoweringError(f"{k.name}: binding {b.name} is not bound")
-    return next(x.name for x in k.layout if x.kind == "read-only-storage")
+    return next(x.name for x in k.layout if x.kind == b.kind)
 
 
 def named_data_key(data: bytes) -> str:

@@ -404,8 +404,14 @@ def _lower_rms_norm(lw: Lowerer, node: Node) -> bool:
     if m is None:
         return False
     out = lw.out_tensor(node)
-    _rows(lw, node, "ROWS_RMS_NORM", lw.tensor(m.x), out, lw.tensor(m.weight) if m.weight is not None else None,
-          eps=m.eps, pattern="rms_norm")
+    w = lw.tensor(m.weight) if m.weight is not None else None
+    residual = patterns.match_residual_add(lw.ep, m, node)
+    if residual is None:
+        _rows(lw, node, "ROWS_RMS_NORM", lw.tensor(m.x), out, w, eps=m.eps, pattern="rms_norm")
+    else:   # the add's own step goes: this one writes its sum (same buffer) and the norm
+        lw.supersede(residual.add)
+        _rows(lw, node, "ROWS_ADD_RMS_NORM", lw.tensor(residual.a), out, w, eps=m.eps, pattern="add_rms_norm",
+              b=lw.tensor(residual.b), total=lw.tensor(residual.add))
     lw.values[node] = out
     return True
 
@@ -462,7 +468,10 @@ def _check_mean(node: Node) -> Optional[str]:
 
 
 def _rows(lw: Lowerer, node: Node, kernel_op: str, src: TensorRef, out: TensorRef, w: Optional[TensorRef] = None,
-          eps: float = 0.0, pattern: str = "") -> None:
+          eps: float = 0.0, pattern: str = "", b: Optional[TensorRef] = None,
+          total: Optional[TensorRef] = None) -> None:
+    """A reduce_rows step over src's rows; ROWS_ADD_RMS_NORM also takes b (src + b is normalised) and
+    total, where that sum is written."""
     n = src.shape[-1]
     rows: IntExpr = 1
     for d in src.shape[:-1]:
@@ -470,6 +479,8 @@ def _rows(lw: Lowerer, node: Node, kernel_op: str, src: TensorRef, out: TensorRe
     bindings = {"a": src.buffer, "out": out.buffer}
     if w is not None:
         bindings["w"] = w.buffer
+    if b is not None and total is not None:
+        bindings.update(b=b.buffer, sum=total.buffer)
     params = {"rows": rows, "n": n, "op": registry.REDUCE_OPS[kernel_op], "eps_bits": f32_bits(eps),
               "has_w": int(w is not None)}
     lw.dispatch(node, "reduce_rows", bindings, params,

@@ -6,7 +6,8 @@ step, reading the chain's inputs; the chain's own steps then have no reader
 and Lowerer.finish() drops them. Each matcher requires every inner node to be
 used only inside the chain, so nothing else still needs an intermediate.
 
-  * RMSNorm (ExecuTorch's and HF's): x * rsqrt(mean(x * x, -1, keepdim) + eps) * w
+  * RMSNorm (ExecuTorch's and HF's): x * rsqrt(mean(x * x, -1, keepdim) + eps) * w, and with it the
+    residual add that produces x (x = a + b), whose step the norm's step then replaces
   * RoPE (ExecuTorch's apply_rotary_emb): the interleaved pair rotation
     view(x, [..., D/2, 2]) -> slices -> x_r cos - x_i sin, x_r sin + x_i cos -> cat -> view
   * SiLU-gated product (SwiGLU): g * sigmoid(g) * u
@@ -15,7 +16,7 @@ used only inside the chain, so nothing else still needs an intermediate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch.export import ExportedProgram
@@ -64,6 +65,16 @@ class RmsNorm:
     x: Node
     weight: Optional[Node]
     eps: float
+    chain: Tuple[Node, ...] = ()   # its nodes from x * x to the anchor: the ones that read x are the first two
+
+
+@dataclass
+class ResidualAdd:
+    """x = a + b, the input of an RMSNorm: the norm's fused step can compute and write x itself."""
+
+    add: Node
+    a: Node
+    b: Node
 
 
 def match_rms_norm(ep: ExportedProgram, anchor: Node) -> Optional[RmsNorm]:
@@ -101,7 +112,30 @@ def match_rms_norm(ep: ExportedProgram, anchor: Node) -> Optional[RmsNorm]:
         return None
     if width is not None and width != x.meta["val"].shape[-1]:
         return None
-    return RmsNorm(x, weight, eps)
+    chain = (square, normed, mean, added, rsqrt) + ((anchor,) if normed is not anchor else ())
+    return RmsNorm(x, weight, eps, chain)
+
+
+def match_residual_add(ep: ExportedProgram, norm: RmsNorm, anchor: Node) -> Optional[ResidualAdd]:
+    """norm.x = add(a, b) of two same-shape float32 tensors (no broadcast, alpha 1), and every other reader
+    of it comes after the anchor in the graph: then the anchor's step can be where x is computed. Not
+    when the anchor is the unweighted inner part of a weighted norm: the weighted one's step does it."""
+    users = list(anchor.users)
+    if len(users) == 1 and match_rms_norm(ep, users[0]) is not None:
+        return None
+    add = norm.x
+    if not _is(add, ADD) or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = _args(add)[0], _args(add)[1]
+    shapes = [n.meta.get("val") if isinstance(n, Node) else None for n in (a, b, add)]
+    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in shapes):
+        return None
+    if not (shapes[0].shape == shapes[1].shape == shapes[2].shape):
+        return None
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    if any(u not in norm.chain and order[u] < order[anchor] for u in add.users):
+        return None
+    return ResidualAdd(add, a, b)
 
 
 @dataclass
