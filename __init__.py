@@ -1,4 +1,4 @@
-"""executorch_wgpu: an ExecuTorch backend delegate that runs int4 group-quantized linears on WebGPU (wgpu).
+"""executorch_wgpu: an ExecuTorch backend delegate that runs int4 group-quantized models on WebGPU (wgpu).
 
 Lowering:  from executorch_wgpu import WebGPUPartitioner
 Running:   from executorch_wgpu.runtime import Runtime

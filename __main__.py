@@ -12,7 +12,7 @@ from executorch_wgpu import __version__
 # command -> (module with main(argv), what it does). Imported only when run: --help stays fast.
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("executorch_wgpu.tools.demo",
-             "MiniLM sentence embeddings, int4 on the default adapter (demo --ffn: the small FFN demo)"),
+             "MiniLM sentence embeddings, int4 on the default adapter, one graph delegate (demo --ffn: small FFN)"),
     "llama-bench": ("executorch_wgpu.tools.llama_bench",
                     "a Llama-shaped int4 decoder: prefill and decode tokens/s, time split"),
     "bench": ("executorch_wgpu.tools.bench",

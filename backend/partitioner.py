@@ -1,11 +1,16 @@
-"""WebGPUPartitioner: tags the q4gsw linear layers our kernels run.
+"""WebGPUPartitioner: tags what our kernels run -- by default whole regions of the graph (graph mode).
 
-Each accepted layer (see q4gsw_pattern.py) becomes its own delegate: its
-torchao dequantize node, the linear (whole, or permute_copy + addmm/mm), and
-the constant weights, scales and bias. Declined layers are logged once with
-name, reason and what would make them delegable, and lowered to plain ATen
-ops, so the model still exports and runs them on the CPU. Each lowering ends
-with one summary line: how many q4 linears were delegated and how many not.
+Graph mode (the default) hands the largest connected regions of ops the GPU
+runs, the accepted q4gsw linears among them, to backend/graph/partition.py:
+each region is one delegate, with its constants and mutable buffers (a KV
+cache) on the GPU. With linears_only=True each accepted layer (see
+q4gsw_pattern.py) becomes its own delegate instead: its torchao dequantize
+node, the linear (whole, or permute_copy + addmm/mm), and the constant
+weights, scales and bias; every other op runs on the CPU. In both modes
+declined layers are logged once with name, reason and what would make them
+delegable, and lowered to plain ATen ops, so the model still exports and runs
+them on the CPU. Each lowering ends with one summary line: how many q4
+linears were delegated and how many not.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def as_route_table(route_table: Union[None, str, os.PathLike, RouteTable]) -> Op
 
 
 class WebGPUPartitioner(Partitioner):
-    """Delegates int4 group-symmetric weight-only linears to executorch_wgpu.
+    """Delegates int4 group-symmetric weight-only linears, and by default the ops around them, to executorch_wgpu.
 
     Args:
         prefill_route: force the M > 1 kernel of every layer (one of shaders/registry.py PREFILL_KERNELS);
@@ -60,10 +65,10 @@ class WebGPUPartitioner(Partitioner):
             the others the default rule; forced routes above win over it. A file that
             cannot be read raises RouteTableError here, before any lowering. A table that
             names its adapter's kind (tune writes it) gives the routes of that kind only.
-        linears_only: True (the default for now): one delegate per q4gsw linear, every other op on the CPU;
-            the native delegate runs these. False: graph mode -- the largest regions of ops the GPU
-            runs (backend/graph/ops.py), each one delegate with its weights and KV cache on the GPU
-            and one submit per call; the Python runtime runs these.
+        linears_only: False (the default): graph mode -- the largest regions of ops the GPU runs
+            (backend/graph/ops.py), each one delegate with its weights and KV cache on the GPU and one
+            submit per call. True: one delegate per q4gsw linear, every other op on the CPU (and the
+            KV cache in the program). Both runtimes, Python and native, run either.
         adapter_rules: also write the routes measured per kind of adapter (routing.ADAPTER_RULES:
             the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
             carries a route set per kind, and the runtime takes its adapter's (the route report
@@ -78,7 +83,7 @@ class WebGPUPartitioner(Partitioner):
         shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN,
         route_table: Union[None, str, os.PathLike, RouteTable] = None,
         adapter_rules: bool = True,
-        linears_only: bool = True,
+        linears_only: bool = False,
     ):
         super().__init__()
         self.linears_only = linears_only
@@ -160,7 +165,7 @@ class WebGPUPartitioner(Partitioner):
             declined += [r for r in results if isinstance(r, Decline) and not feeds_embeddings(r.dequant)]
             partition_tags = partition_graph(exported_program, accepted, self.delegation_spec)
             log_route_table_gaps(accepted, self.route_options)
-            log_summary(len(accepted), declined)
+            log_summary(len(accepted), declined, graph_delegates=len(partition_tags))
             return PartitionResult(tagged_exported_program=exported_program, partition_tags=partition_tags)
         for i, result in enumerate(results):
             if isinstance(result, Decline):
@@ -210,10 +215,14 @@ def log_route_table_gaps(accepted: List[Q4LinearMatch], options: RouteOptions, s
                 " and ".join(commands))
 
 
-def log_summary(delegated: int, declined: List[Decline]) -> None:
-    """One line per lowering: what runs on the GPU, what stays on the CPU (each logged above with its fix)."""
+def log_summary(delegated: int, declined: List[Decline], graph_delegates: int = 0) -> None:
+    """One line per lowering: what runs on the GPU, what stays on the CPU (each logged above with its fix).
+    graph_delegates: graph mode's delegates, which may hold other ops where the program has no q4 linear."""
     total = delegated + len(declined)
-    if total == 0:
+    if total == 0 and graph_delegates:
+        log.warning("WebGPUPartitioner: the program has no int4 weight-only linears, so only its other ops are "
+                    "delegated (%d graph delegate(s)); %s", graph_delegates, QUANTIZE_HINT)
+    elif total == 0:
         log.warning("WebGPUPartitioner: the program has no int4 weight-only linears, so nothing is delegated; %s",
                     QUANTIZE_HINT)
     elif declined:

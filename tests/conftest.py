@@ -176,9 +176,10 @@ class Lowered(NamedTuple):
 
 @pytest.fixture(scope="session")
 def linear_program() -> Lowered:
-    """q4 Linear(128, 24) with bias on [1, M, 128] inputs, M in [1, 16] (test_bad_input, test_resources)."""
+    """q4 Linear(128, 24) with bias on [1, M, 128] inputs, M in [1, 16] (test_bad_input, test_resources), lowered
+    linears-only: one WGQ4 delegate, whose input checks and route report those tests pin."""
     model = quantized_linear(128, 24)
-    return Lowered(model, lower_program(model, torch.randn(1, 6, 128), {1: (1, 16)}))
+    return Lowered(model, lower_program(model, torch.randn(1, 6, 128), {1: (1, 16)}, linears_only=True))
 
 
 class Mixed(torch.nn.Module):
@@ -203,10 +204,11 @@ class Mixed(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def mixed_program() -> Lowered:
-    """Mixed, quantized, on [2, seq, 64] inputs with seq in [1, 32] (test_end_to_end, test_native)."""
+    """Mixed, quantized, on [2, seq, 64] inputs with seq in [1, 32] (test_end_to_end, test_native), lowered
+    linears-only: two WGQ4 delegates with CPU ops between and after them."""
     torch.manual_seed(0)
     model = quantize_q4(Mixed().eval())
-    return Lowered(model, lower_program(model, torch.randn(2, 11, 64), {1: (1, 32)}))
+    return Lowered(model, lower_program(model, torch.randn(2, 11, 64), {1: (1, 32)}, linears_only=True))
 
 
 class TinyModel(torch.nn.Module):
@@ -230,13 +232,14 @@ class FuzzedProgram(NamedTuple):
 
 @pytest.fixture(scope="session")
 def tiny_program() -> FuzzedProgram:
-    """TinyModel on [1, seq, 128] inputs, seq in [1, 16]: the .pte that test_fuzz and test_native_fuzz mutate.
+    """TinyModel on [1, seq, 128] inputs, seq in [1, 16]: the .pte that test_fuzz and test_native_fuzz mutate,
+    lowered linears-only (a WGQ4 blob, and CPU ops whose arguments the mutations reach).
 
     docs/upstream/ keeps reproducers that are this program with one mutation.
     """
     torch.manual_seed(0)
     model = quantize_q4(TinyModel().eval())
-    pte = lower_program(model, torch.randn(1, 6, 128), {1: (1, 16)})
+    pte = lower_program(model, torch.randn(1, 6, 128), {1: (1, 16)}, linears_only=True)
     x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(7))
     (y,) = Runtime.get().load_program(pte).load_method("forward").execute([x])
     with torch.no_grad():

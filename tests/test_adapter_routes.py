@@ -84,8 +84,9 @@ def test_the_blob_reader_refuses_a_kind_of_adapter_named_twice():
 
 @pytest.fixture
 def linear_pte(lower, single_linear):
+    """A q4 Linear(256, 64) lowered linears-only: its own WGQ4 delegate and route report entry."""
     model = single_linear(256, 64)
-    return model, lower(model, torch.randn(4, 256), {0: (1, 48)})
+    return model, lower(model, torch.randn(4, 256), {0: (1, 48)}, linears_only=True)
 
 
 def test_the_runtime_takes_its_adapters_routes_and_the_report_says_which(linear_pte):

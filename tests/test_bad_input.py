@@ -160,11 +160,12 @@ def test_strided_inputs_give_the_golden(method, model, make):
 
 @pytest.fixture(scope="module", params=["default", "regtiled", "shmem"])
 def routed_method(request, model, pte, lower):
-    """The method with the default routes (gemv / skinny) and with each other prefill kernel forced."""
+    """The method with the default routes (gemv / skinny) and with each other prefill kernel forced (linears-only,
+    as linear_program)."""
     if request.param == "default":
         pte_bytes = pte
     else:
-        pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)}, prefill_route=request.param)
+        pte_bytes = lower(model, torch.randn(1, 6, 128), {1: (1, 16)}, prefill_route=request.param, linears_only=True)
     return Runtime.get().load_program(pte_bytes).load_method("forward")
 
 

@@ -195,3 +195,23 @@ def test_a_delegate_error_is_one_line_not_a_traceback(module, monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_info:
         tool.main(argv)
     assert exit_info.value.code == 1 and capsys.readouterr().err.strip().endswith("error: no adapter here")
+
+
+@pytest.mark.parametrize("mode", [None, "linears-only"])
+def test_demo_ffn_lowers_in_graph_mode_by_default_and_linears_only_on_request(mode, tmp_path, capsys):
+    import re
+
+    from executorch_wgpu.tools import demo
+
+    demo.main(["--ffn", "--dim", "64", "--hidden", "128", "--prompt", "4", "--max-tokens", "8", "--repeats", "1",
+               "--pte", str(tmp_path / "ffn.pte"), *(["--mode", mode] if mode else [])])
+    captured = capsys.readouterr()
+    assert f"exported and lowered ({mode or 'graph'})" in captured.err
+    out = captured.out
+    relative = [float(r) for r in re.findall(r"\(relative ([-+.e0-9]+)\)", out)]
+    assert len(relative) == 2 and max(relative) < 1e-4   # prefill and decode match eager torch
+    assert out.count("route report (last call):") == 2 and out.count("  gate ") == 2
+    # graph mode: the delegate's own times; its linears have none, shown as a dash, not 0
+    assert out.count("graph delegate (last call): ") == (2 if mode is None else 0)
+    gate_rows = [line for line in out.splitlines() if line.startswith("  gate ")]
+    assert all(("—         —" in line) == (mode is None) for line in gate_rows), gate_rows

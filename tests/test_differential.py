@@ -9,6 +9,9 @@ vision tower) -- each run by `executorch_wgpu.runtime` and by
 `executorch.runtime` with our native delegate registered. ExecuTorch's runtime
 is the golden: same output shapes and dtypes, values within float rounding of
 its portable CPU kernels. An operator neither can run is refused at load_method.
+The programs are lowered linears-only (WebGPUPartitioner(linears_only=True)), so
+their non-linear ops are the .pte's own, which both runtimes interpret; graph
+mode, the default, would move most of them into its delegate.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def export_program(case: Case) -> bytes:
     model = case.build()
     with torch.no_grad():
         ep = torch.export.export(model, case.inputs(), dynamic_shapes=case.dynamic_shapes(), strict=False)
-    edge = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner()])
+    edge = to_edge_transform_and_lower(ep, partitioner=[WebGPUPartitioner(linears_only=True)])
     return edge.to_executorch(ExecutorchBackendConfig()).buffer
 
 
@@ -192,7 +195,8 @@ def test_two_methods_of_one_program_each_match_executorch(native_lib):
     mlp, ffn = q4(Mlp()), q4(GatedFFN())
     x = randn(1, 3, 64)()
     programs = {"mlp": torch.export.export(mlp, x), "ffn": torch.export.export(ffn, x)}
-    pte = to_edge_transform_and_lower(programs, partitioner=[WebGPUPartitioner()]).to_executorch().buffer
+    edge = to_edge_transform_and_lower(programs, partitioner=[WebGPUPartitioner(linears_only=True)])
+    pte = edge.to_executorch().buffer
     ours, theirs = Runtime.get().load_program(pte), EtRuntime.get().load_program(pte)
     assert sorted(ours.method_names) == ["ffn", "mlp"]
     for method in ("mlp", "ffn"):

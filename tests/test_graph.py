@@ -73,7 +73,7 @@ def test_greedy_tokens_equal_eager_and_the_linear_only_program(llama):
     assert ours == eager_generate(llama.model, PROMPT, NEW_TOKENS)
     assert len(set(ours)) > 4
     plain = models.build_llama("small", seed=0)   # the same weights, without the LLM transforms
-    linears_only = load(models.export_llama_pte(plain, max_tokens=MAX_TOKENS))
+    linears_only = load(models.export_llama_pte(plain, max_tokens=MAX_TOKENS, linears_only=True))
     assert models.greedy_generate(models.method_runner(linears_only), PROMPT, NEW_TOKENS) == ours
     # the route report still lists every q4 linear, at M = prompt length, then 1
     names = sorted(models.llama_linear_names(llama.model))

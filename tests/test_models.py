@@ -7,7 +7,9 @@ KV cache): greedy generation through one .pte serving prefill and decode vs eage
 torch, and the llama-bench harness in its small configuration.
 
 Each model is exported once per module (module-scoped fixtures): lowering is
-what costs time here.
+what costs time here. Both are lowered linears-only (one delegate per q4 linear,
+the rest of the model on the CPU, each linear in the route report); the same
+models in graph mode, the default, are test_graph_models.py's and test_graph.py's.
 """
 
 import json
@@ -52,7 +54,7 @@ def minilm():
     tokenizer, fp32 = models.load_minilm()
     q4 = models.quantize_minilm(fp32)
     with models.recording_declines() as declines:
-        pte = models.export_minilm_pte(q4)
+        pte = models.export_minilm_pte(q4, linears_only=True)
     method = load(pte)
     return types.SimpleNamespace(tokenizer=tokenizer, fp32=fp32, q4=q4, pte=pte, declines=declines, method=method)
 
@@ -164,7 +166,7 @@ NEW_TOKENS = 32
 def llama():
     model = models.build_llama("small", seed=0)
     with models.recording_declines() as declines:
-        pte = models.export_llama_pte(model, max_tokens=64)
+        pte = models.export_llama_pte(model, max_tokens=64, linears_only=True)
     return types.SimpleNamespace(model=model, pte=pte, declines=declines)
 
 

@@ -6,6 +6,9 @@ buffer's initial state (zeros, or the serialized value when
 InitializedMutableBufferPass marked it), and outputs never change afterwards.
 Both lowerings are covered: the functional one (index_put into a new tensor,
 then copy_ back into the buffer) and the reinplaced one (index_put_ on the buffer).
+The programs are lowered linears-only, so the buffer stays in the program (the CPU ops
+update it); graph mode, the default, moves such a buffer into its delegate
+(test_graph.py's KV cache).
 """
 
 import copy
@@ -35,13 +38,13 @@ class Accumulator(torch.nn.Module):
 
 
 def lower_accumulator(model, reinplace: bool, init_patterns=None) -> bytes:
-    """The Accumulator lowered with the functional or the reinplaced buffer update; export gets a copy, so the
-    eager model that the tests compare with stays untouched."""
+    """The Accumulator lowered linears-only with the functional or the reinplaced buffer update; export gets a copy,
+    so the eager model that the tests compare with stays untouched."""
     example = (torch.randn(1, 64), torch.tensor([0]))
     config = ExecutorchBackendConfig(
         run_reinplace_pass=reinplace, passes=[InitializedMutableBufferPass(init_patterns)] if init_patterns else []
     )
-    return lower_to_pte(copy.deepcopy(model), example, None, backend_config=config)
+    return lower_to_pte(copy.deepcopy(model), example, None, backend_config=config, linears_only=True)
 
 
 def fresh(pte: bytes):

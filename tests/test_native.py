@@ -16,7 +16,9 @@ pins that the two agree:
   * bad inputs and blobs of another schema version are errors with a log line
     that names the problem, never a crash.
 
-Every test is marked `native` (conftest): without the built library they are
+Its programs are lowered linears-only (WebGPUPartitioner(linears_only=True)): one
+WGQ4 blob per q4 linear; graph blobs are test_native_graph.py's. Every test is
+marked `native` (conftest): without the built library they are
 skipped, saying why, or fail when EXECUTORCH_WGPU_REQUIRE_NATIVE=1 asks for it
 (CI, which builds it). `native_lib` is the library, loaded into this process.
 """
@@ -84,7 +86,7 @@ def layer(lower, single_linear):
             k, n, gs, bias, m_range, options = LAYERS[name]
             model = single_linear(k, n, bias=bias, group_size=gs, seed=len(name))
             x = torch.randn(EXAMPLE_M, k)
-            programs[name] = model, lower(model, x, {0: m_range} if m_range else None, **options)
+            programs[name] = model, lower(model, x, {0: m_range} if m_range else None, linears_only=True, **options)
         return programs[name]
 
     return program
@@ -311,7 +313,8 @@ def split_layer(lower, single_linear):
     def program(k, n, prefill):
         if (k, n, prefill) not in programs:
             model = single_linear(k, n, bias=True, seed=k + n)
-            programs[k, n, prefill] = model, lower(model, torch.randn(4, k), {0: (1, 64)}, prefill_route=prefill)
+            programs[k, n, prefill] = model, lower(model, torch.randn(4, k), {0: (1, 64)}, prefill_route=prefill,
+                                                   linears_only=True)
         return programs[k, n, prefill]
 
     return program
@@ -408,7 +411,7 @@ def test_bad_input_is_an_error_naming_the_problem_and_the_method_stays_usable(na
 def test_blob_of_another_schema_version_fails_to_load_naming_the_version(native_lib, capfd, monkeypatch, lower,
                                                                          single_linear):
     monkeypatch.setattr(blob_module, "SCHEMA_VERSION", 99)
-    pte = lower(single_linear(128, 24), torch.randn(2, 128))
+    pte = lower(single_linear(128, 24), torch.randn(2, 128), linears_only=True)
     monkeypatch.undo()
     capfd.readouterr()
     with pytest.raises(RuntimeError):

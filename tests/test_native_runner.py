@@ -4,7 +4,9 @@ Pins that a program lowered by our partitioner runs in a process with no
 Python at all (the deployment path), with outputs equal to our Python
 runtime's and close to the fp64 golden, through the kernels the blob routes
 to -- and that `python -m executorch_wgpu native-bench` compares the runtimes
-on the same program.
+on the same program. The programs are lowered linears-only (one WGQ4 delegate
+per q4 linear, CPU ops between them); a graph-mode program in ExecuTorch's C++
+runtime is test_native_graph.py's and test_native_llama_runner.py's.
 
 Every test is marked `native` (conftest): skipped, saying why, where the
 library is not built; failed instead when EXECUTORCH_WGPU_REQUIRE_NATIVE=1.
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.native
 @pytest.fixture(scope="module")
 def small_pte(lower, single_linear):
     """A q4 Linear(64, 16) for M in [1, 8]: the program of the error tests."""
-    return lower(single_linear(64, 16), torch.randn(2, 64), dynamic_dims={0: (1, 8)})
+    return lower(single_linear(64, 16), torch.randn(2, 64), dynamic_dims={0: (1, 8)}, linears_only=True)
 
 
 def run_cpp(tmp_path, pte: bytes, x: torch.Tensor, iters: int = 2) -> tuple:
@@ -48,7 +50,7 @@ def run_python(pte: bytes, x: torch.Tensor) -> tuple:
 def test_cpp_runner_matches_python_runtime_and_golden(tmp_path, m, prefill_route, lower, single_linear):
     model = single_linear(128, 48, bias=True, seed=m)
     options = {"prefill_route": prefill_route} if prefill_route else {}
-    pte = lower(model, torch.randn(4, 128), dynamic_dims={0: (1, 64)}, **options)
+    pte = lower(model, torch.randn(4, 128), dynamic_dims={0: (1, 64)}, linears_only=True, **options)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
     y_cpp, result = run_cpp(tmp_path, pte, x)
     y_py, kernels = run_python(pte, x)
@@ -64,7 +66,7 @@ def test_cpp_runner_runs_cpu_ops_between_delegates(tmp_path, lower):
     torch.manual_seed(1)
     model = quantize_q4(torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval())
     x = torch.randn(3, 64)
-    pte = lower(model, x)
+    pte = lower(model, x, linears_only=True)
     y_cpp, result = run_cpp(tmp_path, pte, x)
     y_py, kernels = run_python(pte, x)
     assert rel_err(y_cpp, y_py) <= 1e-5

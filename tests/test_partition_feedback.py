@@ -1,4 +1,9 @@
-"""What the partitioner tells a user: one summary per lowering, and for each layer it leaves on the CPU the fix."""
+"""What the partitioner tells a user: one summary per lowering, and for each layer it leaves on the CPU the fix.
+
+The exact message lists are linears-only mode's (linears_only=True); graph mode, the default, adds a line per
+kind of op it leaves on the CPU and one counting its graph delegates, and ends with the same summary where the
+model has q4 linears (test_to_edge_then_to_backend_gives_the_same_summary).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ def test_a_fully_delegated_model_gets_one_summary_line(caplog, lower):
     model = two_linears()
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
     with caplog.at_level(logging.INFO, logger="executorch_wgpu"):
-        lower(model, torch.randn(2, 64))
+        lower(model, torch.randn(2, 64), linears_only=True)
     assert partitioner_messages(caplog) == ["WebGPUPartitioner: 2 of 2 q4 linears delegated"]
 
 
@@ -41,7 +46,7 @@ def test_a_declined_layer_is_logged_with_its_fix_and_counted_in_the_summary(capl
     quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
               filter_fn=lambda m, fqn: fqn == "0")
     with caplog.at_level(logging.INFO, logger="executorch_wgpu"):
-        lower(model, torch.randn(2, 64))
+        lower(model, torch.randn(2, 64), linears_only=True)
     messages = partitioner_messages(caplog)
     declines = [m for m in messages if "stays on the CPU" in m and "to delegate it:" in m]
     assert len(declines) == 1 and fix in declines[0], messages
@@ -50,9 +55,19 @@ def test_a_declined_layer_is_logged_with_its_fix_and_counted_in_the_summary(capl
 
 def test_a_model_without_q4_linears_is_told_how_to_quantize(caplog, lower):
     with caplog.at_level(logging.INFO, logger="executorch_wgpu"):
-        lower(two_linears(), torch.randn(2, 64))
+        lower(two_linears(), torch.randn(2, 64), linears_only=True)
     (message,) = partitioner_messages(caplog)
     assert "no int4 weight-only linears" in message and "IntxWeightOnlyConfig(weight_dtype=torch.int4" in message
+    assert "nothing is delegated" in message
+
+
+def test_a_model_without_q4_linears_in_graph_mode_is_told_what_was_delegated_and_how_to_quantize(caplog, lower):
+    """Graph mode (the default) delegates the ReLU between the fp32 linears: the summary says so, not 'nothing'."""
+    with caplog.at_level(logging.INFO, logger="executorch_wgpu"):
+        lower(two_linears(), torch.randn(2, 64))
+    message = partitioner_messages(caplog)[-1]
+    assert "no int4 weight-only linears" in message and "IntxWeightOnlyConfig(weight_dtype=torch.int4" in message
+    assert "only its other ops are delegated (1 graph delegate(s))" in message and "nothing" not in message
 
 
 def test_to_edge_then_to_backend_gives_the_same_summary(caplog):

@@ -42,7 +42,7 @@ def gpu_buffers() -> dict:
 
 
 # Program a: conftest's linear_program, a q4 Linear(128, 24) on [1, M, 128] inputs, M in [1, 16];
-# program b: another shape, without bias.
+# program b: another shape, without bias. Both linears-only: one WGQ4 delegate each.
 @pytest.fixture(scope="module")
 def pte_a(linear_program):
     return linear_program.pte
@@ -55,7 +55,7 @@ def model_b(single_linear):
 
 @pytest.fixture(scope="module")
 def pte_b(model_b, lower):
-    return lower(model_b, torch.randn(1, 6, 256), {1: (1, 16)})
+    return lower(model_b, torch.randn(1, 6, 256), {1: (1, 16)}, linears_only=True)
 
 
 X_A = {m: torch.randn(1, m, 128, generator=torch.Generator().manual_seed(10 + m)) for m in (1, 5, 16)}

@@ -228,7 +228,8 @@ def test_blob_round_trip_keeps_route_table_source_name_and_buckets():
 
 
 def lower_and_load(lower, model, x, **partitioner_options):
-    pte = lower(model, x, {0: (1, 64)}, **partitioner_options)
+    """Linears-only: the layer's own WGQ4 delegate, whose route report entry these tests read."""
+    pte = lower(model, x, {0: (1, 64)}, linears_only=True, **partitioner_options)
     return Runtime.get().load_program(pte).load_method("forward")
 
 
@@ -287,4 +288,5 @@ def test_same_table_lowers_to_identical_bytes(lower, single_linear):
     model = single_linear(128, 40)
     x = torch.randn(3, 128)
     routes = table([entry(128, 40)])
-    assert lower(model, x, route_table=routes) == lower(model, x, route_table=routes)
+    assert lower(model, x, route_table=routes, linears_only=True) == lower(model, x, route_table=routes,
+                                                                           linears_only=True)

@@ -67,8 +67,11 @@ def test_knobs_must_be_positive_and_fit_the_blob(knobs):
 
 
 def test_partitioner_carries_the_knobs_as_compile_specs():
-    specs = WebGPUPartitioner(skinny_max_m=16, shmem_min_mn=4096).delegation_spec.compile_specs
+    specs = WebGPUPartitioner(skinny_max_m=16, shmem_min_mn=4096, linears_only=True).delegation_spec.compile_specs
     assert {s.key: s.value for s in specs} == {"skinny_max_m": b"16", "shmem_min_mn": b"4096"}
+    # graph mode, the default: the same knobs plus the spec that marks a graph partition
+    graph_specs = WebGPUPartitioner(skinny_max_m=16, shmem_min_mn=4096).delegation_spec.compile_specs
+    assert {s.key: s.value for s in graph_specs} == {"skinny_max_m": b"16", "shmem_min_mn": b"4096", "graph": b"1"}
     back = RouteOptions.from_compile_specs(specs)
     assert (back.skinny_max_m, back.shmem_min_mn) == (16, 4096)
     with pytest.raises(ValueError, match="shmem_k_threshold"):

@@ -46,6 +46,7 @@ def test_tune_measures_a_kxn_shape(tmp_path, capsys):
 
 
 def test_tune_pte_measures_exactly_its_layer_shapes_at_their_group_sizes(tmp_path, lower, caplog):
+    """A graph-mode .pte (the default): its layers are the graph delegate's q4 linears, in the named data."""
     model = three_linears()
     pte = tmp_path / "model.pte"
     pte.write_bytes(lower(model, torch.randn(2, 64)))
@@ -65,8 +66,10 @@ def test_tune_pte_measures_exactly_its_layer_shapes_at_their_group_sizes(tmp_pat
 
 
 def test_tune_pte_and_shapes_together_measure_both(tmp_path, lower):
+    """A linears-only .pte: its layer is its own delegate's blob."""
     pte = tmp_path / "one.pte"
-    pte.write_bytes(lower(quantize_q4(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()), torch.randn(2, 64)))
+    pte.write_bytes(lower(quantize_q4(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()), torch.randn(2, 64),
+                          linears_only=True))
     out = tmp_path / "routes.json"
     tune_main(["--pte", str(pte), "--shapes", "128x16", "--group-size", "128", *FAST, "--out", str(out)])
     assert entry_keys(RouteTable.load(out)) == {(64, 32, 32), (128, 16, 128)}

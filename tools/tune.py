@@ -11,7 +11,8 @@ GPU timestamps; no torch peers) and keeps, per layer shape (K, N, group size):
 What it measures: the bench's Llama-3.2-1B shapes (--quick: its small ones), the
 names and KxN items of --shapes (`--shapes 512x1024,gate`), and with --pte every
 (K, N, group size) that a lowered .pte delegates to executorch_wgpu (read from its
-delegate blobs), each at its own group size (--group-size is --shapes').
+delegate blobs: each linear's own, or a graph delegate's linears), each at its own
+group size (--group-size is --shapes').
 `WebGPUPartitioner(route_table="routes.json")` then lowers with these routes;
 `python -m executorch_wgpu bench --route-table routes.json` checks them.
 """
@@ -134,11 +135,14 @@ class PteLayers:
 
 
 def pte_layers(path: Path) -> PteLayers:
-    """Reads every executorch_wgpu delegate blob of every method of a .pte (ValueError says what is wrong)."""
+    """Reads every executorch_wgpu delegate blob of every method of a .pte (ValueError says what is wrong): a
+    linear's own blob (linears-only mode), or a graph blob (graph mode, the default) and the blobs of the q4
+    linears it runs, which the program's named data holds."""
     from executorch.exir._serialize._program import deserialize_pte_binary
     from executorch.exir.schema import DataLocation
 
     from executorch_wgpu.backend.serialization.blob import BACKEND_ID, deserialize_q4linear
+    from executorch_wgpu.backend.serialization.graph_blob import deserialize_graph, is_graph_blob
     from executorch_wgpu.errors import WebGPUDelegateError
 
     try:
@@ -146,9 +150,25 @@ def pte_layers(path: Path) -> PteLayers:
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from e
     try:
-        program = deserialize_pte_binary(data).program
+        pte = deserialize_pte_binary(data)
+        program = pte.program
     except Exception as e:   # the flatbuffer reader raises whatever a bad offset leads it to
         raise ValueError(f"{path} is not an ExecuTorch program (.pte): {type(e).__name__}: {e}") from e
+    named = pte.named_data
+
+    def named_bytes(plan_name: str, key: str) -> bytes:
+        data = None if named is None or key not in named.pte_data else named.buffers[named.pte_data[key].buffer_index]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{path}: method {plan_name!r}: the graph delegate's linear {key!r} is not in the "
+                             f"program's named data")
+        return bytes(data)
+
+    def linear_blobs(plan_name: str, blob: bytes) -> List[bytes]:
+        """A linear's own blob, or the blobs of a graph blob's linears."""
+        if not is_graph_blob(blob):
+            return [blob]
+        return [named_bytes(plan_name, lin.blob_key) for lin in deserialize_graph(blob).linears]
+
     layers = PteLayers(path)
     for plan in program.execution_plan:
         for d in plan.delegates:
@@ -158,12 +178,14 @@ def pte_layers(path: Path) -> PteLayers:
                     program.backend_delegate_data):
                 raise ValueError(f"{path}: method {plan.name!r}: delegate data of {d.id} not found in the file")
             try:
-                rec = deserialize_q4linear(program.backend_delegate_data[d.processed.index].data)
+                recs = [deserialize_q4linear(blob) for blob in
+                        linear_blobs(plan.name, program.backend_delegate_data[d.processed.index].data)]
             except WebGPUDelegateError as e:
                 raise ValueError(f"{path}: method {plan.name!r}: {e}") from e
-            names = layers.names.setdefault((rec.in_features, rec.out_features, rec.group_size), [])
-            if rec.name not in names:
-                names.append(rec.name)
+            for rec in recs:
+                names = layers.names.setdefault((rec.in_features, rec.out_features, rec.group_size), [])
+                if rec.name not in names:
+                    names.append(rec.name)
     if not layers.names:
         raise ValueError(f"{path} delegates no layer to executorch_wgpu ({BACKEND_ID}): lower it with "
                          f"WebGPUPartitioner after quantizing with torchao (README, Use)")
