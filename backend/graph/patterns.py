@@ -127,10 +127,9 @@ def match_residual_add(ep: ExportedProgram, norm: RmsNorm, anchor: Node) -> Opti
     if not _is(add, ADD) or add.kwargs.get("alpha", 1) != 1:
         return None
     a, b = _args(add)[0], _args(add)[1]
-    shapes = [n.meta.get("val") if isinstance(n, Node) else None for n in (a, b, add)]
-    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in shapes):
-        return None
-    if not (shapes[0].shape == shapes[1].shape == shapes[2].shape):
+    vals = [n.meta.get("val") if isinstance(n, Node) else None for n in (a, b, add)]
+    tensors = [v for v in vals if isinstance(v, torch.Tensor) and v.dtype == torch.float32]
+    if len(tensors) != 3 or not (tensors[0].shape == tensors[1].shape == tensors[2].shape):
         return None
     order = {n: i for i, n in enumerate(anchor.graph.nodes)}
     if any(u not in norm.chain and order[u] < order[anchor] for u in add.users):
