@@ -10,7 +10,6 @@ import torch
 from torchao.quantization import IntxWeightOnlyConfig, quantize_
 from torchao.quantization.granularity import PerGroup
 
-from executorch_wgpu.backend.graph.lowering import LoweringError
 from executorch_wgpu.backend.prepare import make_q4_ready
 from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.tools.models import lower_to_pte
@@ -115,9 +114,6 @@ def test_a_group_size_the_kernels_do_not_run_is_refused_before_touching_the_mode
     assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
 
 
-@pytest.mark.xfail(strict=True, raises=LoweringError,
-                   reason="graph mode partitions GPT-2's position ids (aten.arange, int64) into a delegate whose "
-                          "int64 result a CPU op reads, which compile_graph refuses (backend/graph/partition.py)")
 def test_gpt2_made_ready_lowers_in_graph_mode_the_default_and_matches_eager_int4():
     model = tiny_gpt2()
     quantize_(model, q4_config(), filter_fn=make_q4_ready(model))

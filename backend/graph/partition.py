@@ -18,12 +18,14 @@ from typing import Dict, Iterable, List, Optional, Set
 
 from executorch.exir.backend.partitioner import DelegationSpec
 from executorch.exir.backend.utils import tag_constant_data, tag_mutated_buffer
+import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from executorch_wgpu.backend.graph import ops
+from executorch_wgpu.backend.graph.ops_transformer import _constant_placeholder_by_meta
 from executorch_wgpu.backend.q4gsw_pattern import Q4LinearMatch
 
 log = logging.getLogger("executorch_wgpu.backend.partitioner")
@@ -44,8 +46,11 @@ class GraphSupport(OperatorSupportBase):
         super().__init__()
         self.q4_nodes = q4_nodes
         self.declined: Counter = Counter()   # (op, reason) -> nodes
+        self.excluded: Dict[Node, str] = {}  # nodes a proposed region could not keep (partition_graph), and why
 
     def reason(self, node: Node) -> Optional[str]:
+        if node in self.excluded:
+            return self.excluded[node]
         if node in self.q4_nodes:
             return None
         name = ops.target_name(node)
@@ -71,11 +76,60 @@ class GraphSupport(OperatorSupportBase):
 
 def _reads_only_constants(nodes: Iterable[Node]) -> bool:
     """Do these nodes read nothing from outside but constants of the program (no input, no mutable state)?"""
-    from executorch_wgpu.backend.graph.ops_transformer import _constant_placeholder_by_meta
-
     inside = set(nodes)
     outside = {a for n in nodes for a in n.all_input_nodes if a not in inside}
     return all(a.op == "placeholder" and _constant_placeholder_by_meta(a) for a in outside)
+
+
+# What a graph delegate takes in and hands back (compile.py refuses anything else).
+_INPUT_DTYPES = (torch.float32, torch.int64, torch.int32)
+
+
+def _unpassable_edges(partition_nodes: Iterable[Node]) -> Dict[Node, str]:
+    """Nodes of a region at an edge a graph delegate cannot pass, with why: a result read outside it that is
+    not a float32 tensor (an integer or boolean tensor, a symbol: a delegate returns float32 only), a tensor
+    read from outside it that is neither float32 nor an integer (a boolean mask made on the CPU), or a value
+    computed outside it that is not a tensor (a symbol read from a tensor on the CPU)."""
+    inside = set(partition_nodes)
+    cut: Dict[Node, str] = {}
+    for n in inside:
+        val = n.meta.get("val")
+        outside_user = next((u for u in n.users if u not in inside), None)
+        if outside_user is not None and not (isinstance(val, torch.Tensor) and val.dtype == torch.float32):
+            what = val.dtype if isinstance(val, torch.Tensor) else type(val).__name__
+            cut[n] = (f"its {what} result is read outside the GPU region (by {outside_user.name}), and a graph "
+                      "delegate returns float32 tensors only")
+            continue
+        for a in n.all_input_nodes:
+            a_val = a.meta.get("val")
+            if a in inside or (a.op == "placeholder" and _constant_placeholder_by_meta(a)):
+                continue   # constants go into the delegate with their region (tag_constant_data)
+            if isinstance(a_val, torch.Tensor) and a_val.dtype not in _INPUT_DTYPES:
+                cut[n] = (f"it reads {a.name}, a {a_val.dtype} tensor from outside the GPU region; a graph "
+                          "delegate takes float32 and integer tensors")
+                break
+            if not isinstance(a_val, torch.Tensor) and a.op == "call_function":
+                cut[n] = (f"it reads {a.name}, a value computed outside the GPU region that is not a tensor; a "
+                          "graph delegate takes tensors (and the sizes of its inputs)")
+                break
+    return cut
+
+
+def propose_regions(ep: ExportedProgram, support: GraphSupport) -> list:
+    """torch's capability-based regions of the supported nodes, with no edge a delegate cannot pass
+    (_unpassable_edges). Support is decided node by node, so a region can end where an integer result
+    (GPT-2's position ids, an arange) is still read on the other side: such a node is declined and the
+    regions are proposed again, until none is left (each round declines at least one node)."""
+    while True:
+        support.declined.clear()
+        partitions = CapabilityBasedPartitioner(ep.graph_module, support,
+                                                allows_single_node_partition=True).propose_partitions()
+        cut: Dict[Node, str] = {}
+        for p in partitions:
+            cut.update(_unpassable_edges(p.nodes))
+        if not cut:
+            return partitions
+        support.excluded.update(cut)
 
 
 def partition_graph(ep: ExportedProgram, accepted: List[Q4LinearMatch], spec: DelegationSpec,
@@ -83,8 +137,7 @@ def partition_graph(ep: ExportedProgram, accepted: List[Q4LinearMatch], spec: De
     """Tag the regions of `ep` the GPU runs; returns {tag: spec}. Logs what stays on the CPU, once."""
     q4_nodes = {n for m in accepted for n in m.compute_nodes}
     support = GraphSupport(q4_nodes)
-    partitions = CapabilityBasedPartitioner(ep.graph_module, support,
-                                            allows_single_node_partition=True).propose_partitions()
+    partitions = propose_regions(ep, support)
     tags: Dict[str, DelegationSpec] = {}
     for p in partitions:
         device_work = [n for n in p.nodes if ops.target_name(n) not in _HOST_OPS
