@@ -171,6 +171,7 @@ def _create_context() -> GPUContext:
     )
     period = wgpu_native.wgpuQueueGetTimestampPeriod(device.queue._internal) if has_timestamps else 1.0
     ctx = GPUContext(adapter, device, has_timestamps, timestamp_period_ns=float(period))
+    ctx.unused_part_buffers()   # the context's own buffers exist from the start, not from the first load
     log.info("executorch_wgpu: using adapter %s (timestamps: %s, %g ns per tick)", ctx.adapter_name, has_timestamps,
              ctx.timestamp_period_ns)
     return ctx
