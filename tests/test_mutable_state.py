@@ -7,8 +7,10 @@ InitializedMutableBufferPass marked it), and outputs never change afterwards.
 Both lowerings are covered: the functional one (index_put into a new tensor,
 then copy_ back into the buffer) and the reinplaced one (index_put_ on the buffer).
 The programs are lowered linears-only, so the buffer stays in the program (the CPU ops
-update it); graph mode, the default, moves such a buffer into its delegate
-(test_graph.py's KV cache).
+update it). Graph mode, the default, moves such a buffer into its delegate (test_graph.py's
+KV cache): the delegate owns it and starts it from its value at export -- the data
+ExecuTorch's tag_mutated_buffer hands a delegate with it, as for any delegate that consumes
+a mutable buffer -- with or without InitializedMutableBufferPass (the last test).
 """
 
 import copy
@@ -119,3 +121,20 @@ def quantize_like(model, count_start):
     other = copy.deepcopy(model)
     other.count.fill_(count_start)
     return other
+
+
+@pytest.mark.parametrize("reinplace", [False, True], ids=["functional", "reinplaced"])
+def test_a_buffer_a_graph_delegate_owns_starts_from_its_export_value_and_reset_returns_to_it(reinplace):
+    torch.manual_seed(1)
+    model = quantize_q4(Accumulator(count_start=5.0).eval())
+    config = ExecutorchBackendConfig(run_reinplace_pass=reinplace)
+    pte = lower_to_pte(copy.deepcopy(model), (torch.randn(1, 64), torch.tensor([0])), None, backend_config=config)
+    method = fresh(pte)
+    assert "GraphDelegate" in {type(d).__name__ for d in method._delegates}
+    expected = eager_outputs(model, CALLS)
+    for (x, idx), want in zip(CALLS, expected):
+        (y,) = method.execute([x, idx])
+        assert torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+    method.reset_state()
+    (y,) = method.execute(list(CALLS[0]))
+    assert torch.allclose(y, expected[0], rtol=1e-4, atol=1e-4)
