@@ -269,22 +269,24 @@ KERNELS: Tuple[Kernel, ...] = (
     # sdpa_split: grid (n_splits, Hq, B x S); each workgroup attends over KEYS_PER_SPLIT keys of one
     # query row and writes a partial record (max, sum of exp, D unnormalised accumulators) to
     # `partial`; sdpa_combine: grid (Hq, S, B), merges a row's n_splits records into out. Params as
-    # sdpa's, plus n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT) (layout: sdpa_split.wgsl).
+    # sdpa's, plus n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT) (layout: sdpa_split.wgsl)
+    # and direct_out: 1 when one split covers the keys, and the split then writes the row's result
+    # to `out` itself (the combine's grid is 0).
     Kernel("sdpa_split", "sdpa_split.wgsl",
            layout=(Binding("params", "uniform"), Binding("q", "read-only-storage"),
                    Binding("k", "read-only-storage"), Binding("v", "read-only-storage"),
-                   Binding("partial", "storage")),
-           types={"params": "Params", "q": F32, "k": F32, "v": F32, "partial": F32},
+                   Binding("partial", "storage"), Binding("out", "storage")),
+           types={"params": "Params", "q": F32, "k": F32, "v": F32, "partial": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "attention_prelude.wgsl"),
            constants={"MAX_D": 256, "KEYS_PER_SPLIT": 256},
-           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "_pad0",
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "direct_out",
                    "_pad1")),
     Kernel("sdpa_combine", "sdpa_combine.wgsl",
            layout=(Binding("params", "uniform"), Binding("partial", "read-only-storage"),
                    Binding("out", "storage")),
            types={"params": "Params", "partial": F32, "out": F32},
            workgroup_size=(64, 1, 1), prelude=("graph_prelude.wgsl",),
-           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "_pad0",
+           params=("B", "S", "Hq", "Hkv", "D", "C", "start_pos", "causal", "scale_bits", "n_splits", "direct_out",
                    "_pad1")),
     # The bench's bandwidth probe: reads a buffer once. Not a model kernel.
     Kernel("stream_read", "stream_read.wgsl",

@@ -12,6 +12,8 @@
 // with r = ((b x S + s) x Hq + h) x n_splits + split. n_splits (a Params field: the lowering's grid
 // x) is ceil(min(start_pos + S, C) / KEYS_PER_SPLIT). A split with no visible key for its row (only
 // a causal S > 1 has one) writes m = LOWEST, l = 0, acc = 0, which the combine weighs 0.
+// direct_out = 1 (the lowering sets it when n_splits is 1: up to KEYS_PER_SPLIT visible keys) skips
+// the record: the split writes out[b][s][h][:] = acc / l itself and no combine runs.
 //
 // Three phases over the split's keys, one key per invocation per round of WORKGROUP_X:
 //   1. invocation i computes the full dot product q . k of keys i, i + WORKGROUP_X, ... (8 loads in
@@ -133,7 +135,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         for (var gg = 0u; gg < KEY_GROUPS; gg++) {
             y += group_acc[gg * MAX_D + dim];
         }
-        partial[record + 2u + dim] = y;
+        if (params.direct_out != 0u) {
+            out[row * D + dim] = y / split_sum;
+        } else {
+            partial[record + 2u + dim] = y;
+        }
+    }
+    if (params.direct_out != 0u) {
+        return;
     }
     if (lid == 0u) {
         partial[record] = split_max;

@@ -472,7 +472,7 @@ def test_lowering_runs_prefill_on_sdpa_flash_up_to_its_head_dim_and_decode_on_sp
     pte = models.lower_to_pte(model, (tensor((1, 5, 8, d), 48),), ({1: tokens},), linears_only=False)
     method = Runtime.get().load_program(pte).load_method("forward")
     kernels = [s.kernel for dg in method._delegates for s in dg.record.steps]
-    assert kernels == [prefill_kernel, "sdpa_split", "sdpa_combine"]
+    assert kernels == [prefill_kernel, "sdpa_split", "sdpa_combine"]   # the combine's grid is 0 with one split
     for s in (1, 2, 37):
         q = tensor((1, s, 8, d), 49 + s)
         (got,) = method.execute([q])
@@ -487,17 +487,25 @@ KEYS_PER_SPLIT = registry.kernel("sdpa_split").constants["KEYS_PER_SPLIT"]
 def run_split_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, causal: bool, scale: float,
                    workgroup_x: Optional[int] = None) -> Tuple[torch.Tensor, np.ndarray]:
     """(out, partial records) of sdpa_split on its grid (n_splits, Hq, B x S), then sdpa_combine on (Hq, S, B),
-    as lower_custom_sdpa dispatches them: n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT)."""
+    as lower_custom_sdpa dispatches them: n_splits = ceil(min(start_pos + S, C) / KEYS_PER_SPLIT); with one
+    split (direct_out) the split writes out itself and no combine runs."""
     B, S, Hq, D = q.shape
     C, Hkv = k.shape[1], k.shape[2]
     n_splits = -(-min(start_pos + S, C) // KEYS_PER_SPLIT)
+    direct = int(n_splits == 1)
     params = {"B": B, "S": S, "Hq": Hq, "Hkv": Hkv, "D": D, "C": C, "start_pos": start_pos, "causal": int(causal),
-              "scale_bits": f32_bits(scale), "n_splits": n_splits}
+              "scale_bits": f32_bits(scale), "n_splits": n_splits, "direct_out": direct}
     # one record more than the grid writes: it must keep its sentinel
     records = np.full((B * S * Hq * n_splits + 1, D + 2), SENTINEL)
-    partial = run_registry_kernel("sdpa_split", (n_splits, Hq, B * S), params, {"q": np32(q), "k": np32(k), "v": np32(v)},
-                         records, workgroup_x)
-    out = run_registry_kernel("sdpa_combine", (Hq, S, B), params, {"partial": partial}, np.full(q.shape, SENTINEL))
+    out = np.full(q.shape, SENTINEL, np.float32)
+    inputs = {"q": np32(q), "k": np32(k), "v": np32(v)}
+    partial = run_registry_kernel("sdpa_split", (n_splits, Hq, B * S), params, inputs, records, workgroup_x,
+                                  other_outputs={"out": out})
+    if direct:
+        assert (partial == SENTINEL).all()   # no record: the result went straight to out
+    else:
+        assert (out == SENTINEL).all()
+        out = run_registry_kernel("sdpa_combine", (Hq, S, B), params, {"partial": partial}, out)
     return torch.from_numpy(out), partial
 
 

@@ -593,11 +593,14 @@ def lower_custom_sdpa(lw: Lowerer, node: Node) -> None:
         n_splits = ceildiv(sympy.Min(start + s, c), keys_per_split)
         # records (max, sum, D accumulators) per (b, s, h, split), sized for S == 1 and the whole cache
         partial = lw.new_tensor((b, hq, ceildiv(c, keys_per_split), d + 2), f"{node.name}_splits")
-        split_params = {**params, "n_splits": n_splits}
-        lw.dispatch(node, "sdpa_split", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "partial": partial.buffer},
+        # one split (up to KEYS_PER_SPLIT keys): it writes out itself and the combine's grid is 0
+        one_split = sympy.Max(0, 2 - n_splits)
+        split_params = {**params, "n_splits": n_splits, "direct_out": one_split}
+        lw.dispatch(node, "sdpa_split", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "partial": partial.buffer,
+                                         "out": out.buffer},
                     split_params, (n_splits * decode_on, hq, b * s))
         lw.dispatch(node, "sdpa_combine", {"partial": partial.buffer, "out": out.buffer}, split_params,
-                    (hq * decode_on, s, b))
+                    (hq * decode_on * (1 - one_split), s, b))
     lw.values[node] = out
 
 
