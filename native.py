@@ -127,7 +127,7 @@ class NativeLibrary:
         lib.wgq4_native_describe_blob.restype = ctypes.c_void_p
         lib.wgq4_native_describe_blob.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         lib.wgq4_native_plan.restype = ctypes.c_void_p
-        lib.wgq4_native_plan.argtypes = [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_uint32] * 5
+        lib.wgq4_native_plan.argtypes = [ctypes.c_int, ctypes.c_uint64] + [ctypes.c_uint32] * 5 + [ctypes.c_int]
         lib.wgq4_native_kernel_source.restype = ctypes.c_void_p
         lib.wgq4_native_kernel_source.argtypes = [ctypes.c_char_p]
         lib.wgq4_native_set_limit_caps.restype = None
@@ -170,11 +170,12 @@ class NativeLibrary:
         blob = bytes(blob)
         return self._json(self._lib.wgq4_native_describe_blob(blob, len(blob)))
 
-    def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int) -> dict:
-        """The C++ plan of a call (runtime_native/plan.h), or {"error": ...}."""
+    def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int,
+             f16: bool = False) -> dict:
+        """The C++ plan of a call (runtime_native/plan.h; f16: the layer runs its prefill in f16), or {"error": ...}."""
         route_id = registry.kernel(kernel).route_id
         return self._json(self._lib.wgq4_native_plan(-1 if route_id is None else route_id, m, k, n, n_stride,
-                                                     group_size, max_groups))
+                                                     group_size, max_groups, int(f16)))
 
     def submit_roundtrip(self, iters: int = 300) -> dict:
         """The floor of a call's round trip: a 4-byte write and a tiny copy submitted, mapped, waited for (µs)."""

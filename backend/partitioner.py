@@ -73,6 +73,11 @@ class WebGPUPartitioner(Partitioner):
             the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
             carries a route set per kind, and the runtime takes its adapter's (the route report
             says which). False: one route set for every adapter.
+        precision: "fp32" (the default) or "f16": opt in to f16 math for prefill. Calls with M > 1 that the
+            routes give the shared-memory GEMM then run its f16 variant (shmem_f16: f16 products and 32-term
+            sums, f32 accumulation and output; max relative error about 1e-3 against fp64, where fp32 keeps
+            1e-6) on devices with shader-f16, and fp32 elsewhere (the route report says so). Decode (M == 1)
+            and the other kernels stay fp32. Routes are chosen as for fp32.
     """
 
     def __init__(
@@ -84,11 +89,13 @@ class WebGPUPartitioner(Partitioner):
         route_table: Union[None, str, os.PathLike, RouteTable] = None,
         adapter_rules: bool = True,
         linears_only: bool = False,
+        precision: str = "fp32",
     ):
         super().__init__()
         self.linears_only = linears_only
         self.route_options = RouteOptions(
-            prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table), adapter_rules
+            prefill_route, decode_route, skinny_max_m, shmem_min_mn, as_route_table(route_table), adapter_rules,
+            prefill_precision=precision,
         )
         specs = self.route_options.to_compile_specs()
         if not linears_only:

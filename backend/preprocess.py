@@ -66,6 +66,7 @@ def build_record(ep: ExportedProgram, match: Q4LinearMatch, options: RouteOption
         bias=None if match.bias is None else match.bias.detach().to(torch.float32).numpy().copy(),
         route=decide_route(k, n, match.group_size, options),
         adapter_routes=adapter_routes(k, n, match.group_size, options),
+        prefill_precision=options.prefill_precision,
     )
 
 

@@ -23,7 +23,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from executorch_wgpu.backend.route_table import LAST_BUCKET_M_MAX, RouteTable, describe_buckets
 from executorch_wgpu.backend.serialization.blob import ADAPTER_CLASSES, Route
-from executorch_wgpu.shaders.registry import DECODE_KERNELS, PREFILL_KERNELS
+from executorch_wgpu.shaders.registry import DECODE_KERNELS, PRECISIONS, PREFILL_KERNELS
 
 # The default rule: skinny while M <= 32 or while M*N is small, where shmem's 128x128
 # tiles are mostly padding or too few to fill the GPU; the shared-memory GEMM above.
@@ -46,6 +46,9 @@ class RouteOptions:
     shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN   # ... and while M*N < this; shmem above
     route_table: Optional[RouteTable] = None   # measured routes (from `tune`); shapes it lacks use the rule
     adapter_rules: bool = True   # also write ADAPTER_RULES' routes for the adapter kinds they were measured on
+    # Not a route but carried with them: "f16" asks the runtimes to run prefill calls of the kernels that have an
+    # f16 variant (shmem -> shmem_f16) in f16 (blob Q4Linear.prefill_precision); routes are chosen as for fp32.
+    prefill_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.prefill_route is not None and self.prefill_route not in PREFILL_KERNELS:
@@ -56,6 +59,8 @@ class RouteOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < limit:
                 raise ValueError(f"{name} must be a positive integer below 2**{limit.bit_length() - 1}, got {value!r}")
+        if self.prefill_precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.prefill_precision!r}")
 
     def to_compile_specs(self) -> List[CompileSpec]:
         specs = [
@@ -70,13 +75,15 @@ class RouteOptions:
             specs.append(CompileSpec(ROUTE_TABLE_SPEC, route_table_spec_bytes(self.route_table)))
         if not self.adapter_rules:
             specs.append(CompileSpec("adapter_rules", b"0"))
+        if self.prefill_precision != "fp32":   # fp32 lowerings keep the specs (and .pte bytes) they had
+            specs.append(CompileSpec(PRECISION_SPEC, self.prefill_precision.encode()))
         return specs
 
     @classmethod
     def from_compile_specs(cls, specs: List[CompileSpec]) -> "RouteOptions":
         values = {s.key: s.value.decode() for s in specs}
         unknown = set(values) - {"skinny_max_m", "shmem_min_mn", "prefill_route", "decode_route", ROUTE_TABLE_SPEC,
-                                 "adapter_rules"}
+                                 "adapter_rules", PRECISION_SPEC}
         if unknown:
             raise ValueError(f"unknown WebGPU compile specs: {sorted(unknown)}")
         table = None
@@ -90,10 +97,12 @@ class RouteOptions:
             shmem_min_mn=int(values.get("shmem_min_mn", DEFAULT_SHMEM_MIN_MN)),
             route_table=table,
             adapter_rules=values.get("adapter_rules", "1") != "0",
+            prefill_precision=values.get(PRECISION_SPEC, "fp32"),
         )
 
 
 ROUTE_TABLE_SPEC = "route_table"
+PRECISION_SPEC = "prefill_precision"
 
 
 def route_table_spec_bytes(table: RouteTable) -> bytes:

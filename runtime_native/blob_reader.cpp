@@ -328,6 +328,9 @@ std::string read_blob(const void* data, size_t size, LinearBlob* out) {
       b.adapter_routes.emplace_back(cls, std::move(route));
     }
   }
+  b.prefill_precision = static_cast<int>(root->prefill_precision());
+  if (b.prefill_precision < 0 || b.prefill_precision >= kPrecisionCount)
+    return "delegate blob is corrupted: unknown prefill precision enum value " + std::to_string(b.prefill_precision);
   b.name = fb_string(root->name());
   std::vector<const std::string*> texts = {&b.name, &b.route.reason, &b.route.table};
   for (const auto& [cls, route] : b.adapter_routes) texts.insert(texts.end(), {&route.reason, &route.table});

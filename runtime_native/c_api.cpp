@@ -133,15 +133,16 @@ char* wgq4_native_describe_blob(const void* data, size_t size) {
   s += ", \"bias\": " + (b.bias ? vec(b.bias, b.bias_count) : std::string("null"));
   s += ", \"route\": " + route_json(b.route);
   s += ", \"adapter_routes\": [" + adapter_routes + "]";
+  s += ", \"prefill_precision\": " + quote(kPrecisionNames[b.prefill_precision]);
   s += ", \"checksum\": " + std::to_string(b.checksum);
   return give(s + "}");
 }
 
 char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                       uint32_t max_groups) {
+                       uint32_t max_groups, int f16) {
   if (kernel < 0 || kernel >= kRoutableKernelCount) return give(error_json("unknown kernel " + std::to_string(kernel)));
   Plan p;
-  std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p);
+  std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p, f16 != 0);
   if (!problem.empty()) return give(error_json(problem));
   std::string dispatches;
   for (size_t i = 0; i < p.dispatches.size(); ++i) {
@@ -149,7 +150,7 @@ char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t 
     dispatches += std::string(i ? ", " : "") + "[" + quote(d.kernel->name) + ", " + std::to_string(d.grid[0]) + ", " +
                   std::to_string(d.grid[1]) + ", " + std::to_string(d.grid[2]) + "]";
   }
-  return give("{\"kernel\": " + quote(kernel_name(p.kernel)) + ", \"m\": " + std::to_string(p.m) +
+  return give("{\"kernel\": " + quote(p.runs->name) + ", \"m\": " + std::to_string(p.m) +
               ", \"k_splits\": " + std::to_string(p.k_splits) + ", \"k_chunk\": " + std::to_string(p.k_chunk) +
               ", \"partial_bytes\": " + std::to_string(p.partial_bytes) + ", \"dispatches\": [" + dispatches + "]}");
 }

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -78,15 +80,20 @@ std::string create_device(GpuDevice* g) {
   if (wgpuAdapterGetLimits(g->adapter, &adapter_limits) != WGPUStatus_Success)
     return "wgpu could not read the adapter's limits";
   g->has_timestamps = wgpuAdapterHasFeature(g->adapter, WGPUFeatureName_TimestampQuery);
+  const char* f16_env = std::getenv(kShaderF16Env);  // "0": do not request it (runtime_py/gpu.py does the same)
+  g->has_shader_f16 = wgpuAdapterHasFeature(g->adapter, WGPUFeatureName_ShaderF16) &&
+                      !(f16_env && std::strcmp(f16_env, "0") == 0);
 
   WGPULimits required = WGPU_LIMITS_INIT;  // defaults, but the largest bindings the adapter allows
   required.maxStorageBufferBindingSize = adapter_limits.maxStorageBufferBindingSize;
   required.maxBufferSize = adapter_limits.maxBufferSize;
-  WGPUFeatureName features[1] = {WGPUFeatureName_TimestampQuery};
+  std::vector<WGPUFeatureName> features;
+  if (g->has_timestamps) features.push_back(WGPUFeatureName_TimestampQuery);
+  if (g->has_shader_f16) features.push_back(WGPUFeatureName_ShaderF16);
   WGPUDeviceDescriptor desc = WGPU_DEVICE_DESCRIPTOR_INIT;
   desc.label = view("executorch_wgpu native");
-  desc.requiredFeatureCount = g->has_timestamps ? 1 : 0;
-  desc.requiredFeatures = features;
+  desc.requiredFeatureCount = features.size();
+  desc.requiredFeatures = features.data();
   desc.requiredLimits = &required;
   desc.deviceLostCallbackInfo.mode = WGPUCallbackMode_AllowProcessEvents;
   desc.deviceLostCallbackInfo.callback = on_device_lost;
@@ -307,8 +314,9 @@ GpuDevice* shared_gpu_device(std::string* error) {
     failure = create_device(g);
     if (failure.empty()) {
       device = g;
-      ET_LOG(Info, "WebGPUBackend: using adapter %s (timestamps: %s, %g ns per tick)", g->adapter_name.c_str(),
-             g->has_timestamps ? "yes" : "no", double(g->timestamp_period_ns));
+      ET_LOG(Info, "WebGPUBackend: using adapter %s (timestamps: %s, %g ns per tick, shader-f16: %s)",
+             g->adapter_name.c_str(), g->has_timestamps ? "yes" : "no", double(g->timestamp_period_ns),
+             g->has_shader_f16 ? "yes" : "no");
     }
     // On failure g is leaked on purpose: wgpu objects it may hold are not safe to release half-made.
   }

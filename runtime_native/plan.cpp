@@ -16,14 +16,18 @@ constexpr uint64_t kMinRowsPerWorkgroup = skinny::kRows;  // the fewest rows a w
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-// (k_splits, k_chunk) for the shmem GEMM.
-std::pair<uint64_t, uint64_t> k_split_for(uint64_t m, uint64_t k, uint64_t n_stride, uint64_t max_groups) {
-  const uint64_t tiles = ceil_div(n_stride, shmem::kTn) * ceil_div(m, shmem::kTm);
+// (k_splits, k_chunk) for a shared-memory GEMM of tiles tm x tn x tk (shmem, shmem_f16: one set of split knobs).
+std::pair<uint64_t, uint64_t> k_split_for(uint64_t m, uint64_t k, uint64_t n_stride, uint64_t max_groups, uint64_t tm,
+                                          uint64_t tn, uint64_t tk) {
+  static_assert(shmem::kMaxKSplits == shmem_f16::kMaxKSplits && shmem::kSplitkMinChunk == shmem_f16::kSplitkMinChunk &&
+                    shmem::kSplitkTargetWorkgroups == shmem_f16::kSplitkTargetWorkgroups,
+                "the registry gives shmem and shmem_f16 one set of split-K knobs (_SHMEM_PLAN)");
+  const uint64_t tiles = ceil_div(n_stride, tn) * ceil_div(m, tm);
   const uint64_t splits =
       std::min({uint64_t(shmem::kMaxKSplits), max_groups, std::max<uint64_t>(1, k / shmem::kSplitkMinChunk),
                 ceil_div(shmem::kSplitkTargetWorkgroups, tiles)});
   if (splits <= 1) return {1, k};
-  const uint64_t chunk = ceil_div(ceil_div(k, splits), shmem::kTk) * shmem::kTk;
+  const uint64_t chunk = ceil_div(ceil_div(k, splits), tk) * tk;
   return {ceil_div(k, chunk), chunk};
 }
 
@@ -51,11 +55,13 @@ Q4Params q4_params(const Plan& p, uint32_t k, uint32_t n, uint32_t n_stride, uin
 }
 
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                      uint32_t max_groups, Plan* out) {
+                      uint32_t max_groups, Plan* out, bool f16) {
   if (m == 0 || k == 0 || n == 0 || n_stride == 0 || group_size == 0 || max_groups == 0)
     return "cannot plan a call with M, K, N, n_stride, group size or max workgroups of 0";
   Plan p;
   p.kernel = kernel;
+  p.runs = &kernel_info(kernel);
+  if (f16 && m > 1 && f16_variant(kernel)) p.runs = f16_variant(kernel);
   p.m = m;
   uint64_t k_splits = 1, k_chunk = k;
   uint64_t grids[2][3] = {};
@@ -79,8 +85,10 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
       break;
     }
     case Kernel::Shmem: {
-      std::tie(k_splits, k_chunk) = k_split_for(m, k, n_stride, max_groups);
-      uint64_t g[3] = {ceil_div(n_stride, shmem::kTn), ceil_div(m, shmem::kTm), k_splits};
+      const bool half = p.runs != &kernel_info(kernel);  // shmem_f16: its own tiles
+      const uint64_t tm = half ? shmem_f16::kTm : shmem::kTm, tn = half ? shmem_f16::kTn : shmem::kTn;
+      std::tie(k_splits, k_chunk) = k_split_for(m, k, n_stride, max_groups, tm, tn, half ? shmem_f16::kTk : shmem::kTk);
+      uint64_t g[3] = {ceil_div(n_stride, tn), ceil_div(m, tm), k_splits};
       std::copy(g, g + 3, grids[0]);
       break;
     }
@@ -97,10 +105,10 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
   for (int d = 0; d < count; ++d) {
     for (int i = 0; i < 3; ++i) {
       if (grids[d][i] > max_groups)
-        return std::string(kernel_name(kernel)) + " at M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+        return std::string(p.runs->name) + " at M=" + std::to_string(m) + ", N=" + std::to_string(n) +
                ": grid exceeds " + std::to_string(max_groups) + " workgroups per dimension";
     }
-    Dispatch dispatch{d == 0 ? &kernel_info(kernel) : reduce,
+    Dispatch dispatch{d == 0 ? p.runs : reduce,
                       {uint32_t(grids[d][0]), uint32_t(grids[d][1]), uint32_t(grids[d][2])}};
     p.dispatches.push_back(dispatch);
   }
@@ -131,14 +139,14 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
 }
 
 std::string chunk_rows(const std::string& name, uint32_t k32, uint32_t group_size, const Route& route, uint32_t part_n,
-                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows_out) {
+                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows_out, bool f16) {
   const uint64_t k = k32;
   uint64_t rows = std::min({m, limits.max_binding_bytes / (k * 4), limits.max_binding_bytes / (uint64_t(part_n_stride) * 4),
                             uint64_t(limits.max_workgroups_per_dim) * kMinRowsPerWorkgroup});
   while (rows > 1) {
     Plan plan;
     if (plan_call(route.kernel_for(rows), rows, k32, part_n, part_n_stride, group_size,
-                  limits.max_workgroups_per_dim, &plan).empty() &&
+                  limits.max_workgroups_per_dim, &plan, f16).empty() &&
         plan.partial_bytes <= limits.max_binding_bytes) {
       *rows_out = rows;
       return "";

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -71,6 +72,9 @@ class GPUContext:
     # Nanoseconds per timestamp tick (wgpu-native's queue period): 1 on NVIDIA,
     # other values on some AMD, Intel and Apple GPUs.
     timestamp_period_ns: float = 1.0
+    # The device has shader-f16 (requested whenever the adapter offers it, unless registry.SHADER_F16_ENV is "0"):
+    # f16 kernels (registry.F16_VARIANTS) can run; without it a blob's f16 prefill runs in fp32 (q4_linear.uses_f16).
+    has_shader_f16: bool = False
     _layouts: Dict[Tuple[Binding, ...], Tuple[GPUBindGroupLayout, GPUPipelineLayout]] = \
         field(default_factory=dict)
     _pipelines: Dict[str, GPUComputePipeline] = field(default_factory=dict)
@@ -160,18 +164,20 @@ def _create_context() -> GPUContext:
     if adapter is None:
         raise NoAdapterError(NO_ADAPTER_HELP)
     has_timestamps = "timestamp-query" in adapter.features
+    has_shader_f16 = registry.SHADER_F16 in adapter.features and os.environ.get(registry.SHADER_F16_ENV) != "0"
     limits = adapter.limits
     device = adapter.request_device_sync(
         label="executorch_wgpu",
-        required_features=["timestamp-query"] if has_timestamps else [],
+        required_features=(["timestamp-query"] if has_timestamps else []) + ([registry.SHADER_F16] if has_shader_f16
+                                                                             else []),
         required_limits={
             "max-storage-buffer-binding-size": limits["max-storage-buffer-binding-size"],
             "max-buffer-size": limits["max-buffer-size"],
         },
     )
     period = wgpu_native.wgpuQueueGetTimestampPeriod(device.queue._internal) if has_timestamps else 1.0
-    ctx = GPUContext(adapter, device, has_timestamps, timestamp_period_ns=float(period))
+    ctx = GPUContext(adapter, device, has_timestamps, timestamp_period_ns=float(period), has_shader_f16=has_shader_f16)
     ctx.unused_part_buffers()   # the context's own buffers exist from the start, not from the first load
-    log.info("executorch_wgpu: using adapter %s (timestamps: %s, %g ns per tick)", ctx.adapter_name, has_timestamps,
-             ctx.timestamp_period_ns)
+    log.info("executorch_wgpu: using adapter %s (timestamps: %s, %g ns per tick, shader-f16: %s)", ctx.adapter_name,
+             has_timestamps, ctx.timestamp_period_ns, has_shader_f16)
     return ctx

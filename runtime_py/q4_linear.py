@@ -8,6 +8,7 @@ and maps that buffer once.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -19,11 +20,13 @@ import torch
 import wgpu
 from wgpu.classes import GPUBuffer
 
-from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
+from executorch_wgpu.backend.serialization.blob import Q4LinearRecord, Route
 from executorch_wgpu.errors import InputError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.direct_calls import DirectCalls, run_through_wgpu_py
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.shaders import registry
+
+log = logging.getLogger(__name__)
 
 _STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
 _TIMESTAMP_BYTES = 16   # two u64 ticks
@@ -93,10 +96,11 @@ class Plan:
         return 0 if self.k_splits == 1 else self.k_splits * self.m * self.n * 4
 
 
-def k_split_for(m: int, k: int, n_stride: int, max_groups: int = MAX_GROUPS_PER_DIM) -> tuple:
-    """(k_splits, k_chunk) for the shmem GEMM: when its tiles alone would leave most of a
-    large GPU idle, split K over extra workgroups (chunks a multiple of its K tile)."""
-    c, p = SHMEM.constants, SHMEM.plan
+def k_split_for(m: int, k: int, n_stride: int, max_groups: int = MAX_GROUPS_PER_DIM,
+                gemm: registry.Kernel = SHMEM) -> tuple:
+    """(k_splits, k_chunk) for a shared-memory GEMM (shmem, shmem_f16): when its tiles alone would leave most
+    of a large GPU idle, split K over extra workgroups (chunks a multiple of its K tile)."""
+    c, p = gemm.constants, gemm.plan
     tiles = math.ceil(n_stride / c["TN"]) * math.ceil(m / c["TM"])
     splits = min(p["MAX_K_SPLITS"], max_groups, max(1, k // p["SPLITK_MIN_CHUNK"]),
                  math.ceil(p["SPLITK_TARGET_WORKGROUPS"] / tiles))
@@ -117,12 +121,16 @@ def gemv_k_split_for(k: int, group_size: int, max_groups: int = MAX_GROUPS_PER_D
 
 
 def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int,
-              max_groups: int = MAX_GROUPS_PER_DIM) -> Plan:
-    """The dispatches that compute y for M = m with a kernel; grids match the shader headers.
+              max_groups: int = MAX_GROUPS_PER_DIM, f16: bool = False) -> Plan:
+    """The dispatches that compute y for M = m with a routable kernel; grids match the shader headers.
 
+    f16: the layer runs its prefill in f16 (uses_f16), so a call with M > 1 of a kernel that has an f16
+    variant (registry.F16_VARIANTS) runs that variant, planned from its own constants; the plan names it.
     Raises WebGPUDelegateError when a grid would exceed max_groups workgroups
     in a dimension (split_linear.py sizes parts and row chunks so it does not).
     """
+    if f16 and m > 1:
+        kernel = registry.F16_VARIANTS.get(kernel, kernel)
     k_splits, k_chunk = 1, k
     reduce_rows = m
     if kernel == "gemv":
@@ -136,10 +144,11 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     elif kernel == "skinny":
         rows = SKINNY.constants["ROWS"]
         dispatches = (Dispatch("skinny", (math.ceil(n_stride / SKINNY_COLUMNS), math.ceil(m / rows), 1)),)
-    elif kernel == "shmem":
-        c = SHMEM.constants
-        k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups)
-        dispatches = (Dispatch("shmem", (math.ceil(n_stride / c["TN"]), math.ceil(m / c["TM"]), k_splits)),)
+    elif kernel in ("shmem", "shmem_f16"):
+        gemm = registry.kernel(kernel)
+        c = gemm.constants
+        k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups, gemm)
+        dispatches = (Dispatch(kernel, (math.ceil(n_stride / c["TN"]), math.ceil(m / c["TM"]), k_splits)),)
     else:
         raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
     if k_splits > 1:
@@ -162,6 +171,36 @@ def q4_params(plan: Plan, k: int, n: int, n_stride: int, group_size: int,
     values = {"M": plan.m, "K": k, "N": n, "n_stride": n_stride, "group_size": group_size, "k_splits": plan.k_splits,
               "k_chunk": plan.k_chunk, "part1": part1, "part2": part2}
     return tuple(values.get(f, 0) for f in registry.Q4_PARAMS)
+
+
+_logged_f16_fallback = False
+
+
+def uses_f16(ctx: GPUContext, rec: Q4LinearRecord, route: Route) -> Tuple[bool, str]:
+    """Whether a layer's prefill runs its f16 kernels on this device, and what its route-report reason adds.
+
+    A blob asks for f16 prefill (prefill_precision); the kernels with an f16 variant (registry.F16_VARIANTS:
+    shmem) then run it for M > 1 where the device has shader-f16. Without it they run in fp32, which the
+    reason says per layer and the log once per process. Decode (M == 1) and the other kernels stay fp32.
+    runtime_native/q4_linear.cpp uses_f16 is the C++ twin (same words).
+    """
+    global _logged_f16_fallback
+    if rec.prefill_precision != "f16":
+        return False, ""
+    kernels = sorted({k for _, k in route.prefill_buckets} or {route.prefill_kernel})
+    variants = [k for k in kernels if k in registry.F16_VARIANTS]
+    if not variants:
+        return False, (f"; f16 prefill asked, but its prefill kernels ({', '.join(kernels)}) have no f16 variant: "
+                       "fp32")
+    if not ctx.has_shader_f16:
+        if not _logged_f16_fallback:
+            _logged_f16_fallback = True
+            log.warning("executorch_wgpu: this program asks for f16 prefill, but adapter %s lacks %s: its "
+                        "layers' prefill runs in fp32 (route report reasons name them)", ctx.adapter_name,
+                        registry.SHADER_F16)
+        return False, (f"; f16 prefill asked, but this adapter lacks {registry.SHADER_F16}: {', '.join(variants)} "
+                       "in fp32")
+    return True, "; f16 prefill: " + ", ".join(f"{k} runs as {registry.F16_VARIANTS[k]}" for k in variants)
 
 
 def check_input(rec: Q4LinearRecord, x: torch.Tensor) -> int:
@@ -188,8 +227,9 @@ class Q4LinearGPU:
         # The routes of this adapter's kind when the blob has them, else its default ones; the
         # route report says which; its reasons are built once, not per call (as the native twin does).
         self.route, route_choice = rec.route_for_adapter(ctx.adapter_class)
+        self.f16, f16_note = uses_f16(ctx, rec, self.route)
         why = f"({self.route.source}) [{route_choice}]; {self.route.reason}"
-        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}")
+        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}{f16_note}")
         dev = ctx.device
         self.limits = ctx.plan_limits()
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
@@ -227,7 +267,7 @@ class Q4LinearGPU:
         if key not in self.plans:
             rec = self.rec
             self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size,
-                                        self.limits.max_workgroups_per_dim)
+                                        self.limits.max_workgroups_per_dim, self.f16)
         return self.plans[key]
 
     def _ensure_buffers(self, m: int, partial_bytes: int) -> None:
@@ -301,8 +341,7 @@ class Q4LinearGPU:
         """y = x @ dequant(W)^T + b on the GPU; returns (y, LinearCall)."""
         rec = self.rec
         m = self.check_input(x)
-        kernel = self.route.kernel_for(m)
-        plan = self.prepare(kernel, m)
+        plan = self.prepare(self.route.kernel_for(m), m)
         x_np = x.detach().contiguous().numpy()
         y_bytes = m * rec.out_features * 4
         if self.direct is not None:
@@ -319,5 +358,5 @@ class Q4LinearGPU:
         gpu_us = None if ticks is None else self.ctx.ticks_to_us(*ticks)
         out = torch.from_numpy(y).reshape(*x.shape[:-1], rec.out_features)
         reason = self.reasons[0 if m == 1 else 1]
-        return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, kernel, reason, gpu_us,
+        return out, LinearCall(rec.name, m, rec.in_features, rec.out_features, plan.kernel, reason, gpu_us,
                                upload_us=split[0], submit_us=split[1], wait_us=split[2], readback_us=split[3])

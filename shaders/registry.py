@@ -145,6 +145,11 @@ class Kernel:
     prelude: Tuple[str, ...] = ("q4gsw_prelude.wgsl",)
     params: Tuple[str, ...] = Q4_PARAMS  # fields of its `params` uniform (empty: none)
     indexed: Tuple[str, ...] = ()        # rank_fields families the header gives an accessor fn <family>_at(i)
+    # An f16 kernel: the routable fp32 kernel whose prefill calls (M > 1) it runs where a blob asks for f16
+    # prefill (Q4Linear.prefill_precision) and the device has its features; it plans as that kernel does,
+    # from its own constants. Not routable itself: routes, tables and tune name fp32 kernels only.
+    f16_of: Optional[str] = None
+    features: Tuple[str, ...] = ()       # wgpu device features it needs; the header enables their WGSL extensions
 
     def binding(self, name: str) -> int:
         return [b.name for b in self.layout].index(name)
@@ -158,6 +163,18 @@ VEC4_F32 = "array<vec4<f32>>"
 VEC4_U32 = "array<vec4<u32>>"
 F32 = "array<f32>"
 U32 = "array<u32>"
+
+# Prefill precisions a blob may ask for (schema.fbs Precision, in enum order): fp32, the default; f16 runs
+# the kernels that have an f16 variant (Kernel.f16_of) in it where the device has shader-f16.
+PRECISIONS = ("fp32", "f16")
+SHADER_F16 = "shader-f16"   # the wgpu feature f16 kernels need; both runtimes request it when the adapter has it
+# ... unless this environment variable is "0": then an f16 blob runs fp32 there, as on an adapter without the
+# feature (an A/B of one .pte, or a driver whose f16 misbehaves).
+SHADER_F16_ENV = "EXECUTORCH_WGPU_SHADER_F16"
+_WGSL_ENABLES = {SHADER_F16: "f16"}   # a feature -> the WGSL `enable` directive it allows
+
+# The shared-memory GEMMs' split-K knobs (planner-only), one set for the fp32 kernel and its f16 variant.
+_SHMEM_PLAN = {"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}
 
 # Routable kernels first, in route-id order; then the helpers they dispatch.
 KERNELS: Tuple[Kernel, ...] = (
@@ -177,12 +194,20 @@ KERNELS: Tuple[Kernel, ...] = (
                "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
         constants={"TM": 128, "TN": 128, "TK": 16},
-        plan={"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}),
+        plan=_SHMEM_PLAN),
     _q4("skinny", "q4gsw_gemm_skinny.wgsl", route_id=3, decode=True, prefill=True,
         types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
                "bias": VEC4_F32, "y": F32, "y1": F32, "y2": F32},
         workgroup_size=(4, 64, 1),
         constants={"QUADS": 4, "SLICES": 64, "ROWS": 4}),
+    # shmem's f16 variant (q4gsw_gemm_shmem_f16.wgsl): products and 32-term sums in f16, K-long sums in f32.
+    # TK = 32: f16 operands fit twice the k in shmem's 16 KiB of workgroup memory.
+    _q4("shmem_f16", "q4gsw_gemm_shmem_f16.wgsl", f16_of="shmem", features=(SHADER_F16,),
+        types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
+               "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
+        workgroup_size=(16, 16, 1),
+        constants={"TM": 128, "TN": 128, "TK": 32},
+        plan=_SHMEM_PLAN),
     _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
         types={"params": "Params", "bias": F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(256, 1, 1)),
@@ -301,6 +326,7 @@ ROUTABLE: Tuple[Kernel, ...] = tuple(BY_ROUTE_ID[i] for i in sorted(BY_ROUTE_ID)
 ROUTABLE_NAMES: Tuple[str, ...] = tuple(k.name for k in ROUTABLE)                 # every kernel a blob may name
 DECODE_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.decode)     # may run M == 1
 PREFILL_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.prefill)   # may run M > 1
+F16_VARIANTS: Dict[str, str] = {k.f16_of: k.name for k in KERNELS if k.f16_of}      # fp32 kernel -> its f16 kernel
 
 
 def kernel(name: str) -> Kernel:
@@ -336,6 +362,21 @@ def _check_registry() -> None:
     require((shmem.constants["TM"], shmem.constants["TN"], shmem.constants["TK"], shmem.workgroup_size) ==
             (128, 128, 16, (16, 16, 1)), "shmem: its staging and 8 x 8 register tiles are written for "
                                          "TM = TN = 128, TK = 16 and a 16 x 16 workgroup")
+
+    shmem_f16 = BY_NAME["shmem_f16"]
+    require((shmem_f16.constants["TM"], shmem_f16.constants["TN"], shmem_f16.constants["TK"],
+             shmem_f16.workgroup_size) == (128, 128, 32, (16, 16, 1)),
+            "shmem_f16: its staging (one 4 x 4 x block and 4 k of a column quad per thread) and 8 x 8 register "
+            "tiles are written for TM = TN = 128, TK = 32 and a 16 x 16 workgroup")
+    for k in KERNELS:
+        if k.f16_of is not None:
+            base = BY_NAME.get(k.f16_of)
+            require(base is not None and base.route_id is not None and k.route_id is None and k.layout == base.layout
+                    and k.params == base.params and SHADER_F16 in k.features,
+                    f"{k.name}: an f16 variant stands in for a routable kernel of its layout and Params, needs "
+                    f"{SHADER_F16} and has no route id of its own")
+        unknown_features = set(k.features) - set(_WGSL_ENABLES)
+        require(not unknown_features, f"{k.name}: features {sorted(unknown_features)} have no WGSL enable known here")
 
     split, combine = BY_NAME["sdpa_split"], BY_NAME["sdpa_combine"]
     require(split.workgroup_size[0] % 64 == 0 and split.constants["KEYS_PER_SPLIT"] % split.workgroup_size[0] == 0
@@ -384,8 +425,10 @@ _check_registry()
 # ---- WGSL ---------------------------------------------------------------------------------------
 
 def _header(k: Kernel) -> str:
-    lines = [f"// {k.wgsl}, assembled by shaders/registry.py: this header, then "
-             + (", ".join(k.prelude) + ", then " if k.prelude else "") + "the kernel's own file.", ""]
+    # `enable` directives come first in a WGSL module, before any declaration.
+    lines = [f"enable {_WGSL_ENABLES[f]};" for f in k.features]
+    lines += [f"// {k.wgsl}, assembled by shaders/registry.py: this header, then "
+              + (", ".join(k.prelude) + ", then " if k.prelude else "") + "the kernel's own file.", ""]
     sizes = dict(zip(("WORKGROUP_X", "WORKGROUP_Y", "WORKGROUP_Z"), k.workgroup_size))
     for const, value in {**sizes, **k.constants}.items():
         lines.append(f"const {const}: u32 = {value}u;")
@@ -443,6 +486,7 @@ def cpp_header() -> str:
            "  const WGPUBufferBindingType* layout;  // binding i of its bind group layout (shared arrays: equal",
            "                                        // pointers, one layout)",
            "  int binding_count;",
+           "  bool needs_shader_f16;                // an f16 kernel: runs only on a device with shader-f16",
            "};", "",
            "// A long call's dispatches go in submits of this many (DISPATCHES_PER_SUBMIT).",
            f"constexpr size_t kDispatchesPerSubmit = {DISPATCHES_PER_SUBMIT};", "",
@@ -452,7 +496,14 @@ def cpp_header() -> str:
            "const KernelInfo* find_kernel(const char* name);",
            "// The entry of a routable kernel.",
            "const KernelInfo& kernel_info(Kernel k);",
-           "inline const char* kernel_name(Kernel k) { return kernel_info(k).name; }", "",
+           "inline const char* kernel_name(Kernel k) { return kernel_info(k).name; }",
+           "// The f16 variant of a routable kernel (F16_VARIANTS: what a blob's f16 prefill runs), or nullptr.",
+           "const KernelInfo* f16_variant(Kernel k);", "",
+           "// The wgpu feature f16 kernels need is not requested when this environment variable is \"0\".",
+           f'constexpr const char* kShaderF16Env = "{SHADER_F16_ENV}";',
+           "// Prefill precisions a blob may ask for (PRECISIONS; schema.fbs Precision, in enum order).",
+           f"constexpr int kPrecisionCount = {len(PRECISIONS)};",
+           "extern const char* const kPrecisionNames[kPrecisionCount];", "",
            "// Binding indices of the layout every q4gsw linear kernel shares.",
            "enum Q4Binding : uint32_t { "
            + ", ".join(f"kBind{_camel(b.name)} = {i}" for i, b in enumerate(Q4_LINEAR_LAYOUT))
@@ -498,7 +549,8 @@ def cpp_source() -> str:
         wg = ", ".join(str(v) for v in k.workgroup_size)
         rid = -1 if k.route_id is None else k.route_id
         out.append(f'    {{"{k.name}", "{k.wgsl}", k{_camel(k.name)}Source, {rid}, {str(k.decode).lower()}, '
-                   f"{str(k.prefill).lower()}, {{{wg}}}, {layout_array}, {len(k.layout)}}},")
+                   f"{str(k.prefill).lower()}, {{{wg}}}, {layout_array}, {len(k.layout)}, "
+                   f"{str(SHADER_F16 in k.features).lower()}}},")
     out += ["};", "",
             "const KernelInfo* find_kernel(const char* name) {",
             "  for (const KernelInfo& k : kKernels)",
@@ -509,7 +561,16 @@ def cpp_source() -> str:
             "  static const KernelInfo* by_route_id[kRoutableKernelCount] = {"
             + ", ".join(f"&kKernels[{KERNELS.index(k)}]" for k in ROUTABLE) + "};",
             "  return *by_route_id[static_cast<int>(k)];",
-            "}", "", "}  // namespace wgq4_native", ""]
+            "}", "",
+            "const KernelInfo* f16_variant(Kernel k) {",
+            "  switch (k) {"]
+    out += [f"    case Kernel::{_camel(base)}: return &kKernels[{KERNELS.index(BY_NAME[variant])}];"
+            for base, variant in F16_VARIANTS.items()]
+    out += ["    default: return nullptr;",
+            "  }",
+            "}", "",
+            "const char* const kPrecisionNames[kPrecisionCount] = {" + ", ".join(f'"{p}"' for p in PRECISIONS) + "};",
+            "", "}  // namespace wgq4_native", ""]
     return "\n".join(out)
 
 

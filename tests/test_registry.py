@@ -48,7 +48,18 @@ def test_assembled_source_binds_each_declared_resource_at_its_layout_index():
 
 @pytest.mark.parametrize("name", [k.name for k in registry.KERNELS])
 def test_every_registry_kernel_compiles_on_this_adapter(name):
+    missing = set(registry.kernel(name).features) - set(gpu_context().device.features)
+    if missing:
+        pytest.skip(f"{name} needs {sorted(missing)}, which adapter {gpu_context().adapter_name} lacks")
     assert gpu_context().pipeline(name) is not None
+
+
+def test_f16_kernels_enable_f16_first_and_stand_in_for_a_routable_kernel():
+    for fp32, f16 in registry.F16_VARIANTS.items():
+        assert registry.wgsl_source(f16).startswith("enable f16;\n")
+        assert registry.kernel(f16).route_id is None and registry.kernel(fp32).route_id is not None
+        assert f16 not in registry.PREFILL_KERNELS   # routes, tables and tune never pick a precision
+    assert "enable" not in registry.wgsl_source("shmem")
 
 
 def test_route_ids_number_the_routable_kernels_from_zero():

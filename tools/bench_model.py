@@ -36,7 +36,7 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
 from executorch_wgpu.tools.models import LLAMA_CONFIGS
-from executorch_wgpu.tools.reference import RandomQ4Layer, random_q4_layer, rel_err
+from executorch_wgpu.tools.reference import F16_TOLERANCE, RandomQ4Layer, random_q4_layer, rel_err
 
 TOLERANCE = 1e-4
 
@@ -62,7 +62,8 @@ class ModelLayer:
         return self.gpu.rec.qweight.nbytes + self.gpu.rec.scales.nbytes
 
 
-def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int = 0) -> List[ModelLayer]:
+def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int = 0,
+                      precision: str = "fp32") -> List[ModelLayer]:
     by_shape: Dict[Tuple[int, int], Tuple[RandomQ4Layer, Q4LinearRecord]] = {}
     layers = []
     for i, (kind, k, n) in enumerate(model_linears(config)):
@@ -70,7 +71,7 @@ def load_model_layers(ctx: GPUContext, config: str, group_size: int, seed: int =
             weights = random_q4_layer(k, n, group_size, seed=seed + len(by_shape))
             # Routed as a default lowering routes it, per kind of adapter too: the step runs
             # what a lowered model runs on this adapter.
-            record = weights.record(kind, m_max=1 << 20)
+            record = weights.record(kind, RouteOptions(prefill_precision=precision), m_max=1 << 20)
             by_shape[(k, n)] = weights, dataclasses.replace(
                 record, adapter_routes=adapter_routes(k, n, group_size, RouteOptions()))
         weights, record = by_shape[(k, n)]
@@ -161,11 +162,13 @@ def read_y(layer: ModelLayer, rows: int) -> torch.Tensor:
 
 def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_size: int, reps: int,
                 warmup: int, stream_us: Callable[[int], float], seed: int = 0,
-                progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Time the model's linears per M; stream_us(nbytes) is the cold streaming-read ceiling."""
-    layers = load_model_layers(ctx, config, group_size, seed)
+                progress: Callable[[str], None] = lambda s: None, precision: str = "fp32") -> dict:
+    """Time the model's linears per M; stream_us(nbytes) is the cold streaming-read ceiling.
+    precision: the layers' prefill precision, as WebGPUPartitioner(precision=...) lowers them."""
+    layers = load_model_layers(ctx, config, group_size, seed, precision)
+    tolerance = F16_TOLERANCE if precision == "f16" else TOLERANCE
     result: dict = {"config": config, "group_size": group_size, "layers": len(layers), "reps": reps,
-                    "warmup": warmup, "rows": []}
+                    "warmup": warmup, "precision": precision, "rows": []}
     for m in m_values:
         g = torch.Generator().manual_seed(seed + m)
         inputs: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -222,7 +225,7 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
             "by_kind": {kind: {**v, "kernels": sorted(v["kernels"]),
                                "gbps": v["bytes"] / v["us"] / 1e3 if v["us"] > 0 else None}
                         for kind, v in by_kind.items()},
-            "max_rel_err": max(errors.values()), "ok": max(errors.values()) <= TOLERANCE,
+            "max_rel_err": max(errors.values()), "ok": max(errors.values()) <= tolerance,
         }
         result["rows"].append(row)
         progress(format_row(row))
@@ -238,7 +241,8 @@ def format_row(row: dict) -> str:
 
 def markdown(result: dict, adapter: str, command: str, date: str) -> str:
     lines = [f"Model linears in one submit per step, weights cold: Llama `{result['config']}` "
-             f"({result['layers']} q4 linears, gs {result['group_size']}); {adapter}; {date}.",
+             f"({result['layers']} q4 linears, gs {result['group_size']}, prefill precision "
+             f"{result.get('precision', 'fp32')}); {adapter}; {date}.",
              f"Command: `{command}`; median of {result['reps']} steps after {result['warmup']} warm-up; "
              "GPU ms from timestamps around every pass; then around the step only: with a pass per layer, "
              "with every layer in one pass, and on the first layer's buffers of each kind (weights L2/TLB-warm).", "",

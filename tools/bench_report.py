@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import List
 
+from executorch_wgpu.shaders.registry import F16_VARIANTS
 from executorch_wgpu.shaders.registry import ROUTABLE_NAMES as KERNELS   # every routable kernel, in route-id order
 from executorch_wgpu.tools.cli import figure   # 3 significant digits: no "0.00" TFLOP/s on a slow adapter
 
@@ -17,8 +18,17 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def columns(results: dict) -> List[str]:
+    """Every routable kernel, then the f16 variants (bench --f16) that some row timed."""
+    timed = {k for r in results["rows"] for k in r["kernels"]}
+    return list(KERNELS) + [k for k in F16_VARIANTS.values() if k in timed]
+
+
 def markdown(results: dict) -> str:
+    from executorch_wgpu.tools.reference import F16_TOLERANCE
+
     a = results["adapter"]
+    kernels = columns(results)
     lines = [
         f"Adapter: {a.get('device')} ({a.get('backend_type')}, driver {a.get('description')}); "
         f"CUDA peers: {results.get('cuda_device') or 'none'}; date {results['date']}; "
@@ -27,15 +37,15 @@ def markdown(results: dict) -> str:
         f"GPU-timestamp median of {results['config']['reps']} runs after {results['config']['warmup']} warm-up; "
         f"routes: {results['config']['route_table'] or 'default rule'}.",
         "",
-        "| shape | K→N | M | weights | " + "".join(f"{k} µs | " for k in KERNELS) + "routed | TFLOP/s | weight GB/s | "
+        "| shape | K→N | M | weights | " + "".join(f"{k} µs | " for k in kernels) + "routed | TFLOP/s | weight GB/s | "
         "routed/fastest | default rule (÷fastest) | stream-read GB/s | tinygemm µs | ours/tinygemm time | "
         "fp32 CUDA µs | max rel err |",
-        "|---" * (4 + len(KERNELS) + 10) + "|",
+        "|---" * (4 + len(kernels) + 10) + "|",
     ]
     for r in results["rows"]:
         ks = r["kernels"]
         cells = []
-        for k in KERNELS:
+        for k in kernels:
             v = ks.get(k)
             if v is None:
                 cells.append("")
@@ -55,7 +65,8 @@ def markdown(results: dict) -> str:
             f"{_fmt(r.get('tinygemm_us'))} | {_fmt(r.get('routed_time_vs_tinygemm'), '.2f')} | "
             f"{_fmt(r.get('fp32_cuda_us'))} | {_fmt(max(errs) if errs else None, '.1e')} |"
         )
-    lines += ["", "Bold: fastest kernel of the row. ✗: above the 1e-4 tolerance. "
+    lines += ["", "Bold: fastest fp32 kernel of the row. "
+              f"✗: above the 1e-4 tolerance (f16 kernels: {F16_TOLERANCE:.0e}). "
               "weight GB/s = (packed int4 + scale bytes) / routed time; stream-read = a plain read of as many bytes. "
               "weights: cold = every timed run follows an L2 flush (kernels, stream read and torch peers alike); "
               "L2-warm = runs back to back."]
@@ -75,9 +86,10 @@ def chart(results: dict, path: Path) -> bool:
     rows = results["rows"]
     labels = [f"{r['shape']}\nM={r['M']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5))
-    width = 0.8 / len(KERNELS)
-    for i, k in enumerate(KERNELS):
-        xs = [j + (i - (len(KERNELS) - 1) / 2) * width for j in range(len(rows))]
+    kernels = columns(results)
+    width = 0.8 / len(kernels)
+    for i, k in enumerate(kernels):
+        xs = [j + (i - (len(kernels) - 1) / 2) * width for j in range(len(rows))]
         ys = [r["kernels"].get(k, {}).get("tflops", 0.0) for r in rows]
         ax.bar(xs, ys, width, label=k)
     for peer, marker in (("tinygemm", "k_"), ("fp32_cuda", "r_")):

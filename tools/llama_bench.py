@@ -83,6 +83,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--route-table", type=cli.route_table_file, default=None,
                    help="a route table from `python -m executorch_wgpu tune`")
+    p.add_argument("--precision", choices=["fp32", "f16"], default="fp32",
+                   help="prefill math: fp32 (default) or f16 (WebGPUPartitioner(precision='f16'): M > 1 calls "
+                        "routed to shmem run shmem_f16 where the adapter has shader-f16, fp32 elsewhere)"),
     p.add_argument("--pte", type=cli.output_file, default=None,
                    help="where to write the .pte (default: OUT/llama-CONFIG.pte); "
                         "with --reuse-pte an existing file is loaded instead of exporting")
@@ -393,7 +396,8 @@ def markdown(result: Dict[str, Any]) -> str:
         f"- model: dim {m['dim']}, {m['n_layers']} layers, FFN {m['hidden_dim']}, {m['n_heads']}/{m['n_kv_heads']} heads, "
         f"vocab {m['vocab_size']}, KV cache {m['max_context_len']} positions; random weights (seed {result['seed']}), "
         f"int4 group size {result['group_size']}",
-        f"- lm_head: {result['lm_head']['mode']} ({result['lm_head']['why']})",
+        f"- lm_head: {result['lm_head']['mode']} ({result['lm_head']['why']}); prefill precision "
+        f"{result.get('precision', 'fp32')}",
         f"- delegated linears: {result['delegated_linears']}; export {result['export_s']:.1f} s "
         f"({result['pte_bytes'] / 1e6:.1f} MB .pte); load {result['load_s']:.1f} s",
         f"- command: `{result['command']}`",
@@ -483,8 +487,10 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     ctx = gpu_context()
     limit = ctx.device.limits["max-storage-buffer-binding-size"]
     lm_head = choose_lm_head(args.lm_head, model_args.dim, model_args.vocab_size, limit)
-    pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}-{args.mode}.pte"
-    partitioner_options = {"route_table": args.route_table} if args.route_table else {}
+    precision = "" if args.precision == "fp32" else f"-{args.precision}"   # fp32 keeps the name it had
+    pte_path = Path(args.pte) if args.pte else out / f"llama-{args.config}-{args.mode}{precision}.pte"
+    partitioner_options: Dict[str, Any] = {"route_table": args.route_table} if args.route_table else {}
+    partitioner_options["precision"] = args.precision
     graph = args.mode == "graph"
     embedding = None if args.embedding == "fp32" else args.embedding
 
@@ -563,6 +569,7 @@ def _run(args: argparse.Namespace, progress: cli.Progress) -> Dict[str, Any]:
     delegated = len(method.route_report()) if graph else prefill[0]["delegate_calls"]
     result = {
         "mode": args.mode,
+        "precision": args.precision,
         "embedding": args.embedding,
         "runtime": args.runtime,
         "command": "python -m executorch_wgpu llama-bench " + " ".join(args.argv),

@@ -96,6 +96,7 @@ class Q4LinearRecord:
     bias: Optional[np.ndarray]   # float32, N, or None
     route: Route                 # on an adapter of a kind adapter_routes does not name
     adapter_routes: Tuple[Tuple[str, Route], ...] = ()   # ((adapter class, route), ...), each class once
+    prefill_precision: str = "fp32"   # one of registry.PRECISIONS: "f16" asks for f16 prefill (schema.fbs Precision)
 
     def route_for_adapter(self, adapter_class: Optional[str]) -> Tuple[Route, str]:
         """The routes a runtime on an adapter of this class (None: unknown) takes, and why, in words."""
@@ -157,6 +158,8 @@ def serialize_q4linear(rec: Q4LinearRecord) -> bytes:
     fb_linear.AddRoute(b, route)
     fb_linear.AddChecksum(b, payload_checksum(qweight, scales, bias))
     fb_linear.AddAdapterRoutes(b, adapter_vec)
+    if rec.prefill_precision != "fp32":   # absent means fp32: an fp32 blob's bytes stay what they were
+        fb_linear.AddPrefillPrecision(b, registry.PRECISIONS.index(rec.prefill_precision))
     b.Finish(fb_linear.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -249,6 +252,9 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         if adapter_route is None:
             raise BlobFormatError("delegate blob is corrupted: an adapter route has no route record")
         adapter_routes.append((ADAPTER_CLASSES[cls], _read_route(adapter_route)))
+    precision = root.PrefillPrecision()
+    if not 0 <= precision < len(registry.PRECISIONS):
+        raise BlobFormatError(f"delegate blob is corrupted: unknown prefill precision enum value {precision}")
     qweight = root.QweightAsNumpy()
     scales = root.ScalesAsNumpy()
     bias = root.BiasAsNumpy() if root.BiasLength() > 0 else None
@@ -267,6 +273,7 @@ def _read_record(root: fb_linear.Q4Linear) -> Q4LinearRecord:
         bias=bias if isinstance(bias, np.ndarray) else None,
         route=route,
         adapter_routes=tuple(adapter_routes),
+        prefill_precision=registry.PRECISIONS[precision],
     )
 
 
@@ -317,6 +324,8 @@ def check_record(rec: Q4LinearRecord) -> None:
         fail(f"scales has {rec.scales.size} values, expected {k // gs * rec.n_stride}")
     if rec.bias is not None and rec.bias.size != n:
         fail(f"bias has {rec.bias.size} values, expected {n}")
+    if rec.prefill_precision not in registry.PRECISIONS:
+        fail(f"prefill precision {rec.prefill_precision!r} is not one of {registry.PRECISIONS}")
     classes = [cls for cls, _ in rec.adapter_routes]
     if any(cls not in ADAPTER_CLASSES for cls in classes) or len(set(classes)) != len(classes):
         fail(f"adapter routes for {classes} must name each of {ADAPTER_CLASSES} at most once")

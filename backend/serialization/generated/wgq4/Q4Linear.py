@@ -208,8 +208,15 @@ class Q4Linear(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
         return o == 0
 
+    # Q4Linear
+    def PrefillPrecision(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
+        return 0
+
 def Q4LinearStart(builder):
-    builder.StartObject(14)
+    builder.StartObject(15)
 
 def Start(builder):
     Q4LinearStart(builder)
@@ -321,6 +328,12 @@ def Q4LinearStartAdapterRoutesVector(builder, numElems):
 
 def StartAdapterRoutesVector(builder, numElems):
     return Q4LinearStartAdapterRoutesVector(builder, numElems)
+
+def Q4LinearAddPrefillPrecision(builder, prefillPrecision):
+    builder.PrependUint8Slot(14, prefillPrecision, 0)
+
+def AddPrefillPrecision(builder, prefillPrecision):
+    Q4LinearAddPrefillPrecision(builder, prefillPrecision)
 
 def Q4LinearEnd(builder):
     return builder.EndObject()
