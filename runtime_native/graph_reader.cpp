@@ -59,6 +59,41 @@ bool all_tables_ok(const uint8_t* bytes, size_t size, const wggr::Graph* root) {
          tables_ok(bytes, size, root->linears()) && parts_ok(bytes, size, root->linears());
 }
 
+// The bytes the objects reached claim, as fbverify.py counts them: 8 for the header, 4 per table, 4 + length
+// + 1 per string, 4 + count x element size per vector (4 per element of a vector of tables or strings). A
+// writer never shares or overlaps objects, so a blob whose objects claim more than its size has offsets that
+// point several places at one region: fbverify refuses it, and so does this reader.
+uint64_t claimed(const flatbuffers::String* s) { return s ? 4 + uint64_t(s->size()) + 1 : 0; }
+template <typename T>
+uint64_t claimed(const flatbuffers::Vector<T>* v) { return v ? 4 + uint64_t(v->size()) * sizeof(T) : 0; }
+template <typename T, typename F>
+uint64_t claimed_tables(const flatbuffers::Vector<flatbuffers::Offset<T>>* v, F table_bytes) {
+  if (!v) return 0;
+  uint64_t n = 4 + 4 * uint64_t(v->size());
+  for (const T* t : *v) n += 4 + table_bytes(t);
+  return n;
+}
+
+uint64_t claimed_bytes(const wggr::Graph* g) {
+  uint64_t n = 8 + 4;
+  n += claimed_tables(g->symbols(), [](const wggr::Symbol* s) { return claimed(s->name()); });
+  n += claimed_tables(g->exprs(), [](const wggr::Expr* e) { return claimed(e->ops()) + claimed(e->args()); });
+  n += claimed_tables(g->checks(), [](const wggr::Check* c) { return claimed(c->message()); });
+  n += claimed_tables(g->buffers(),
+                      [](const wggr::Buffer* b) { return claimed(b->data_key()) + claimed(b->name()); });
+  const auto io = [](const wggr::IO* t) { return claimed(t->shape()) + claimed(t->name()); };
+  n += claimed_tables(g->inputs(), io) + claimed_tables(g->outputs(), io);
+  n += claimed_tables(g->steps(), [](const wggr::Step* s) {
+    return claimed(s->kernel()) + claimed(s->bindings()) + claimed(s->params()) + claimed(s->groups()) +
+           claimed(s->node());
+  });
+  n += claimed_tables(g->linears(), [](const wggr::Linear* l) {
+    return claimed(l->blob_key()) +
+           claimed_tables(l->parts(), [](const wggr::LinearPart* p) { return claimed(p->name()); });
+  });
+  return n;
+}
+
 // graph_blob._read: every field, with the enum and length checks it makes on the way.
 std::string read_fields(const wggr::Graph* root, GraphBlob* g) {
   if (const auto* symbols = root->symbols()) {
@@ -280,6 +315,9 @@ std::string read_graph_blob(const void* data, size_t size, GraphBlob* out, bool*
   if (!wggr::VerifyGraphBuffer(verifier)) return kTruncated + "the flatbuffer verifier rejects it";
   const wggr::Graph* root = wggr::GetGraph(bytes);
   if (!all_tables_ok(bytes, size, root)) return kTruncated + "a table's vtable or size is invalid";
+  if (claimed_bytes(root) > size)
+    return kTruncated + "the objects reached claim more than the blob's " + std::to_string(size) +
+           " bytes (offsets share or overlap regions)";
   GraphBlob g;
   g.schema_version = version;
   std::string problem = read_fields(root, &g);
