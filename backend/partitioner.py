@@ -67,7 +67,7 @@ class WebGPUPartitioner(Partitioner):
             names its adapter's kind (tune writes it) gives the routes of that kind only.
         linears_only: False (the default): graph mode -- the largest regions of ops the GPU runs
             (backend/graph/ops.py), each one delegate with its weights and KV cache on the GPU and one
-            submit per call. True: one delegate per q4gsw linear, every other op on the CPU (and the
+            readback per call. True: one delegate per q4gsw linear, every other op on the CPU (and the
             KV cache in the program). Both runtimes, Python and native, run either.
         adapter_rules: also write the routes measured per kind of adapter (routing.ADAPTER_RULES:
             the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
