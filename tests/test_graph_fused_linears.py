@@ -257,7 +257,7 @@ def llamas():
     from executorch_wgpu import WebGPUPartitioner
     from executorch_wgpu.backend.preprocess import FUSE_LINEARS_SPEC
 
-    model = models.build_llama("small", seed=0, llm_ops=True)
+    model = models.build_llama("small", seed=0, llm_ops=True, n_layers=2)   # per-layer counts: two layers show them
     fused = models.export_llama_pte(model, max_tokens=32, linears_only=False)
     partitioner = WebGPUPartitioner(linears_only=False)
     partitioner.delegation_spec.compile_specs.append(CompileSpec(FUSE_LINEARS_SPEC, b"0"))
