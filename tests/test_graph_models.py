@@ -349,7 +349,7 @@ def minilm():
     with recording() as declines:
         pte = models.export_minilm_pte(q4model, linears_only=False)
     method = Runtime.get().load_program(pte).load_method("forward")
-    return types.SimpleNamespace(tokenizer=tokenizer, q4=q4model, method=method, declines=declines)
+    return types.SimpleNamespace(tokenizer=tokenizer, q4=q4model, method=method, declines=declines, pte=pte)
 
 
 def test_minilm_lowers_to_one_graph_delegate(minilm):
@@ -395,7 +395,7 @@ def hf(request):
     with recording() as declines:
         pte = models.lower_to_pte(model, hf_inputs(), None, linears_only=False)
     method = Runtime.get().load_program(pte).load_method("forward")
-    return types.SimpleNamespace(name=request.param, model=model, method=method, declines=declines)
+    return types.SimpleNamespace(name=request.param, model=model, method=method, declines=declines, pte=pte)
 
 
 def test_hf_decoder_lowers_to_one_delegate_and_its_logits_match_eager(hf):
@@ -410,6 +410,38 @@ def test_hf_decoder_lowers_to_one_delegate_and_its_logits_match_eager(hf):
         with torch.no_grad():
             want = hf.model(ids).logits
         assert rel_err(got, want) <= BAR, (hf.name, seed)
+
+
+# ---- the same programs in ExecuTorch's runtime, through the native delegate ------------------------------
+
+def et_method(pte: bytes):
+    """The program's forward in ExecuTorch's own runtime: the native delegate interprets the graph blob."""
+    from executorch.runtime import Runtime as EtRuntime
+
+    return EtRuntime.get().load_program(pte).load_method("forward")
+
+
+@pytest.mark.native
+def test_minilm_in_executorchs_runtime_gives_the_python_runtimes_hidden_states(native_lib, minilm):
+    native = et_method(minilm.pte)
+    for sentence in demo.SENTENCES[:3]:
+        enc = minilm.tokenizer(sentence, return_tensors="pt")
+        inputs = [enc["input_ids"], enc["attention_mask"]]
+        (theirs,) = minilm.method.execute(inputs)
+        (ours,) = native.execute(inputs)
+        assert ours.shape == theirs.shape and rel_err(ours, theirs) <= 1e-5, sentence
+
+
+@pytest.mark.native
+def test_hf_decoder_in_executorchs_runtime_gives_the_python_runtimes_logits_and_tokens(native_lib, hf):
+    native = et_method(hf.pte)
+    for seed in (1, 2):
+        (ids,) = hf_inputs() if seed == 1 else (torch.randint(0, 128, (1, 6),
+                                                              generator=torch.Generator().manual_seed(seed)),)
+        (theirs,) = hf.method.execute([ids])
+        (ours,) = native.execute([ids])
+        assert ours.shape == theirs.shape and rel_err(ours, theirs) <= 1e-5, (hf.name, seed)
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), (hf.name, seed)   # the greedy next tokens
 
 
 # ---- op sets: a new op no graph rule covers fails here ---------------------------------------------------
