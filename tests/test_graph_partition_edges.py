@@ -6,40 +6,20 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
-from torchao.quantization import IntxWeightOnlyConfig, quantize_
-from torchao.quantization.granularity import PerGroup
 
-from executorch_wgpu.backend.prepare import make_q4_ready
 from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.runtime_py.graph_delegate import GraphDelegate
 from executorch_wgpu.tools import models
-from executorch_wgpu.tools.models import lower_to_pte
+from executorch_wgpu.tools.models import SMALL_HF, hf_inputs, quantize_q4, transformers_model
 from executorch_wgpu.tools.reference import rel_err
-
-transformers = pytest.importorskip("transformers")
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(ids).logits
 
 
 def test_gpt_neox_position_ids_stay_on_the_cpu_and_the_rest_matches_eager_int4(caplog):
-    torch.manual_seed(0)
-    config = transformers.GPTNeoXConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                                        intermediate_size=128, vocab_size=256)
-    model = transformers.GPTNeoXForCausalLM(config).eval()
-    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
-              filter_fn=make_q4_ready(model))
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    model = quantize_q4(transformers_model("GPTNeoXForCausalLM", "GPTNeoXConfig", **SMALL_HF))
+    (ids,) = hf_inputs()
     with caplog.at_level(logging.WARNING, logger="executorch_wgpu.backend.partitioner"):
-        pte = lower_to_pte(Logits(model), (ids,), None)
+        pte = models.lower_to_pte(model, (ids,), None)
     assert "result is read outside the GPU region" in caplog.text   # the cut is logged with its reason
     method = Runtime.get().load_program(pte).load_method("forward")
     (logits,) = method.execute([ids])
