@@ -72,24 +72,6 @@ fn store_tile(st: Staged, t: u32) {
     }
 }
 
-// Row m of quad n4: finished (bias added, into y) without split K; into this split's partial sums with it.
-fn store_tile_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
-    if (n4 >= params.n_stride / 4u) {
-        return;
-    }
-    if (params.k_splits == 1u) {
-        store_row(m, n4, v + bias[n4]);
-    } else if (m < params.M) {
-        let base = (z * params.M + m) * params.N;
-        for (var c = 0u; c < 4u; c++) {
-            let n = 4u * n4 + c;
-            if (n < params.N) {
-                partial[base + n] = v[c];
-            }
-        }
-    }
-}
-
 @compute @workgroup_size(WORKGROUP_X, WORKGROUP_Y, WORKGROUP_Z)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>,
