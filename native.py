@@ -171,11 +171,12 @@ class NativeLibrary:
         return self._json(self._lib.wgq4_native_describe_blob(blob, len(blob)))
 
     def plan(self, kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int, max_groups: int,
-             f16: bool = False) -> dict:
-        """The C++ plan of a call (runtime_native/plan.h; f16: the layer runs its prefill in f16), or {"error": ...}."""
+             precision: str = "fp32") -> dict:
+        """The C++ plan of a call (runtime_native/plan.h; precision: what the layer's prefill runs in), or
+        {"error": ...}."""
         route_id = registry.kernel(kernel).route_id
         return self._json(self._lib.wgq4_native_plan(-1 if route_id is None else route_id, m, k, n, n_stride,
-                                                     group_size, max_groups, int(f16)))
+                                                     group_size, max_groups, registry.PRECISIONS.index(precision)))
 
     def submit_roundtrip(self, iters: int = 300) -> dict:
         """The floor of a call's round trip: a 4-byte write and a tiny copy submitted, mapped, waited for (µs)."""

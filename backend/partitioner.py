@@ -73,11 +73,13 @@ class WebGPUPartitioner(Partitioner):
             the register-tiled GEMM at every M on CPU adapters such as lavapipe); each blob then
             carries a route set per kind, and the runtime takes its adapter's (the route report
             says which). False: one route set for every adapter.
-        precision: "fp32" (the default) or "f16": opt in to f16 math for prefill. Calls with M > 1 that the
-            routes give the shared-memory GEMM then run its f16 variant (shmem_f16: f16 products and 32-term
-            sums, f32 accumulation and output; max relative error about 1e-3 against fp64, where fp32 keeps
-            1e-6) on devices with shader-f16, and fp32 elsewhere (the route report says so). Decode (M == 1)
-            and the other kernels stay fp32. Routes are chosen as for fp32.
+        precision: "fp32" (the default), "f16" or "int8": opt in to faster math for prefill. Calls with
+            M > 1 that the routes give the shared-memory GEMM then run its variant: shmem_f16 (f16 products
+            and 32-term sums, f32 accumulation and output; max relative error about 1e-3 against fp64, where
+            fp32 keeps 1e-6) on devices with shader-f16, fp32 elsewhere (the route report says so); or
+            shmem_int8 on any device (activations quantized to int8 per 32 k, exact integer dot products
+            against the int4 codes; max relative error 5-7e-3 from the activations' rounding). Decode
+            (M == 1) and the other kernels stay fp32. Routes are chosen as for fp32.
     """
 
     def __init__(

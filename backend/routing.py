@@ -46,8 +46,9 @@ class RouteOptions:
     shmem_min_mn: int = DEFAULT_SHMEM_MIN_MN   # ... and while M*N < this; shmem above
     route_table: Optional[RouteTable] = None   # measured routes (from `tune`); shapes it lacks use the rule
     adapter_rules: bool = True   # also write ADAPTER_RULES' routes for the adapter kinds they were measured on
-    # Not a route but carried with them: "f16" asks the runtimes to run prefill calls of the kernels that have an
-    # f16 variant (shmem -> shmem_f16) in f16 (blob Q4Linear.prefill_precision); routes are chosen as for fp32.
+    # Not a route but carried with them: "f16" or "int8" asks the runtimes to run prefill calls of the kernels
+    # that have a variant in that precision (registry.VARIANTS: shmem -> shmem_f16, shmem_int8) in it (blob
+    # Q4Linear.prefill_precision); routes are chosen as for fp32.
     prefill_precision: str = "fp32"
 
     def __post_init__(self) -> None:

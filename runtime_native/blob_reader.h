@@ -61,7 +61,7 @@ struct LinearBlob {
   size_t bias_count = 0;
   Route route;                                     // on an adapter of a kind adapter_routes does not name
   std::vector<std::pair<int, Route>> adapter_routes;  // (adapter class, route), each class at most once
-  int prefill_precision = 0;  // index into kPrecisionNames (schema.fbs Precision): 0 fp32, 1 f16
+  int prefill_precision = 0;  // index into kPrecisionNames (schema.fbs Precision): 0 fp32, 1 f16, 2 int8
   uint32_t checksum = 0;
 
   // The routes a runtime on an adapter of this class (-1: unknown) takes, and why in words

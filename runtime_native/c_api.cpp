@@ -139,10 +139,12 @@ char* wgq4_native_describe_blob(const void* data, size_t size) {
 }
 
 char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                       uint32_t max_groups, int f16) {
+                       uint32_t max_groups, int precision) {
   if (kernel < 0 || kernel >= kRoutableKernelCount) return give(error_json("unknown kernel " + std::to_string(kernel)));
   Plan p;
-  std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p, f16 != 0);
+  if (precision < 0 || precision >= kPrecisionCount)
+    return give(error_json("unknown precision " + std::to_string(precision)));
+  std::string problem = plan_call(Kernel(kernel), m, k, n, n_stride, group_size, max_groups, &p, precision);
   if (!problem.empty()) return give(error_json(problem));
   std::string dispatches;
   for (size_t i = 0; i < p.dispatches.size(); ++i) {

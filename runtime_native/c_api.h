@@ -21,11 +21,11 @@ WGQ4_API char* wgq4_native_adapter();
 // Every field of a blob as this library's reader sees it (vectors as length
 // and CRC-32 of their bytes), or {"error": what is wrong with it}.
 WGQ4_API char* wgq4_native_describe_blob(const void* data, size_t size);
-// The plan of a call (plan.h; f16 != 0: a layer running its prefill in f16): {"kernel" (the kernel the
-// call runs), "m", "k_splits", "k_chunk", "partial_bytes", "dispatches": [[kernel name, gx, gy, gz], ...]}
-// or {"error"}.
+// The plan of a call (plan.h; precision: what the layer's prefill runs in, an index into kPrecisionNames):
+// {"kernel" (the kernel the call runs), "m", "k_splits", "k_chunk", "partial_bytes", "dispatches":
+// [[kernel name, gx, gy, gz], ...]} or {"error"}.
 WGQ4_API char* wgq4_native_plan(int kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                       uint32_t max_groups, int f16);
+                       uint32_t max_groups, int precision);
 // The calls since the last take, oldest first (call_log.h), as a JSON list.
 WGQ4_API char* wgq4_native_take_calls();
 // The WGSL the library compiles for a registry kernel (its assembled source), or NULL.

@@ -30,7 +30,7 @@ class GpuDevice {
   WGPUQueue queue = nullptr;
   bool has_timestamps = false;
   // shader-f16 (requested whenever the adapter offers it, unless kShaderF16Env is "0"): f16 kernels can
-  // run; without it a blob's f16 prefill runs in fp32 (uses_f16, q4_linear.h).
+  // run; without it a blob's f16 prefill runs in fp32 (prefill_precision_on, q4_linear.h).
   bool has_shader_f16 = false;
   int adapter_class = -1;  // the adapter's kind as blobs name it (blob_reader.h); -1: wgpu says Unknown
   Limits limits{};  // the device's own

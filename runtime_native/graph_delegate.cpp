@@ -14,7 +14,7 @@
 #include <set>
 
 #include "call_log.h"
-#include "q4_linear.h"  // uses_f16
+#include "q4_linear.h"  // prefill_precision_on
 #include "kernel_params.h"
 
 namespace wgq4_native {
@@ -256,13 +256,13 @@ Status GraphDelegate::load(const NamedDataMap* named_data) {
                                                  "] columns, its blob " + std::to_string(lb.out_features));
         std::string choice;
         lin.route = lb.route_for_adapter(gpu_->adapter_class, &choice);
-        std::string f16_note;
-        lin.f16 = uses_f16(*gpu_, lb, lin.route, &f16_note);
+        std::string precision_note;
+        lin.precision = prefill_precision_on(*gpu_, lb, lin.route, &precision_note);
         const std::string routed = std::string(" (") + route_source_name(lin.route.source) + ") [" + choice + "]; " +
                                    lin.route.reason;
         const std::string fused = gl.parts.empty() ? "" : "; fused: one layer " + lb.name;
         lin.reasons[0] = "M == 1: decode route" + routed + fused;
-        lin.reasons[1] = "M > 1: prefill route" + routed + f16_note + fused;
+        lin.reasons[1] = "M > 1: prefill route" + routed + precision_note + fused;
         const uint64_t qweight_bytes = uint64_t(lb.qweight_words) * 4, scales_bytes = uint64_t(lb.scales_count) * 4;
         const uint64_t largest = std::max(qweight_bytes, scales_bytes);
         if (largest > limits_.max_binding_bytes)
@@ -426,7 +426,7 @@ std::string GraphDelegate::plan_linear(Linear& lin, uint64_t m, const PlannedCal
   if (found == lin.plans.end()) {
     PlannedCall call;
     std::string problem = plan_call(lin.route.kernel_for(m), m, lin.k, lin.n, lin.n_stride, lin.group_size,
-                                    limits_.max_workgroups_per_dim, &call.plan, lin.f16);
+                                    limits_.max_workgroups_per_dim, &call.plan, lin.precision);
     if (!problem.empty()) return "layer " + py_repr(lin.name) + ": " + problem;
     for (const wgq4_native::Dispatch& d : call.plan.dispatches) {
       WGPUComputePipeline pipeline = gpu_->pipeline(*d.kernel, &problem);

@@ -88,7 +88,7 @@ class GraphDelegate {
     std::string name;
     uint32_t k, n, n_stride, group_size;
     Route route;
-    bool f16 = false;            // its prefill runs f16 kernels (uses_f16)
+    int precision = 0;           // what its prefill runs in (prefill_precision_on)
     std::string reasons[2];      // route-report reason of M == 1 and M > 1
     WGPUBuffer qweight = nullptr, scales = nullptr, bias = nullptr;
     WGPUBindGroup bind_group = nullptr;

@@ -16,12 +16,14 @@ constexpr uint64_t kMinRowsPerWorkgroup = skinny::kRows;  // the fewest rows a w
 
 uint64_t ceil_div(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
 
-// (k_splits, k_chunk) for a shared-memory GEMM of tiles tm x tn x tk (shmem, shmem_f16: one set of split knobs).
+// (k_splits, k_chunk) for a shared-memory GEMM of tiles tm x tn x tk (shmem and its variants: one set of split knobs).
 std::pair<uint64_t, uint64_t> k_split_for(uint64_t m, uint64_t k, uint64_t n_stride, uint64_t max_groups, uint64_t tm,
                                           uint64_t tn, uint64_t tk) {
   static_assert(shmem::kMaxKSplits == shmem_f16::kMaxKSplits && shmem::kSplitkMinChunk == shmem_f16::kSplitkMinChunk &&
-                    shmem::kSplitkTargetWorkgroups == shmem_f16::kSplitkTargetWorkgroups,
-                "the registry gives shmem and shmem_f16 one set of split-K knobs (_SHMEM_PLAN)");
+                    shmem::kSplitkTargetWorkgroups == shmem_f16::kSplitkTargetWorkgroups &&
+                    shmem::kMaxKSplits == shmem_int8::kMaxKSplits && shmem::kSplitkMinChunk == shmem_int8::kSplitkMinChunk &&
+                    shmem::kSplitkTargetWorkgroups == shmem_int8::kSplitkTargetWorkgroups,
+                "the registry gives shmem and its variants one set of split-K knobs (_SHMEM_PLAN)");
   const uint64_t tiles = ceil_div(n_stride, tn) * ceil_div(m, tm);
   const uint64_t splits =
       std::min({uint64_t(shmem::kMaxKSplits), max_groups, std::max<uint64_t>(1, k / shmem::kSplitkMinChunk),
@@ -55,15 +57,17 @@ Q4Params q4_params(const Plan& p, uint32_t k, uint32_t n, uint32_t n_stride, uin
 }
 
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                      uint32_t max_groups, Plan* out, bool f16) {
+                      uint32_t max_groups, Plan* out, int precision) {
   if (m == 0 || k == 0 || n == 0 || n_stride == 0 || group_size == 0 || max_groups == 0)
     return "cannot plan a call with M, K, N, n_stride, group size or max workgroups of 0";
   Plan p;
   p.kernel = kernel;
   p.runs = &kernel_info(kernel);
-  if (f16 && m > 1 && f16_variant(kernel)) p.runs = f16_variant(kernel);
+  if (m > 1 && precision_variant(kernel, precision)) p.runs = precision_variant(kernel, precision);
   p.m = m;
-  uint64_t k_splits = 1, k_chunk = k;
+  uint64_t k_splits = 1, k_chunk = k, quantized_x_bytes = 0;
+  const KernelInfo* prepass = nullptr;  // a kernel dispatched before the call's own (KernelInfo::prepass)
+  uint64_t prepass_grid[3] = {};
   uint64_t grids[2][3] = {};
   int count = 1;
   switch (kernel) {
@@ -85,11 +89,19 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
       break;
     }
     case Kernel::Shmem: {
-      const bool half = p.runs != &kernel_info(kernel);  // shmem_f16: its own tiles
-      const uint64_t tm = half ? shmem_f16::kTm : shmem::kTm, tn = half ? shmem_f16::kTn : shmem::kTn;
-      std::tie(k_splits, k_chunk) = k_split_for(m, k, n_stride, max_groups, tm, tn, half ? shmem_f16::kTk : shmem::kTk);
+      const uint64_t tm = p.runs->tile[0], tn = p.runs->tile[1];  // shmem's or its variant's own tiles
+      std::tie(k_splits, k_chunk) = k_split_for(m, k, n_stride, max_groups, tm, tn, p.runs->tile[2]);
       uint64_t g[3] = {ceil_div(n_stride, tn), ceil_div(m, tm), k_splits};
       std::copy(g, g + 3, grids[0]);
+      if (p.runs->prepass) {  // quantize_int8: one invocation per row and block of k
+        prepass = find_kernel(p.runs->prepass);
+        if (!prepass) return std::string("the kernel registry has no ") + p.runs->prepass;
+        static_assert(quantize_int8::kInt8Block == shmem_int8::kTk, "shmem_int8's K tile is one int8 block");
+        const uint64_t block = quantize_int8::kInt8Block;
+        prepass_grid[0] = ceil_div(m * k / block, prepass->workgroup_size[0]);
+        prepass_grid[1] = prepass_grid[2] = 1;
+        quantized_x_bytes = m * k + m * (k / block) * 4;
+      }
       break;
     }
     default:
@@ -101,6 +113,14 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
     uint64_t r[3] = {ceil_div(m * n, reduce->workgroup_size[0]), 1, 1};
     std::copy(r, r + 3, grids[1]);
     count = 2;
+  }
+  if (prepass) {
+    for (int i = 0; i < 3; ++i)
+      if (prepass_grid[i] > max_groups)
+        return std::string(p.runs->name) + " at M=" + std::to_string(m) + ", N=" + std::to_string(n) +
+               ": grid exceeds " + std::to_string(max_groups) + " workgroups per dimension";
+    p.dispatches.push_back(
+        Dispatch{prepass, {uint32_t(prepass_grid[0]), uint32_t(prepass_grid[1]), uint32_t(prepass_grid[2])}});
   }
   for (int d = 0; d < count; ++d) {
     for (int i = 0; i < 3; ++i) {
@@ -114,7 +134,7 @@ std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_
   }
   p.k_splits = uint32_t(k_splits);
   p.k_chunk = uint32_t(k_chunk);
-  p.partial_bytes = k_splits == 1 ? 0 : k_splits * m * n * 4;
+  p.partial_bytes = (k_splits == 1 ? 0 : k_splits * m * n * 4) + quantized_x_bytes;
   *out = std::move(p);
   return "";
 }
@@ -139,14 +159,14 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
 }
 
 std::string chunk_rows(const std::string& name, uint32_t k32, uint32_t group_size, const Route& route, uint32_t part_n,
-                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows_out, bool f16) {
+                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows_out, int precision) {
   const uint64_t k = k32;
   uint64_t rows = std::min({m, limits.max_binding_bytes / (k * 4), limits.max_binding_bytes / (uint64_t(part_n_stride) * 4),
                             uint64_t(limits.max_workgroups_per_dim) * kMinRowsPerWorkgroup});
   while (rows > 1) {
     Plan plan;
     if (plan_call(route.kernel_for(rows), rows, k32, part_n, part_n_stride, group_size,
-                  limits.max_workgroups_per_dim, &plan, f16).empty() &&
+                  limits.max_workgroups_per_dim, &plan, precision).empty() &&
         plan.partial_bytes <= limits.max_binding_bytes) {
       *rows_out = rows;
       return "";

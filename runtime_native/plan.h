@@ -24,20 +24,21 @@ struct Dispatch {
 
 struct Plan {
   Kernel kernel;               // the route's kernel
-  const KernelInfo* runs = nullptr;  // the kernel the call runs: kernel's entry, or its f16 variant's
+  const KernelInfo* runs = nullptr;  // the kernel the call runs: kernel's entry, or its precision variant's
   uint64_t m = 0;
   uint32_t k_splits = 1;
   uint32_t k_chunk = 0;
-  uint64_t partial_bytes = 0;  // split-K scratch the plan writes (0 without split K)
+  uint64_t partial_bytes = 0;  // scratch the plan writes: split-K sums (none without split K), then any
+                               // quantized activations (int8 prefill: q4gsw_int8_prelude.wgsl)
   std::vector<Dispatch> dispatches;
 };
 
 // The plan for `kernel` at M = m on a layer (part) of K x N; "" or why it
-// cannot run (a grid beyond max_groups workgroups per dimension). f16: the layer
-// runs its prefill in f16 (uses_f16, q4_linear.h), so a call with M > 1 of a kernel
-// that has an f16 variant runs that variant, planned from its own constants.
+// cannot run (a grid beyond max_groups workgroups per dimension). precision: what the
+// layer's prefill runs in (prefill_precision_on, q4_linear.h), so a call with M > 1 of a
+// kernel that has a variant in it runs that variant, planned from its own tiles.
 std::string plan_call(Kernel kernel, uint64_t m, uint32_t k, uint32_t n, uint32_t n_stride, uint32_t group_size,
-                      uint32_t max_groups, Plan* out, bool f16 = false);
+                      uint32_t max_groups, Plan* out, int precision = 0);
 
 // The q4gsw kernels' Params for a plan of a layer of K x N (runtime_py/q4_linear.py q4_params);
 // part_columns: the widths of a fused layer's output parts (kQ4OutputParts), empty for one part.
@@ -55,6 +56,6 @@ std::string column_parts(const LinearBlob& b, const Limits& limits, std::vector<
 // Most rows of M one call of every part of a layer (name, K, group size, route)
 // can take; part_n, part_n_stride: the widest part.
 std::string chunk_rows(const std::string& name, uint32_t k, uint32_t group_size, const Route& route, uint32_t part_n,
-                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows, bool f16 = false);
+                       uint32_t part_n_stride, const Limits& limits, uint64_t m, uint64_t* rows, int precision = 0);
 
 }  // namespace wgq4_native

@@ -45,37 +45,41 @@ uint64_t next_pow2(uint64_t v) {
 
 }  // namespace
 
-bool uses_f16(const GpuDevice& gpu, const LinearBlob& blob, const Route& route, std::string* note) {
-  static std::atomic<bool> logged_fallback{false};
+int prefill_precision_on(const GpuDevice& gpu, const LinearBlob& blob, const Route& route, std::string* note) {
+  static std::atomic<bool> logged_fallback[kPrecisionCount] = {};
   note->clear();
-  if (std::string(kPrecisionNames[blob.prefill_precision]) != "f16") return false;
+  const int precision = blob.prefill_precision;
+  if (precision == 0) return 0;
+  const std::string name = kPrecisionNames[precision];
   std::vector<Kernel> routed;
   if (route.prefill_buckets.empty()) routed.push_back(route.prefill_kernel);
   for (const RouteBucket& b : route.prefill_buckets) routed.push_back(b.kernel);
-  std::map<std::string, const KernelInfo*> kernels;  // name -> its f16 variant or nullptr, sorted as Python's sorted()
-  for (Kernel k : routed) kernels[kernel_name(k)] = f16_variant(k);
+  std::map<std::string, const KernelInfo*> kernels;  // name -> its variant or nullptr, sorted as Python's sorted()
+  for (Kernel k : routed) kernels[kernel_name(k)] = precision_variant(k, precision);
   std::string all, variants, runs_as;
-  for (const auto& [name, variant] : kernels) {
-    all += (all.empty() ? "" : ", ") + name;
+  bool needs_shader_f16 = false;
+  for (const auto& [kernel, variant] : kernels) {
+    all += (all.empty() ? "" : ", ") + kernel;
     if (!variant) continue;
-    variants += (variants.empty() ? "" : ", ") + name;
-    runs_as += (runs_as.empty() ? "" : ", ") + name + " runs as " + variant->name;
+    variants += (variants.empty() ? "" : ", ") + kernel;
+    runs_as += (runs_as.empty() ? "" : ", ") + kernel + " runs as " + variant->name;
+    needs_shader_f16 = needs_shader_f16 || variant->needs_shader_f16;
   }
   if (variants.empty()) {
-    *note = "; f16 prefill asked, but its prefill kernels (" + all + ") have no f16 variant: fp32";
-    return false;
+    *note = "; " + name + " prefill asked, but its prefill kernels (" + all + ") have no " + name + " variant: fp32";
+    return 0;
   }
-  if (!gpu.has_shader_f16) {
-    if (!logged_fallback.exchange(true))
+  if (needs_shader_f16 && !gpu.has_shader_f16) {
+    if (!logged_fallback[precision].exchange(true))
       ET_LOG(Info,
-             "WebGPUBackend: this program asks for f16 prefill, but adapter %s lacks shader-f16: its layers' prefill "
+             "WebGPUBackend: this program asks for %s prefill, but adapter %s lacks shader-f16: its layers' prefill "
              "runs in fp32 (route report reasons name them)",
-             gpu.adapter_name.c_str());
-    *note = "; f16 prefill asked, but this adapter lacks shader-f16: " + variants + " in fp32";
-    return false;
+             name.c_str(), gpu.adapter_name.c_str());
+    *note = "; " + name + " prefill asked, but this adapter lacks shader-f16: " + variants + " in fp32";
+    return 0;
   }
-  *note = "; f16 prefill: " + runs_as;
-  return true;
+  *note = "; " + name + " prefill: " + runs_as;
+  return precision;
 }
 
 std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits& limits, const LinearBlob& blob,
@@ -90,8 +94,8 @@ std::unique_ptr<Q4LinearPart> Q4LinearPart::create(GpuDevice* gpu, const Limits&
   p->m_max_ = blob.m_max;
   std::string why;
   p->route_ = blob.route_for_adapter(gpu->adapter_class, &why);
-  std::string f16_note;
-  p->f16_ = uses_f16(*gpu, blob, p->route_, &f16_note);
+  std::string precision_note;
+  p->precision_ = prefill_precision_on(*gpu, blob, p->route_, &precision_note);
   p->name_ = (n0 == 0 && n1 == blob.n_stride) ? blob.name
                                                : blob.name + "[" + std::to_string(n0) + ":" + std::to_string(n0 + p->n_) + "]";
   const uint64_t k8 = blob.in_features / 8, groups = blob.in_features / blob.group_size;
@@ -142,7 +146,7 @@ std::string Q4LinearPart::plan(Kernel kernel, uint64_t m, const PlannedCall** ou
   if (found == plans_.end()) {
     PlannedCall call;
     std::string problem =
-        plan_call(kernel, m, k_, n_, n_stride_, group_size_, limits_.max_workgroups_per_dim, &call.plan, f16_);
+        plan_call(kernel, m, k_, n_, n_stride_, group_size_, limits_.max_workgroups_per_dim, &call.plan, precision_);
     if (!problem.empty()) return problem;
     for (const Dispatch& d : call.plan.dispatches) {
       WGPUComputePipeline pipeline = gpu_->pipeline(*d.kernel, &problem);
@@ -308,16 +312,16 @@ std::unique_ptr<Q4Layer> Q4Layer::create(GpuDevice* gpu, const LinearBlob& blob,
   // route report says which (as runtime_py/q4_linear.py words it).
   std::string choice;
   const Route& route = blob.route_for_adapter(gpu->adapter_class, &choice);
-  std::string f16_note;
-  const bool f16 = uses_f16(*gpu, blob, route, &f16_note);
+  std::string precision_note;
+  const int precision = prefill_precision_on(*gpu, blob, route, &precision_note);
   layer->info_ = LayerInfo{blob.name, blob.in_features, blob.out_features, blob.group_size, blob.n_stride,
-                           blob.m_min, blob.m_max, route, blob.bias != nullptr, f16};
+                           blob.m_min, blob.m_max, route, blob.bias != nullptr, precision};
   std::vector<std::pair<uint32_t, uint32_t>> ranges;
   *error = column_parts(blob, layer->limits_, &ranges);
   if (!error->empty()) return nullptr;
   const std::string why = std::string(" (") + route_source_name(route.source) + ") [" + choice + "]; " + route.reason;
   layer->reasons_[0] = "M == 1: decode route" + why;
-  layer->reasons_[1] = "M > 1: prefill route" + why + f16_note;
+  layer->reasons_[1] = "M > 1: prefill route" + why + precision_note;
   std::lock_guard<std::mutex> lock(gpu->mutex);
   for (auto [n0, n1] : ranges) {
     auto part = Q4LinearPart::create(gpu, layer->limits_, blob, n0, n1, error);
@@ -335,7 +339,7 @@ std::string Q4Layer::run(const float* x, uint64_t m, float* y, CallRecord* call)
   if (found == rows_.end()) {  // planned once per M: calls at a given M repeat (decode, fixed prompts)
     uint64_t rows = 0;
     std::string problem = chunk_rows(L.name, L.in_features, L.group_size, L.route, parts_[0]->out_features(),
-                                     parts_[0]->n_stride(), limits_, m, &rows, L.f16);
+                                     parts_[0]->n_stride(), limits_, m, &rows, L.precision);
     if (!problem.empty()) return problem;
     found = rows_.emplace(m, rows).first;
   }

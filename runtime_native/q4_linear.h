@@ -24,11 +24,11 @@
 
 namespace wgq4_native {
 
-// Whether a layer's prefill runs its f16 kernels on this device (the blob asks for f16 prefill, a prefill
-// kernel of its route has an f16 variant, the device has shader-f16), and what its route-report reason adds
-// (*note). Without shader-f16 the layer runs fp32: the note says so, the log once per process.
-// The twin of runtime_py/q4_linear.py uses_f16 (same words).
-bool uses_f16(const GpuDevice& gpu, const LinearBlob& blob, const Route& route, std::string* note);
+// The precision (an index into kPrecisionNames) a layer's prefill runs in on this device: the blob's, where a
+// prefill kernel of its route has a variant in it and the device has the variant's features (f16: shader-f16);
+// else fp32 (0). *note: what its route-report reason adds; a missing feature is also logged once per process.
+// The twin of runtime_py/q4_linear.py prefill_precision_on (same words).
+int prefill_precision_on(const GpuDevice& gpu, const LinearBlob& blob, const Route& route, std::string* note);
 
 // A layer's shape and route: the blob minus its payload (freed after upload).
 struct LayerInfo {
@@ -37,7 +37,7 @@ struct LayerInfo {
   uint64_t m_min, m_max;
   Route route;
   bool has_bias;
-  bool f16;  // its prefill runs f16 kernels (uses_f16)
+  int precision;  // what its prefill runs in (prefill_precision_on)
 };
 
 class Q4LinearPart {
@@ -71,7 +71,7 @@ class Q4LinearPart {
   uint32_t k_ = 0, n_ = 0, n_stride_ = 0, group_size_ = 0;
   uint64_t m_max_ = 0;
   Route route_;
-  bool f16_ = false;  // uses_f16
+  int precision_ = 0;  // prefill_precision_on
   WGPUBuffer qweight_ = nullptr, scales_ = nullptr, bias_ = nullptr, params_ = nullptr;
   WGPUBuffer x_ = nullptr, y_ = nullptr, staging_ = nullptr, partial_ = nullptr, resolve_ = nullptr;
   WGPUQuerySet queries_ = nullptr;

@@ -73,12 +73,18 @@ class GPUContext:
     # other values on some AMD, Intel and Apple GPUs.
     timestamp_period_ns: float = 1.0
     # The device has shader-f16 (requested whenever the adapter offers it, unless registry.SHADER_F16_ENV is "0"):
-    # f16 kernels (registry.F16_VARIANTS) can run; without it a blob's f16 prefill runs in fp32 (q4_linear.uses_f16).
+    # f16 kernels (registry.VARIANTS) can run; without it a blob's f16 prefill runs in fp32
+    # (q4_linear.prefill_precision_on).
     has_shader_f16: bool = False
     _layouts: Dict[Tuple[Binding, ...], Tuple[GPUBindGroupLayout, GPUPipelineLayout]] = \
         field(default_factory=dict)
     _pipelines: Dict[str, GPUComputePipeline] = field(default_factory=dict)
     _unused_parts: Tuple[GPUBuffer, ...] = ()
+
+    @property
+    def features(self) -> frozenset:
+        """The optional wgpu features kernels may need (Kernel.features) that this device has."""
+        return frozenset([registry.SHADER_F16] if self.has_shader_f16 else [])
 
     @property
     def adapter_name(self) -> str:

@@ -34,7 +34,7 @@ from executorch_wgpu.backend.serialization.graph_blob import GraphRecord, Linear
 from executorch_wgpu.errors import InputError, ProgramFormatError, WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.direct_calls import DirectCalls, run_through_wgpu_py
-from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, q4_params, use_direct_calls, uses_f16
+from executorch_wgpu.runtime_py.q4_linear import LinearCall, Plan, plan_call, q4_params, prefill_precision_on, use_direct_calls
 from executorch_wgpu.shaders import registry
 
 SLOT_BYTES = 256    # one step's Params: WebGPU's minUniformBufferOffsetAlignment
@@ -73,10 +73,10 @@ class _Linear:
             raise ProgramFormatError(f"graph delegate: linear {rec.name!r} has parts of {columns} columns, "
                                      f"its blob {rec.out_features}")
         self.route, choice = rec.route_for_adapter(ctx.adapter_class)
-        self.f16, f16_note = uses_f16(ctx, rec, self.route)
+        self.precision, precision_note = prefill_precision_on(ctx, rec, self.route)
         why = f"({self.route.source}) [{choice}]; {self.route.reason}"
         fused = f"; fused: one layer {rec.name}" if lin.parts else ""
-        self.reasons = (f"M == 1: decode route {why}{fused}", f"M > 1: prefill route {why}{f16_note}{fused}")
+        self.reasons = (f"M == 1: decode route {why}{fused}", f"M > 1: prefill route {why}{precision_note}{fused}")
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
         if largest > ctx.plan_limits().max_binding_bytes:
             raise WebGPUDelegateError(
@@ -99,7 +99,7 @@ class _Linear:
         if plan is None:
             rec = self.rec
             plan = self.plans[m] = plan_call(self.route.kernel_for(m), m, rec.in_features, rec.out_features,
-                                             rec.n_stride, rec.group_size, self.max_groups, self.f16)
+                                             rec.n_stride, rec.group_size, self.max_groups, self.precision)
         return plan
 
     def params(self, plan: Plan) -> List[int]:

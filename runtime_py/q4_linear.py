@@ -89,16 +89,18 @@ class Plan:
     k_splits: int
     k_chunk: int
     dispatches: tuple
+    quantized_x_bytes: int = 0   # an int8 call's activation codes and scales (q4gsw_int8_prelude.wgsl)
 
     @property
     def partial_bytes(self) -> int:
-        """Bytes of split-K partial sums the plan writes (0 without split K)."""
-        return 0 if self.k_splits == 1 else self.k_splits * self.m * self.n * 4
+        """Bytes of the scratch buffer the plan writes: split-K partial sums (none without split K), then any
+        quantized activations."""
+        return (0 if self.k_splits == 1 else self.k_splits * self.m * self.n * 4) + self.quantized_x_bytes
 
 
 def k_split_for(m: int, k: int, n_stride: int, max_groups: int = MAX_GROUPS_PER_DIM,
                 gemm: registry.Kernel = SHMEM) -> tuple:
-    """(k_splits, k_chunk) for a shared-memory GEMM (shmem, shmem_f16): when its tiles alone would leave most
+    """(k_splits, k_chunk) for a shared-memory GEMM (shmem and its variants): when its tiles alone would leave most
     of a large GPU idle, split K over extra workgroups (chunks a multiple of its K tile)."""
     c, p = gemm.constants, gemm.plan
     tiles = math.ceil(n_stride / c["TN"]) * math.ceil(m / c["TM"])
@@ -121,17 +123,19 @@ def gemv_k_split_for(k: int, group_size: int, max_groups: int = MAX_GROUPS_PER_D
 
 
 def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: int,
-              max_groups: int = MAX_GROUPS_PER_DIM, f16: bool = False) -> Plan:
+              max_groups: int = MAX_GROUPS_PER_DIM, precision: str = "fp32") -> Plan:
     """The dispatches that compute y for M = m with a routable kernel; grids match the shader headers.
 
-    f16: the layer runs its prefill in f16 (uses_f16), so a call with M > 1 of a kernel that has an f16
-    variant (registry.F16_VARIANTS) runs that variant, planned from its own constants; the plan names it.
+    precision: what the layer's prefill runs in on this device (prefill_precision_on), so a call with M > 1 of
+    a kernel that has a variant in it (registry.VARIANTS) runs that variant, planned from its own constants;
+    the plan names it.
     Raises WebGPUDelegateError when a grid would exceed max_groups workgroups
     in a dimension (split_linear.py sizes parts and row chunks so it does not).
     """
-    if f16 and m > 1:
-        kernel = registry.F16_VARIANTS.get(kernel, kernel)
+    if m > 1:
+        kernel = registry.variant(kernel, precision)
     k_splits, k_chunk = 1, k
+    quantized_x_bytes = 0
     reduce_rows = m
     if kernel == "gemv":
         if m != 1:
@@ -144,11 +148,17 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     elif kernel == "skinny":
         rows = SKINNY.constants["ROWS"]
         dispatches = (Dispatch("skinny", (math.ceil(n_stride / SKINNY_COLUMNS), math.ceil(m / rows), 1)),)
-    elif kernel in ("shmem", "shmem_f16"):
+    elif kernel in ("shmem", registry.variant("shmem", precision)):   # or its variant: its own tiles, one split rule
         gemm = registry.kernel(kernel)
         c = gemm.constants
         k_splits, k_chunk = k_split_for(m, k, n_stride, max_groups, gemm)
         dispatches = (Dispatch(kernel, (math.ceil(n_stride / c["TN"]), math.ceil(m / c["TM"]), k_splits)),)
+        if gemm.prepass is not None:   # quantize_int8: one invocation per row and block of k
+            prepass = registry.kernel(gemm.prepass)
+            block = prepass.constants["INT8_BLOCK"]
+            dispatches = (Dispatch(prepass.name, (math.ceil(m * k // block / prepass.workgroup_size[0]), 1, 1)),
+                          *dispatches)
+            quantized_x_bytes = m * k + m * (k // block) * 4
     else:
         raise WebGPUDelegateError(f"unknown kernel {kernel!r}")
     if k_splits > 1:
@@ -159,7 +169,7 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
             raise WebGPUDelegateError(
                 f"{kernel} at M={m}, N={n}: grid {d.grid} exceeds {max_groups} workgroups per dimension"
             )
-    return Plan(kernel, m, n, k_splits, k_chunk, dispatches)
+    return Plan(kernel, m, n, k_splits, k_chunk, dispatches, quantized_x_bytes)
 
 
 def q4_params(plan: Plan, k: int, n: int, n_stride: int, group_size: int,
@@ -173,34 +183,38 @@ def q4_params(plan: Plan, k: int, n: int, n_stride: int, group_size: int,
     return tuple(values.get(f, 0) for f in registry.Q4_PARAMS)
 
 
-_logged_f16_fallback = False
+_logged_fallbacks: set = set()   # the precisions whose fallback to fp32 this process has logged
 
 
-def uses_f16(ctx: GPUContext, rec: Q4LinearRecord, route: Route) -> Tuple[bool, str]:
-    """Whether a layer's prefill runs its f16 kernels on this device, and what its route-report reason adds.
+def prefill_precision_on(ctx: GPUContext, rec: Q4LinearRecord, route: Route) -> Tuple[str, str]:
+    """The precision a layer's prefill runs in on this device, and what its route-report reason adds.
 
-    A blob asks for f16 prefill (prefill_precision); the kernels with an f16 variant (registry.F16_VARIANTS:
-    shmem) then run it for M > 1 where the device has shader-f16. Without it they run in fp32, which the
-    reason says per layer and the log once per process. Decode (M == 1) and the other kernels stay fp32.
-    runtime_native/q4_linear.cpp uses_f16 is the C++ twin (same words).
+    A blob asks for a prefill precision (prefill_precision); the kernels with a variant in it
+    (registry.VARIANTS: shmem -> shmem_f16, shmem_int8) then run that variant for M > 1 where the device has
+    the variant's features (f16: shader-f16). Without them they run in fp32, which the reason says per layer
+    and the log once per process. Decode (M == 1) and the other kernels stay fp32.
+    runtime_native/q4_linear.cpp prefill_precision_on is the C++ twin (same words).
     """
-    global _logged_f16_fallback
-    if rec.prefill_precision != "f16":
-        return False, ""
+    precision = rec.prefill_precision
+    if precision == "fp32":
+        return "fp32", ""
     kernels = sorted({k for _, k in route.prefill_buckets} or {route.prefill_kernel})
-    variants = [k for k in kernels if k in registry.F16_VARIANTS]
+    variants = [k for k in kernels if (precision, k) in registry.VARIANTS]
     if not variants:
-        return False, (f"; f16 prefill asked, but its prefill kernels ({', '.join(kernels)}) have no f16 variant: "
-                       "fp32")
-    if not ctx.has_shader_f16:
-        if not _logged_f16_fallback:
-            _logged_f16_fallback = True
-            log.warning("executorch_wgpu: this program asks for f16 prefill, but adapter %s lacks %s: its "
-                        "layers' prefill runs in fp32 (route report reasons name them)", ctx.adapter_name,
-                        registry.SHADER_F16)
-        return False, (f"; f16 prefill asked, but this adapter lacks {registry.SHADER_F16}: {', '.join(variants)} "
-                       "in fp32")
-    return True, "; f16 prefill: " + ", ".join(f"{k} runs as {registry.F16_VARIANTS[k]}" for k in variants)
+        return "fp32", (f"; {precision} prefill asked, but its prefill kernels ({', '.join(kernels)}) have no "
+                        f"{precision} variant: fp32")
+    missing = sorted({f for k in variants for f in registry.kernel(registry.variant(k, precision)).features}
+                     - ctx.features)
+    if missing:
+        if precision not in _logged_fallbacks:
+            _logged_fallbacks.add(precision)
+            log.warning("executorch_wgpu: this program asks for %s prefill, but adapter %s lacks %s: its "
+                        "layers' prefill runs in fp32 (route report reasons name them)", precision,
+                        ctx.adapter_name, ", ".join(missing))
+        return "fp32", (f"; {precision} prefill asked, but this adapter lacks {', '.join(missing)}: "
+                        f"{', '.join(variants)} in fp32")
+    return precision, f"; {precision} prefill: " + ", ".join(f"{k} runs as {registry.variant(k, precision)}"
+                                                              for k in variants)
 
 
 def check_input(rec: Q4LinearRecord, x: torch.Tensor) -> int:
@@ -227,9 +241,9 @@ class Q4LinearGPU:
         # The routes of this adapter's kind when the blob has them, else its default ones; the
         # route report says which; its reasons are built once, not per call (as the native twin does).
         self.route, route_choice = rec.route_for_adapter(ctx.adapter_class)
-        self.f16, f16_note = uses_f16(ctx, rec, self.route)
+        self.precision, precision_note = prefill_precision_on(ctx, rec, self.route)
         why = f"({self.route.source}) [{route_choice}]; {self.route.reason}"
-        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}{f16_note}")
+        self.reasons = (f"M == 1: decode route {why}", f"M > 1: prefill route {why}{precision_note}")
         dev = ctx.device
         self.limits = ctx.plan_limits()
         largest = max(rec.qweight.nbytes, rec.scales.nbytes)
@@ -267,7 +281,7 @@ class Q4LinearGPU:
         if key not in self.plans:
             rec = self.rec
             self.plans[key] = plan_call(kernel, m, rec.in_features, rec.out_features, rec.n_stride, rec.group_size,
-                                        self.limits.max_workgroups_per_dim, self.f16)
+                                        self.limits.max_workgroups_per_dim, self.precision)
         return self.plans[key]
 
     def _ensure_buffers(self, m: int, partial_bytes: int) -> None:

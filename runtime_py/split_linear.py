@@ -80,8 +80,8 @@ def part_record(rec: Q4LinearRecord, n0: int, n1: int) -> Q4LinearRecord:
 
 
 def chunk_rows(rec: Q4LinearRecord, route: Route, part: Q4LinearRecord, limits: PlanLimits, m: int,
-               f16: bool = False) -> int:
-    """Most rows of M one call of every part (routed by `route`, its prefill in f16 or not) can take: x, y and
+               precision: str = "fp32") -> int:
+    """Most rows of M one call of every part (routed by `route`, its prefill in `precision`) can take: x, y and
     split-K scratch fit, grids fit."""
     rows = min(m,
                limits.max_binding_bytes // (rec.in_features * 4),
@@ -91,7 +91,7 @@ def chunk_rows(rec: Q4LinearRecord, route: Route, part: Q4LinearRecord, limits: 
         kernel = route.kernel_for(rows)
         try:
             plan = plan_call(kernel, rows, rec.in_features, part.out_features, part.n_stride, rec.group_size,
-                             limits.max_workgroups_per_dim, f16)
+                             limits.max_workgroups_per_dim, precision)
             if plan.partial_bytes <= limits.max_binding_bytes:
                 return rows
         except WebGPUDelegateError:
@@ -128,7 +128,7 @@ class Q4Linear:
         if rows is None:   # planned once per M: calls at a given M repeat (decode, fixed prompts)
             # parts[0] is the widest; every part takes the same route (the same adapter, the same blob)
             first = self.parts[0]
-            rows = self._rows[m] = chunk_rows(self.rec, first.route, first.rec, self.limits, m, first.f16)
+            rows = self._rows[m] = chunk_rows(self.rec, first.route, first.rec, self.limits, m, first.precision)
         if len(self.parts) == 1 and rows >= m:
             return self.parts[0](x)
         flat = x.detach().reshape(m, self.rec.in_features)

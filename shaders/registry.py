@@ -145,11 +145,15 @@ class Kernel:
     prelude: Tuple[str, ...] = ("q4gsw_prelude.wgsl",)
     params: Tuple[str, ...] = Q4_PARAMS  # fields of its `params` uniform (empty: none)
     indexed: Tuple[str, ...] = ()        # rank_fields families the header gives an accessor fn <family>_at(i)
-    # An f16 kernel: the routable fp32 kernel whose prefill calls (M > 1) it runs where a blob asks for f16
-    # prefill (Q4Linear.prefill_precision) and the device has its features; it plans as that kernel does,
-    # from its own constants. Not routable itself: routes, tables and tune name fp32 kernels only.
-    f16_of: Optional[str] = None
+    # A precision variant: the routable fp32 kernel whose prefill calls (M > 1) it runs where a blob asks for
+    # prefill in `precision` (Q4Linear.prefill_precision) and the device has its features; it plans as that
+    # kernel does, from its own constants. Not routable itself: routes, tables and tune name fp32 kernels only.
+    variant_of: Optional[str] = None
+    precision: str = "fp32"              # the arithmetic it computes in (one of PRECISIONS)
     features: Tuple[str, ...] = ()       # wgpu device features it needs; the header enables their WGSL extensions
+    # A kernel the call dispatches before this one, on the same bind group (shmem_int8: quantize_int8, one
+    # invocation per row and INT8_BLOCK of k; the planners size its grid and its part of the scratch buffer).
+    prepass: Optional[str] = None
 
     def binding(self, name: str) -> int:
         return [b.name for b in self.layout].index(name)
@@ -164,16 +168,17 @@ VEC4_U32 = "array<vec4<u32>>"
 F32 = "array<f32>"
 U32 = "array<u32>"
 
-# Prefill precisions a blob may ask for (schema.fbs Precision, in enum order): fp32, the default; f16 runs
-# the kernels that have an f16 variant (Kernel.f16_of) in it where the device has shader-f16.
-PRECISIONS = ("fp32", "f16")
+# Prefill precisions a blob may ask for (schema.fbs Precision, in enum order): fp32, the default; f16 and int8
+# run the kernels that have a variant of that precision (Kernel.variant_of, VARIANTS) where the device has the
+# variant's features (f16: shader-f16; int8: none, dot4I8Packed is core WGSL).
+PRECISIONS = ("fp32", "f16", "int8")
 SHADER_F16 = "shader-f16"   # the wgpu feature f16 kernels need; both runtimes request it when the adapter has it
 # ... unless this environment variable is "0": then an f16 blob runs fp32 there, as on an adapter without the
 # feature (an A/B of one .pte, or a driver whose f16 misbehaves).
 SHADER_F16_ENV = "EXECUTORCH_WGPU_SHADER_F16"
 _WGSL_ENABLES = {SHADER_F16: "f16"}   # a feature -> the WGSL `enable` directive it allows
 
-# The shared-memory GEMMs' split-K knobs (planner-only), one set for the fp32 kernel and its f16 variant.
+# The shared-memory GEMMs' split-K knobs (planner-only), one set for the fp32 kernel and its variants.
 _SHMEM_PLAN = {"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}
 
 # Routable kernels first, in route-id order; then the helpers they dispatch.
@@ -203,13 +208,28 @@ KERNELS: Tuple[Kernel, ...] = (
         constants={"QUADS": 4, "SLICES": 64, "ROWS": 4}),
     # shmem's f16 variant (q4gsw_gemm_shmem_f16.wgsl): products and 32-term sums in f16, K-long sums in f32.
     # TK = 32: f16 operands fit twice the k in shmem's 16 KiB of workgroup memory.
-    _q4("shmem_f16", "q4gsw_gemm_shmem_f16.wgsl", f16_of="shmem", features=(SHADER_F16,),
+    _q4("shmem_f16", "q4gsw_gemm_shmem_f16.wgsl", variant_of="shmem", precision="f16", features=(SHADER_F16,),
         types={"params": "Params", "x": VEC4_F32, "qweight": VEC4_U32, "scales": VEC4_F32,
                "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
         constants={"TM": 128, "TN": 128, "TK": 32},
         prelude=("q4gsw_prelude.wgsl", "q4gsw_shmem_prelude.wgsl"),
         plan=_SHMEM_PLAN),
+    # shmem's int8 variant (q4gsw_gemm_shmem_int8.wgsl): x quantized to int8 per 32 k by its prepass
+    # (quantize_int8, into the scratch buffer after the split-K sums), 32-k sums of dot4I8Packed in i32, scaled
+    # into f32. 128 x 64 tiles: 32 integer and 32 float accumulators per thread; TK is one activation block.
+    _q4("shmem_int8", "q4gsw_gemm_shmem_int8.wgsl", variant_of="shmem", precision="int8", prepass="quantize_int8",
+        types={"params": "Params", "qweight": VEC4_U32, "scales": VEC4_F32,
+               "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
+        workgroup_size=(16, 16, 1),
+        constants={"TM": 128, "TN": 64, "TK": 32},
+        prelude=("q4gsw_prelude.wgsl", "q4gsw_shmem_prelude.wgsl", "q4gsw_int8_prelude.wgsl"),
+        plan=_SHMEM_PLAN),
+    _q4("quantize_int8", "q4gsw_quantize_int8.wgsl",
+        types={"params": "Params", "x": VEC4_F32, "partial": U32},
+        workgroup_size=(256, 1, 1),
+        constants={"INT8_BLOCK": 32},
+        prelude=("q4gsw_int8_prelude.wgsl",)),
     _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
         types={"params": "Params", "bias": F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(256, 1, 1)),
@@ -328,7 +348,13 @@ ROUTABLE: Tuple[Kernel, ...] = tuple(BY_ROUTE_ID[i] for i in sorted(BY_ROUTE_ID)
 ROUTABLE_NAMES: Tuple[str, ...] = tuple(k.name for k in ROUTABLE)                 # every kernel a blob may name
 DECODE_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.decode)     # may run M == 1
 PREFILL_KERNELS: Tuple[str, ...] = tuple(k.name for k in ROUTABLE if k.prefill)   # may run M > 1
-F16_VARIANTS: Dict[str, str] = {k.f16_of: k.name for k in KERNELS if k.f16_of}      # fp32 kernel -> its f16 kernel
+# (precision, routable kernel) -> the variant a prefill call of that kernel runs in that precision
+VARIANTS: Dict[Tuple[str, str], str] = {(k.precision, k.variant_of): k.name for k in KERNELS if k.variant_of}
+
+
+def variant(kernel_name: str, precision: str) -> str:
+    """The kernel a prefill call routed to kernel_name runs in `precision`: its variant, or itself."""
+    return VARIANTS.get((precision, kernel_name), kernel_name)
 
 
 def kernel(name: str) -> Kernel:
@@ -370,13 +396,22 @@ def _check_registry() -> None:
              shmem_f16.workgroup_size) == (128, 128, 32, (16, 16, 1)),
             "shmem_f16: its staging (one 4 x 4 x block and 4 k of a column quad per thread) and 8 x 8 register "
             "tiles are written for TM = TN = 128, TK = 32 and a 16 x 16 workgroup")
+    shmem_int8, quantize_int8 = BY_NAME["shmem_int8"], BY_NAME["quantize_int8"]
+    require((shmem_int8.constants["TM"], shmem_int8.constants["TN"], shmem_int8.constants["TK"],
+             shmem_int8.workgroup_size) == (128, 64, quantize_int8.constants["INT8_BLOCK"], (16, 16, 1))
+            and quantize_int8.constants["INT8_BLOCK"] == 32 and shmem_int8.prepass == quantize_int8.name,
+            "shmem_int8: its staging (a slot of a row quad per thread, a column quad's word per thread of 128..191), "
+            "8 x 4 register tiles and one activation block (quantize_int8's INT8_BLOCK, 32: 8 slots) per K tile are "
+            "written for TM = 128, TN = 64, TK = 32 and a 16 x 16 workgroup")
     for k in KERNELS:
-        if k.f16_of is not None:
-            base = BY_NAME.get(k.f16_of)
+        require(k.precision in PRECISIONS, f"{k.name}: precision {k.precision!r} is not one of {PRECISIONS}")
+        if k.variant_of is not None:
+            base = BY_NAME.get(k.variant_of)
             require(base is not None and base.route_id is not None and k.route_id is None and k.layout == base.layout
-                    and k.params == base.params and SHADER_F16 in k.features,
-                    f"{k.name}: an f16 variant stands in for a routable kernel of its layout and Params, needs "
-                    f"{SHADER_F16} and has no route id of its own")
+                    and k.params == base.params and k.precision != "fp32"
+                    and (k.precision != "f16" or SHADER_F16 in k.features),
+                    f"{k.name}: a precision variant stands in for a routable kernel of its layout and Params, has a "
+                    f"precision other than fp32 (f16 ones need {SHADER_F16}) and no route id of its own")
         unknown_features = set(k.features) - set(_WGSL_ENABLES)
         require(not unknown_features, f"{k.name}: features {sorted(unknown_features)} have no WGSL enable known here")
 
@@ -405,7 +440,7 @@ def _check_registry() -> None:
             "Q4_OUTPUT_PARTS: three storage bindings of Q4_LINEAR_LAYOUT, bounded by Params part1 and part2 "
             "(q4gsw_prelude.wgsl store_y)")
     for k in KERNELS:
-        if k.layout == Q4_LINEAR_LAYOUT:   # the prelude's store_y writes every part
+        if "q4gsw_prelude.wgsl" in k.prelude:   # its store_y writes every part
             require(all(p in k.types for p in Q4_OUTPUT_PARTS), f"{k.name}: declare {Q4_OUTPUT_PARTS} (store_y)")
 
     ids = sorted(k.route_id for k in KERNELS if k.route_id is not None)
@@ -488,7 +523,10 @@ def cpp_header() -> str:
            "  const WGPUBufferBindingType* layout;  // binding i of its bind group layout (shared arrays: equal",
            "                                        // pointers, one layout)",
            "  int binding_count;",
-           "  bool needs_shader_f16;                // an f16 kernel: runs only on a device with shader-f16",
+           "  bool needs_shader_f16;                // runs only on a device with shader-f16",
+           "  uint32_t tile[3];                     // a shared-memory GEMM's output tile and K tile (TM, TN, TK);",
+           "                                        // 0 for other kernels",
+           "  const char* prepass;                  // a kernel the call dispatches before it (Kernel.prepass), or nullptr",
            "};", "",
            "// A long call's dispatches go in submits of this many (DISPATCHES_PER_SUBMIT).",
            f"constexpr size_t kDispatchesPerSubmit = {DISPATCHES_PER_SUBMIT};", "",
@@ -499,8 +537,9 @@ def cpp_header() -> str:
            "// The entry of a routable kernel.",
            "const KernelInfo& kernel_info(Kernel k);",
            "inline const char* kernel_name(Kernel k) { return kernel_info(k).name; }",
-           "// The f16 variant of a routable kernel (F16_VARIANTS: what a blob's f16 prefill runs), or nullptr.",
-           "const KernelInfo* f16_variant(Kernel k);", "",
+           "// The variant of a routable kernel in a precision (an index into kPrecisionNames; VARIANTS: what a",
+           "// blob's prefill in that precision runs), or nullptr.",
+           "const KernelInfo* precision_variant(Kernel k, int precision);", "",
            "// The wgpu feature f16 kernels need is not requested when this environment variable is \"0\".",
            f'constexpr const char* kShaderF16Env = "{SHADER_F16_ENV}";',
            "// Prefill precisions a blob may ask for (PRECISIONS; schema.fbs Precision, in enum order).",
@@ -552,7 +591,9 @@ def cpp_source() -> str:
         rid = -1 if k.route_id is None else k.route_id
         out.append(f'    {{"{k.name}", "{k.wgsl}", k{_camel(k.name)}Source, {rid}, {str(k.decode).lower()}, '
                    f"{str(k.prefill).lower()}, {{{wg}}}, {layout_array}, {len(k.layout)}, "
-                   f"{str(SHADER_F16 in k.features).lower()}}},")
+                   f"{str(SHADER_F16 in k.features).lower()}, "
+                   f"{{{k.constants.get('TM', 0)}, {k.constants.get('TN', 0)}, {k.constants.get('TK', 0)}}}, "
+                   + (f'"{k.prepass}"' if k.prepass else "nullptr") + "},")
     out += ["};", "",
             "const KernelInfo* find_kernel(const char* name) {",
             "  for (const KernelInfo& k : kKernels)",
@@ -564,12 +605,11 @@ def cpp_source() -> str:
             + ", ".join(f"&kKernels[{KERNELS.index(k)}]" for k in ROUTABLE) + "};",
             "  return *by_route_id[static_cast<int>(k)];",
             "}", "",
-            "const KernelInfo* f16_variant(Kernel k) {",
-            "  switch (k) {"]
-    out += [f"    case Kernel::{_camel(base)}: return &kKernels[{KERNELS.index(BY_NAME[variant])}];"
-            for base, variant in F16_VARIANTS.items()]
-    out += ["    default: return nullptr;",
-            "  }",
+            "const KernelInfo* precision_variant(Kernel k, int precision) {"]
+    out += [f"  if (k == Kernel::{_camel(base)} && precision == {PRECISIONS.index(precision)}) "
+            f"return &kKernels[{KERNELS.index(BY_NAME[name])}];"
+            for (precision, base), name in VARIANTS.items()]
+    out += ["  return nullptr;",
             "}", "",
             "const char* const kPrecisionNames[kPrecisionCount] = {" + ", ".join(f'"{p}"' for p in PRECISIONS) + "};",
             "", "}  // namespace wgq4_native", ""]

@@ -76,12 +76,12 @@ def test_shmem_f16_matches_the_fp64_golden_within_the_f16_bound(m, k, n, gs, bia
 def test_shmem_f16_splits_k_in_chunks_of_its_own_k_tile():
     tk = registry.kernel("shmem_f16").constants["TK"]
     for m, k, n in ((3, 1056, 8), (70, 1024, 136), (512, 2048, 2048)):
-        fp32, f16 = plan_call("shmem", m, k, n, n, 32), plan_call("shmem", m, k, n, n, 32, f16=True)
+        fp32, f16 = plan_call("shmem", m, k, n, n, 32), plan_call("shmem", m, k, n, n, 32, precision="f16")
         assert f16.kernel == "shmem_f16" and [d.kernel for d in f16.dispatches][0] == "shmem_f16"
         assert f16.k_chunk % tk == 0 and (f16.k_splits - 1) * f16.k_chunk < k <= f16.k_splits * f16.k_chunk
         assert f16.k_splits == fp32.k_splits   # the same occupancy rule; only the chunk rounding differs
-    assert plan_call("shmem", 1, 1024, 64, 64, 32, f16=True).kernel == "shmem"   # decode stays fp32
-    assert plan_call("skinny", 40, 1024, 64, 64, 32, f16=True).kernel == "skinny"   # no f16 variant
+    assert plan_call("shmem", 1, 1024, 64, 64, 32, precision="f16").kernel == "shmem"   # decode stays fp32
+    assert plan_call("skinny", 40, 1024, 64, 64, 32, precision="f16").kernel == "skinny"   # no f16 variant
 
 
 def test_f16_prefill_runs_only_where_the_route_gives_shmem():
@@ -131,7 +131,7 @@ def ctx_without_f16() -> GPUContext:
 
 
 def test_without_shader_f16_an_f16_blob_runs_fp32_and_says_so(ctx_without_f16, monkeypatch, caplog):
-    monkeypatch.setattr(q4_linear_module, "_logged_f16_fallback", False)
+    monkeypatch.setattr(q4_linear_module, "_logged_fallbacks", set())
     with caplog.at_level(logging.WARNING, logger=q4_linear_module.__name__):
         layers = [f16_layer(512, 136, 32, True, seed=s, ctx=ctx_without_f16, prefill_route="shmem") for s in (0, 1)]
     fallbacks = [r for r in caplog.records if "lacks shader-f16" in r.getMessage()]
@@ -208,7 +208,7 @@ def test_an_unknown_precision_value_is_a_corrupted_blob(monkeypatch):
     with monkeypatch.context() as patch:   # a writer that knows a third precision
         patch.setattr(registry, "PRECISIONS", (*registry.PRECISIONS, "bf16"))
         blob = serialize_q4linear(rec)
-    with pytest.raises(BlobFormatError, match="unknown prefill precision enum value 2"):
+    with pytest.raises(BlobFormatError, match=f"unknown prefill precision enum value {len(registry.PRECISIONS)}"):
         deserialize_q4linear(blob)
 
 
@@ -302,9 +302,9 @@ def test_cpp_and_python_plan_f16_calls_the_same_way(native_lib):
             for n in (8, 100, 2048, 32000):
                 for max_groups in (65535, 3):
                     n_stride = blob_module.round_up(n, blob_module.N_ALIGN)
-                    got = native_lib.plan("shmem", m, k, n, n_stride, 32, max_groups, f16=True)
+                    got = native_lib.plan("shmem", m, k, n, n_stride, 32, max_groups, precision="f16")
                     try:
-                        p = plan_call("shmem", m, k, n, n_stride, 32, max_groups, f16=True)
+                        p = plan_call("shmem", m, k, n, n_stride, 32, max_groups, precision="f16")
                     except Exception as e:   # a grid beyond max_groups: both refuse
                         assert "error" in got and "exceeds" in str(e)
                         continue

@@ -54,12 +54,15 @@ def test_every_registry_kernel_compiles_on_this_adapter(name):
     assert gpu_context().pipeline(name) is not None
 
 
-def test_f16_kernels_enable_f16_first_and_stand_in_for_a_routable_kernel():
-    for fp32, f16 in registry.F16_VARIANTS.items():
-        assert registry.wgsl_source(f16).startswith("enable f16;\n")
-        assert registry.kernel(f16).route_id is None and registry.kernel(fp32).route_id is not None
-        assert f16 not in registry.PREFILL_KERNELS   # routes, tables and tune never pick a precision
+def test_precision_variants_stand_in_for_a_routable_kernel_and_f16_ones_enable_f16_first():
+    assert {precision for precision, _ in registry.VARIANTS} == set(registry.PRECISIONS) - {"fp32"}
+    for (precision, fp32), variant in registry.VARIANTS.items():
+        assert registry.kernel(variant).precision == precision and registry.variant(fp32, precision) == variant
+        assert registry.kernel(variant).route_id is None and registry.kernel(fp32).route_id is not None
+        assert variant not in registry.PREFILL_KERNELS   # routes, tables and tune never pick a precision
+        assert registry.wgsl_source(variant).startswith("enable f16;\n") == (precision == "f16")
     assert "enable" not in registry.wgsl_source("shmem")
+    assert registry.variant("skinny", "int8") == "skinny"   # no variant: the kernel itself
 
 
 def test_route_ids_number_the_routable_kernels_from_zero():

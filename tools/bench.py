@@ -69,7 +69,7 @@ QUICK_SHAPES = {"q": (256, 256), "kv": (256, 64), "gate": (256, 1024), "down": (
 QUICK_M = (1, 16, 64)
 KERNELS_FOR_M = {True: registry.DECODE_KERNELS, False: registry.PREFILL_KERNELS}   # keyed by M == 1
 GOLDEN_ROWS = 4
-TOLERANCE = 1e-4   # fp32 kernels; f16 ones (--f16) are judged by reference.F16_TOLERANCE (tolerance())
+TOLERANCE = 1e-4   # fp32 kernels; f16 and int8 ones (--precision) by reference.TOLERANCES (tolerance())
 
 
 @dataclass
@@ -135,15 +135,26 @@ def time_gpu_passes(ctx: GPUContext, encode: Callable, reps: int, warmup: int,
     return list((ticks[:, 1] - ticks[:, 0]) * ctx.timestamp_period_ns / 1000.0)
 
 
-def is_f16(kernel: str) -> bool:
-    return registry.kernel(kernel).f16_of is not None
+def precision_list(text: str) -> tuple:
+    """--precision: precisions other than fp32, comma-separated."""
+    values = tuple(v.strip() for v in text.split(","))
+    bad = [v for v in values if v not in registry.PRECISIONS or v == "fp32"]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: expected {', '.join(registry.PRECISIONS[1:])} "
+                                         "(comma-separated)")
+    return values
+
+
+def is_variant(kernel: str) -> bool:
+    """A precision variant (shmem_f16, shmem_int8): a precision opted into, not a route."""
+    return registry.kernel(kernel).variant_of is not None
 
 
 def tolerance(kernel: str) -> float:
     """The error bar a kernel's rows are judged by."""
-    from executorch_wgpu.tools.reference import F16_TOLERANCE
+    from executorch_wgpu.tools.reference import TOLERANCES
 
-    return F16_TOLERANCE if is_f16(kernel) else TOLERANCE
+    return TOLERANCES[registry.kernel(kernel).precision]
 
 
 def run_kernel(layer: BenchLayer, kernel: str, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +359,9 @@ class BenchConfig:
     kernels: Sequence[str] = registry.ROUTABLE_NAMES
     flush_bytes: int = 256 << 20   # the L2 flush between cold runs: larger than any GPU's L2
     cold_all: bool = False         # time M > 1 rows cold too (M = 1 rows always are)
-    f16: bool = False              # M > 1 rows also time the f16 variants (shmem_f16) where the adapter has shader-f16
+    # M > 1 rows also time the variants in these precisions (shmem_f16, shmem_int8) where the adapter has their
+    # features
+    precisions: Sequence[str] = ()
 
 
 def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -363,8 +376,12 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
         raise WebGPUDelegateError(f"adapter {ctx.adapter_name} has no timestamp queries; the bench needs them")
     use_cuda = cfg.peers and torch.cuda.is_available()
     probe = StreamProbe(ctx, cfg.flush_bytes)
-    if cfg.f16 and not ctx.has_shader_f16:
-        log.warning("bench: adapter %s lacks %s: no f16 kernels to time", ctx.adapter_name, registry.SHADER_F16)
+    variants = [v for (precision, _), v in registry.VARIANTS.items() if precision in cfg.precisions]
+    for v in variants:
+        if set(registry.kernel(v).features) - ctx.features:
+            log.warning("bench: adapter %s lacks %s: %s is not timed", ctx.adapter_name,
+                        ", ".join(sorted(set(registry.kernel(v).features) - ctx.features)), v)
+    variants = [v for v in variants if not set(registry.kernel(v).features) - ctx.features]
     rows_out = []
     for name, (k, n) in cfg.shapes.items():
         layer = make_layer(ctx, name, k, n, cfg.group_size, cfg.seed)
@@ -383,8 +400,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
             row["routed"] = routed_kernel(cfg.route_table, k, n, m, cfg.group_size, ctx.adapter_class)
             row["default_rule"] = routed_kernel(None, k, n, m, cfg.group_size, ctx.adapter_class)
             kernels = [kern for kern in KERNELS_FOR_M[m == 1] if kern in cfg.kernels]
-            if cfg.f16 and m > 1 and ctx.has_shader_f16:
-                kernels += [registry.F16_VARIANTS[kern] for kern in kernels if kern in registry.F16_VARIANTS]
+            if m > 1:
+                kernels += [v for v in variants if registry.kernel(v).variant_of in kernels]
             for kernel in kernels:
                 try:
                     row["kernels"][kernel] = check_kernel(layer, kernel, x, golden, rows)
@@ -423,7 +440,8 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
         "cuda_device": torch.cuda.get_device_name() if use_cuda else None,
         "versions": {"wgpu": wgpu.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "config": {"group_size": cfg.group_size, "reps": cfg.reps, "warmup": cfg.warmup, "rounds": cfg.rounds,
-                   "flush_bytes": cfg.flush_bytes, "cold_all": cfg.cold_all, "f16": cfg.f16,
+                   "flush_bytes": cfg.flush_bytes, "cold_all": cfg.cold_all,
+                   "precisions": list(cfg.precisions),
                    "route_table": cfg.route_table.describe() if cfg.route_table else None},
         "rows": rows_out,
     }
@@ -450,8 +468,8 @@ def finish_row(row: dict) -> None:
             r["weight_gbps"] = row["weight_bytes"] / r["us"] / 1e3
             r["ok"] = r["rel_err"] <= tolerance(kernel)
     row["stream_read_gbps"] = row["weight_bytes"] / row["stream_read_us"] / 1e3
-    # The fastest of the kernels routes choose from (fp32): an f16 kernel is a precision opted into, not a route.
-    timed = {k: r["us"] for k, r in row["kernels"].items() if "us" in r and r["ok"] and not is_f16(k)}
+    # The fastest of the kernels routes choose from (fp32): a variant is a precision opted into, not a route.
+    timed = {k: r["us"] for k, r in row["kernels"].items() if "us" in r and r["ok"] and not is_variant(k)}
     row["fastest"] = min(timed, key=lambda k: timed[k]) if timed else None
     routed = row["kernels"].get(row["routed"], {})
     row["routed_us"] = routed.get("us")
@@ -563,11 +581,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--flush-mb", type=cli.positive_int,
                    help="MiB read between cold runs to evict the L2 (default 256; --quick 16)")
     p.add_argument("--cold-all", action="store_true", help="time M > 1 rows cold too (M = 1 rows always are)")
-    p.add_argument("--f16", action="store_true",
-                   help="M > 1 rows also time the f16 variant of the shared-memory GEMM (shmem_f16, what "
-                        "WebGPUPartitioner(precision='f16') runs) where the adapter has shader-f16, judged by "
-                        "reference.F16_TOLERANCE; the fastest and routed columns stay fp32. With --model: the step's "
-                        "layers lowered with precision f16"),
+    p.add_argument("--precision", type=precision_list, default=(),
+                   help="f16, int8 or f16,int8: M > 1 rows also time the shared-memory GEMM's variants in these "
+                        "precisions (shmem_f16, shmem_int8: what WebGPUPartitioner(precision=...) runs) where the "
+                        "adapter has their features, judged by reference.TOLERANCES; the fastest and routed columns "
+                        "stay fp32. With --model (one precision): the step's layers lowered with it")
+    p.add_argument("--f16", dest="precision", action="store_const", const=("f16",),
+                   help="the same as --precision f16"),
     p.add_argument("--model", choices=sorted(LLAMA_CONFIGS),
                    help="time all q4 linears of this Llama config's decode step and prefill in one submit each, "
                         "weights cold (--m: the step's M values, default 1,128,512; --quick: 1,16)")
@@ -631,7 +651,7 @@ def kernels_main(args: argparse.Namespace, flush_bytes: int, command: str) -> No
     cfg = BenchConfig(args.shape_set, m_values, group_size=args.group_size, reps=args.reps, warmup=args.warmup,
                       rounds=args.rounds, peers=not args.no_peers,
                       route_table=RouteTable.load(args.route_table) if args.route_table else None,
-                      flush_bytes=flush_bytes, cold_all=args.cold_all, f16=args.f16)
+                      flush_bytes=flush_bytes, cold_all=args.cold_all, precisions=args.precision)
     require_timestamps(gpu_context())
     rows = sum(1 for name in cfg.shapes for m in cfg.m_values if not (name == "lm_head" and m > LM_HEAD_MAX_M))
     start = time.perf_counter()
@@ -648,7 +668,7 @@ def kernels_main(args: argparse.Namespace, flush_bytes: int, command: str) -> No
     print(markdown(results), end="")
     bad = [(r["shape"], r["M"], k) for r in results["rows"] for k, v in r["kernels"].items() if v.get("ok") is False]
     if bad:
-        log.error("kernels above their tolerance (fp32 %.0e, f16 %.0e): %s", TOLERANCE, tolerance("shmem_f16"), bad)
+        log.error("kernels above their tolerance (reference.TOLERANCES): %s", bad)
         sys.exit(1)
 
 
@@ -659,6 +679,9 @@ def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None
 
     ctx = gpu_context()
     require_timestamps(ctx)
+    if len(args.precision) > 1:
+        raise SystemExit("bench --model: give one --precision (the step's layers are lowered with it)")
+    model_precision = args.precision[0] if args.precision else "fp32"
     m_values = args.m or ([1, 16] if args.quick else [1, 128, 512])
     probe = StreamProbe(ctx, flush_bytes)
     probe.spin_up()
@@ -678,7 +701,7 @@ def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None
 
         result = bench_model.bench_model(ctx, args.model, m_values, args.group_size, args.reps, args.warmup,
                                          stream_us=stream_us, progress=on_row,
-                                         precision="f16" if args.f16 else "fp32")
+                                         precision=model_precision)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result.update(date=date, command=command, adapter=adapter_info(ctx))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -687,5 +710,5 @@ def model_main(args: argparse.Namespace, flush_bytes: int, command: str) -> None
     (args.out / "model.md").write_text(report)
     print(report)
     if not all(r["ok"] for r in result["rows"]):
-        log.error("a model layer is above the %.0e tolerance", tolerance("shmem_f16") if args.f16 else TOLERANCE)
+        log.error("a model layer is above the %.0e tolerance", result["tolerance"])
         sys.exit(1)

@@ -36,7 +36,7 @@ from executorch_wgpu.backend.serialization.blob import Q4LinearRecord
 from executorch_wgpu.runtime_py.gpu import GPUContext
 from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
 from executorch_wgpu.tools.models import LLAMA_CONFIGS
-from executorch_wgpu.tools.reference import F16_TOLERANCE, RandomQ4Layer, random_q4_layer, rel_err
+from executorch_wgpu.tools.reference import TOLERANCES, RandomQ4Layer, random_q4_layer, rel_err
 
 TOLERANCE = 1e-4
 
@@ -166,9 +166,10 @@ def bench_model(ctx: GPUContext, config: str, m_values: Sequence[int], group_siz
     """Time the model's linears per M; stream_us(nbytes) is the cold streaming-read ceiling.
     precision: the layers' prefill precision, as WebGPUPartitioner(precision=...) lowers them."""
     layers = load_model_layers(ctx, config, group_size, seed, precision)
-    tolerance = F16_TOLERANCE if precision == "f16" else TOLERANCE
+    tolerance = TOLERANCES[precision]
     result: dict = {"config": config, "group_size": group_size, "layers": len(layers), "reps": reps,
-                    "warmup": warmup, "precision": precision, "rows": []}
+                    "warmup": warmup, "precision": precision,
+                    "tolerance": tolerance, "rows": []}
     for m in m_values:
         g = torch.Generator().manual_seed(seed + m)
         inputs: Dict[Tuple[int, int], torch.Tensor] = {}

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import List
 
-from executorch_wgpu.shaders.registry import F16_VARIANTS
+from executorch_wgpu.shaders.registry import VARIANTS
 from executorch_wgpu.shaders.registry import ROUTABLE_NAMES as KERNELS   # every routable kernel, in route-id order
 from executorch_wgpu.tools.cli import figure   # 3 significant digits: no "0.00" TFLOP/s on a slow adapter
 
@@ -19,13 +19,13 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 
 def columns(results: dict) -> List[str]:
-    """Every routable kernel, then the f16 variants (bench --f16) that some row timed."""
+    """Every routable kernel, then the precision variants (bench --precision) that some row timed."""
     timed = {k for r in results["rows"] for k in r["kernels"]}
-    return list(KERNELS) + [k for k in F16_VARIANTS.values() if k in timed]
+    return list(KERNELS) + [k for k in VARIANTS.values() if k in timed]
 
 
 def markdown(results: dict) -> str:
-    from executorch_wgpu.tools.reference import F16_TOLERANCE
+    from executorch_wgpu.tools.reference import TOLERANCES
 
     a = results["adapter"]
     kernels = columns(results)
@@ -66,7 +66,7 @@ def markdown(results: dict) -> str:
             f"{_fmt(r.get('fp32_cuda_us'))} | {_fmt(max(errs) if errs else None, '.1e')} |"
         )
     lines += ["", "Bold: fastest fp32 kernel of the row. "
-              f"✗: above the 1e-4 tolerance (f16 kernels: {F16_TOLERANCE:.0e}). "
+              f"✗: above the 1e-4 tolerance (f16 kernels: {TOLERANCES['f16']:.0e}, int8: {TOLERANCES['int8']:.0e}). "
               "weight GB/s = (packed int4 + scale bytes) / routed time; stream-read = a plain read of as many bytes. "
               "weights: cold = every timed run follows an L2 flush (kernels, stream read and torch peers alike); "
               "L2-warm = runs back to back."]

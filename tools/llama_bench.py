@@ -43,6 +43,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from executorch_wgpu.shaders import registry
 from executorch_wgpu.tools import cli
 from executorch_wgpu.tools.configs import LLAMA_CONFIGS
 
@@ -83,9 +84,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--route-table", type=cli.route_table_file, default=None,
                    help="a route table from `python -m executorch_wgpu tune`")
-    p.add_argument("--precision", choices=["fp32", "f16"], default="fp32",
-                   help="prefill math: fp32 (default) or f16 (WebGPUPartitioner(precision='f16'): M > 1 calls "
-                        "routed to shmem run shmem_f16 where the adapter has shader-f16, fp32 elsewhere)"),
+    p.add_argument("--precision", choices=registry.PRECISIONS, default="fp32",
+                   help="prefill math: fp32 (default), f16 or int8 (WebGPUPartitioner(precision=...): M > 1 calls "
+                        "routed to shmem run shmem_f16 where the adapter has shader-f16, or shmem_int8)"),
     p.add_argument("--pte", type=cli.output_file, default=None,
                    help="where to write the .pte (default: OUT/llama-CONFIG.pte); "
                         "with --reuse-pte an existing file is loaded instead of exporting")
@@ -287,9 +288,7 @@ def op_kind(node: str, kernel: str) -> str:
     """A profile row's group: the kernel, and for generic kernels the op (fx node name without its number)."""
     import re
 
-    from executorch_wgpu.shaders import registry
-
-    if kernel in registry.ROUTABLE_NAMES or kernel == "splitk_reduce":
+    if kernel in registry.ROUTABLE_NAMES or kernel in registry.VARIANTS.values() or kernel == "splitk_reduce":
         return f"q4 linear ({kernel})"
     if "@" in node:   # a fused pattern's step: "pattern@anchor node"
         return f"{kernel}: {node.split('@')[0]}"

@@ -25,6 +25,7 @@ import torch
 from executorch_wgpu.backend.packing import pack_q4gsw_scales, pack_q4gsw_weights
 from executorch_wgpu.backend.routing import RouteOptions, decide_route
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, Q4LinearRecord, round_up
+from executorch_wgpu.shaders import registry
 
 # Output columns per block of a golden: lm_head's W (128256 x 2048) would be 2 GB in fp64 at once.
 GOLDEN_COLUMN_BLOCK = 8192
@@ -93,12 +94,43 @@ def golden_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     return y if linear.bias is None else y + linear.bias.double()
 
 
-# The bar of an f16 kernel (registry F16_VARIANTS: shmem_f16), where the fp32 kernels keep 1e-4. It rounds x and
+# The bar of an f16 kernel (registry VARIANTS: shmem_f16), where the fp32 kernels keep 1e-4. It rounds x and
 # the dequantized weights to f16 once each (relative error 2^-12 each) and sums 32 products at a time in f16 (each
 # add rounds to 2^-12 of the running sum), those sums in f32. On random layers (uniform int4 codes, scales in
 # [0.005, 0.055), x ~ N(0, 1)) that measures 2-4e-4 from the rounded inputs alone and 0.7-1.2e-3 in all, in
 # rel_err's metric; 2e-3 leaves under 2x headroom, so an f16 sum over a whole K or a second rounding would fail it.
 F16_TOLERANCE = 2e-3
+
+# The bar of an int8 kernel (registry VARIANTS: shmem_int8). Its integer sums are exact; its error is that of
+# rounding x to int8 per block of 32 k (up to max |x| / 254 an element): on random layers (as above) 4.8-6.6e-3
+# in rel_err's metric, on the tests' shapes and the 1b model's alike (lavapipe, M 2-257); 1.5e-2 leaves over 2x
+# headroom. Against the int8 math's own emulation (int8_activations) it keeps INT8_EMULATION_TOLERANCE.
+INT8_TOLERANCE = 1.5e-2
+# ... which is the fp32 bar's order: the kernel's sums are the emulation's up to f32 rounding (~1e-7), except
+# that a device's x * (127 / max) may round an element in a million to the code beside the emulation's (its
+# division need not be IEEE's: lavapipe multiplies by a reciprocal), each such row then 1-3e-4 off.
+INT8_EMULATION_TOLERANCE = 1e-3
+
+# The error bar of a kernel computing in each precision (registry Kernel.precision), against the fp64 golden.
+TOLERANCES = {"fp32": 1e-4, "f16": F16_TOLERANCE, "int8": INT8_TOLERANCE}
+
+# The int8 prefill kernels' block of k per activation scale (shmem_int8 quantizes one K tile at a time).
+INT8_BLOCK = registry.kernel("shmem_int8").constants["TK"]
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as an int8 prefill kernel (registry VARIANTS: shmem_int8) sees it, in fp64: each row's block of
+    INT8_BLOCK k quantized symmetrically to codes -127..127 (scale max |x| / 127, round half to even) and
+    dequantized. The codes are chosen in f32, as the kernel computes x * (127 / max) (an fp64 product rounds a
+    few elements in a million to the other side of a half); the rest is fp64. A layer's
+    golden(int8_activations(x)) is then the int8 math's exact result (its integer sums are exact), up to a
+    device whose f32 division differs from IEEE's in the last place (WGSL allows 2.5 ulp)."""
+    xf = x.detach().float()
+    blocks = xf.reshape(*xf.shape[:-1], xf.shape[-1] // INT8_BLOCK, INT8_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inv).clamp(-127, 127)
+    return (codes.double() * (amax.double() / 127.0)).reshape(xf.shape)
 
 
 def rel_err(got: torch.Tensor, golden: torch.Tensor) -> float:

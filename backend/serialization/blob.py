@@ -96,7 +96,7 @@ class Q4LinearRecord:
     bias: Optional[np.ndarray]   # float32, N, or None
     route: Route                 # on an adapter of a kind adapter_routes does not name
     adapter_routes: Tuple[Tuple[str, Route], ...] = ()   # ((adapter class, route), ...), each class once
-    prefill_precision: str = "fp32"   # one of registry.PRECISIONS: "f16" asks for f16 prefill (schema.fbs Precision)
+    prefill_precision: str = "fp32"   # one of registry.PRECISIONS: "f16" / "int8" ask for that prefill (schema.fbs Precision)
 
     def route_for_adapter(self, adapter_class: Optional[str]) -> Tuple[Route, str]:
         """The routes a runtime on an adapter of this class (None: unknown) takes, and why, in words."""

@@ -5,3 +5,4 @@
 class Precision(object):
     FP32 = 0
     F16 = 1
+    INT8 = 2
