@@ -132,6 +132,9 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     Raises WebGPUDelegateError when a grid would exceed max_groups workgroups
     in a dimension (split_linear.py sizes parts and row chunks so it does not).
     """
+    spec = registry.BY_NAME.get(kernel)
+    if spec is not None and spec.variant_of is not None:   # a variant named itself (bench times each kernel)
+        kernel, precision = spec.variant_of, spec.precision
     if m > 1:
         kernel = registry.variant(kernel, precision)
     k_splits, k_chunk = 1, k
