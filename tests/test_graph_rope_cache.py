@@ -54,10 +54,114 @@ def test_rope_qk_cache_kernel_writes_rotated_q_and_both_caches_against_fp64(b, s
     q_out = run_registry_kernel("rope_qk_cache", (groups, 1, 1), params,
                                 {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "cos_t": cos.numpy(),
                                  "sin_t": sin.numpy()},
-                                np.full((b, s, hq, d), SENTINEL), other_outputs={"k_cache": k_cache, "v_cache": v_cache})
+                                np.full((b, s, hq, d), SENTINEL),
+                                other_outputs={"k_cache": k_cache, "v_cache": v_cache})
     assert rel_err(torch.from_numpy(q_out), rope_fp64(q, cos, sin)) < 1e-5
     written = slice(start, start + s)
     assert rel_err(torch.from_numpy(k_cache[:, written]), rope_fp64(k, cos, sin)) < 1e-5
     assert (v_cache[:, written] == v.numpy()).all()
     for cache in (k_cache, v_cache):   # the other positions are untouched
         assert (cache[:, :start] == SENTINEL).all() and (cache[:, start + s:] == SENTINEL).all()
+
+
+# ---- lowering: where the pattern holds, and where it does not ---------------------------------------------
+
+
+class RopeCacheAttention(torch.nn.Module):
+    """ExecuTorch's attention core with its LLM ops, on q, k, v given as inputs: rope of q and k, update_cache of
+    the rotated k and of v, custom_sdpa. `k_read_early` also returns the rotated k (another reader of it than
+    its cache write); `q_read_early` returns the rotated q doubled, computed before the cache writes (a step
+    reading it before the fused step would run); `k_angles_shift` rotates k by other positions' cos / sin
+    than q (not one cos / sin)."""
+
+    def __init__(self, hq: int = 4, hkv: int = 2, d: int = 16, c: int = 24, k_read_early: bool = False,
+                 q_read_early: bool = False, k_angles_shift: int = 0):
+        super().__init__()
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::update_cache, ...)
+        from executorch.examples.models.llama.rope import precompute_freqs_cis
+
+        cos, sin = precompute_freqs_cis(d, 2 * c)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+        self.register_buffer("k_cache", torch.zeros(1, c, hkv, d))
+        self.register_buffer("v_cache", torch.zeros(1, c, hkv, d))
+        self.c, self.k_angles_shift = c, k_angles_shift
+        self.k_read_early, self.q_read_early = k_read_early, q_read_early
+
+    def forward(self, q, k, v, input_pos):
+        from executorch.examples.models.llama.rope import apply_rotary_emb
+
+        start = input_pos[0].item()
+        seq = q.shape[1]
+        torch._check_is_size(start)
+        torch._check(start + seq <= self.c)
+        cos, sin = self.freqs_cos.narrow(0, start, seq), self.freqs_sin.narrow(0, start, seq)
+        q, k_same = apply_rotary_emb(q, k, cos, sin)
+        if self.k_angles_shift:
+            shift = self.k_angles_shift
+            k, _ = apply_rotary_emb(k, k, self.freqs_cos.narrow(0, start + shift, seq),
+                                    self.freqs_sin.narrow(0, start + shift, seq))
+        else:
+            k = k_same
+        extra = [q * 2.0] if self.q_read_early else []
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
+        extra += [k * 2.0] if self.k_read_early else []
+        return (out, *extra) if extra else out
+
+
+def lowered(module: RopeCacheAttention, max_tokens: int = 6):
+    """The module lowered in graph mode and loaded: (method, its graph delegate's steps as (kernel, node))."""
+    from executorch.exir import ExecutorchBackendConfig
+
+    from executorch_wgpu.runtime import Runtime
+    from executorch_wgpu.tools import models
+
+    hq, hkv, d = 4, module.k_cache.shape[2], module.k_cache.shape[3]
+    example = (torch.randn(1, 3, hq, d), torch.randn(1, 3, hkv, d), torch.randn(1, 3, hkv, d),
+               torch.tensor([0], dtype=torch.long))
+    tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
+    dynamic = ({1: tokens}, {1: tokens}, {1: tokens}, None)
+    pte = models.lower_to_pte(module, example, dynamic, backend_config=ExecutorchBackendConfig(run_reinplace_pass=True))
+    method = Runtime.get().load_program(pte).load_method("forward")
+    assert len(method._delegates) == 1
+    return method, [(st.kernel, st.node) for st in method._delegates[0].record.steps]
+
+
+def outputs_match_eager(module: RopeCacheAttention, method) -> None:
+    """A prefill of 4 positions from 0, then decode steps at 4 and 5: each call's outputs against eager torch's
+    (ExecuTorch's CPU kernels of the same ops) on the same inputs, the caches carried along in both."""
+    g = torch.Generator().manual_seed(3)
+    module.k_cache.zero_()
+    module.v_cache.zero_()
+    method.reset_state()
+    for start, seq in ((0, 4), (4, 1), (5, 1)):
+        q, k, v = (torch.randn(1, seq, h, 16, generator=g) for h in (4, 2, 2))
+        pos = torch.tensor([start], dtype=torch.long)
+        with torch.no_grad():
+            eager = module(q, k, v, pos)
+        ours = method.execute([q, k, v, pos])
+        for got, want in zip(ours, eager if isinstance(eager, tuple) else (eager,)):
+            assert rel_err(got, want) < 1e-5, (start, seq)
+
+
+def test_a_layers_ropes_and_cache_writes_lower_to_one_rope_qk_cache_step():
+    module = RopeCacheAttention()
+    method, steps = lowered(module)
+    kernels = [kernel for kernel, _ in steps]
+    assert kernels.count("rope_qk_cache") == 1 and "rope" not in kernels
+    assert not [node for _, node in steps if node.startswith("update_cache")]   # no cache copy left
+    outputs_match_eager(module, method)
+
+
+@pytest.mark.parametrize("variant", [dict(k_read_early=True), dict(q_read_early=True), dict(k_angles_shift=3)],
+                         ids=["rotated-k-read-elsewhere", "rotated-q-read-before-the-cache-writes",
+                              "k-rotated-by-other-angles"])
+def test_without_the_pattern_the_layer_keeps_its_rope_and_update_cache_steps(variant):
+    module = RopeCacheAttention(**variant)
+    method, steps = lowered(module)
+    kernels = [kernel for kernel, _ in steps]
+    assert "rope_qk_cache" not in kernels and kernels.count("rope") == 2
+    assert len([node for kernel, node in steps if kernel == "elementwise" and node.startswith("update_cache")]) == 2
+    outputs_match_eager(module, method)
