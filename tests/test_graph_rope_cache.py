@@ -15,14 +15,22 @@ layer; ops._lower_rope_qk_cache emits it and supersedes the four), in prefill an
 
 from __future__ import annotations
 
+import types
+from typing import Dict, List, Tuple
+
 import numpy as np
 import pytest
 import torch
 
+from executorch_wgpu.backend.graph import patterns
+from executorch_wgpu.backend.serialization.graph_blob import GraphRecord
+from executorch_wgpu.runtime import Runtime
 from executorch_wgpu.shaders import registry
+from executorch_wgpu.tools import models
 from executorch_wgpu.tools.reference import rel_err, run_registry_kernel
 
 SENTINEL = -7.0
+PROMPT = [1, 57, 300, 9, 1000, 77, 2048, 5, 4000, 12]
 
 
 def rope_fp64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,11 @@ class RopeCacheAttention(torch.nn.Module):
     reading it before the fused step would run); `k_angles_shift` rotates k by other positions' cos / sin
     than q (not one cos / sin)."""
 
+    freqs_cos: torch.Tensor
+    freqs_sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
     def __init__(self, hq: int = 4, hkv: int = 2, d: int = 16, c: int = 24, k_read_early: bool = False,
                  q_read_early: bool = False, k_angles_shift: int = 0):
         super().__init__()
@@ -111,12 +124,16 @@ class RopeCacheAttention(torch.nn.Module):
         return (out, *extra) if extra else out
 
 
+def graph_steps(method) -> list:
+    """The steps of a loaded method's one graph delegate."""
+    (delegate,) = method._delegates
+    assert isinstance(delegate.record, GraphRecord)
+    return list(delegate.record.steps)
+
+
 def lowered(module: RopeCacheAttention, max_tokens: int = 6):
     """The module lowered in graph mode and loaded: (method, its graph delegate's steps as (kernel, node))."""
     from executorch.exir import ExecutorchBackendConfig
-
-    from executorch_wgpu.runtime import Runtime
-    from executorch_wgpu.tools import models
 
     hq, hkv, d = 4, module.k_cache.shape[2], module.k_cache.shape[3]
     example = (torch.randn(1, 3, hq, d), torch.randn(1, 3, hkv, d), torch.randn(1, 3, hkv, d),
@@ -125,8 +142,7 @@ def lowered(module: RopeCacheAttention, max_tokens: int = 6):
     dynamic = ({1: tokens}, {1: tokens}, {1: tokens}, None)
     pte = models.lower_to_pte(module, example, dynamic, backend_config=ExecutorchBackendConfig(run_reinplace_pass=True))
     method = Runtime.get().load_program(pte).load_method("forward")
-    assert len(method._delegates) == 1
-    return method, [(st.kernel, st.node) for st in method._delegates[0].record.steps]
+    return method, [(st.kernel, st.node) for st in graph_steps(method)]
 
 
 def outputs_match_eager(module: RopeCacheAttention, method) -> None:
@@ -165,3 +181,60 @@ def test_without_the_pattern_the_layer_keeps_its_rope_and_update_cache_steps(var
     assert "rope_qk_cache" not in kernels and kernels.count("rope") == 2
     assert len([node for kernel, node in steps if kernel == "elementwise" and node.startswith("update_cache")]) == 2
     outputs_match_eager(module, method)
+
+
+# ---- the small Llama: three dispatches fewer per layer, the same tokens --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    """The small Llama (two layers show per-layer counts) in graph mode, and lowered as before this fusion."""
+    model = models.build_llama("small", seed=0, llm_ops=True, n_layers=2)
+    fused = models.export_llama_pte(model, max_tokens=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(patterns, "match_rope_cache", lambda anchor: None)   # no layer matches: today's steps
+        unfused = models.export_llama_pte(model, max_tokens=16)
+    return types.SimpleNamespace(model=model, fused=fused, unfused=unfused)
+
+
+def test_llama_layers_take_three_dispatches_fewer_per_prefill_and_decode_step_with_the_same_logits(llamas):
+    layers = llamas.model.args.n_layers
+    kernels: Dict[str, List[str]] = {}
+    runs: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
+    for name, pte in (("fused", llamas.fused), ("unfused", llamas.unfused)):
+        method = Runtime.get().load_program(pte).load_method("forward")
+        kernels[name] = [st.kernel for st in graph_steps(method)]
+        runs[name] = []
+        for tokens, pos in ((PROMPT, 0), ([PROMPT[0]], len(PROMPT))):   # prefill, then one decode step
+            (logits,) = method.execute([torch.tensor([tokens]), torch.tensor([pos])])
+            (report,) = method.graph_report()
+            runs[name].append((report["dispatches"], logits))
+    assert kernels["fused"].count("rope_qk_cache") == layers and "rope" not in kernels["fused"]
+    assert "rope_qk_cache" not in kernels["unfused"] and kernels["unfused"].count("rope") == 2 * layers
+    for (fused_dispatches, fused_logits), (dispatches, logits) in zip(runs["fused"], runs["unfused"]):
+        assert dispatches - fused_dispatches == 3 * layers   # rope q, rope k, two cache copies -> one step
+        assert rel_err(fused_logits, logits) <= 1e-6
+
+
+def test_llama_greedy_tokens_with_the_fused_layers_equal_eager(llamas):
+    method = Runtime.get().load_program(llamas.fused).load_method("forward")
+    ours = models.greedy_generate(models.method_runner(method), PROMPT[:5], 10)
+    models.reset_kv_cache(llamas.model)
+    assert ours == models.greedy_generate(models.eager_runner(llamas.model), PROMPT[:5], 10)
+
+
+@pytest.mark.native
+def test_the_native_runtime_runs_the_fused_layers_as_the_python_runtime_does(native_lib, llamas):
+    """ExecuTorch's runtime with the native delegate: the same logits and dispatch count per call."""
+    from executorch.runtime import Runtime as EtRuntime
+
+    native = EtRuntime.get().load_program(llamas.fused).load_method("forward")
+    assert native is not None
+    python = Runtime.get().load_program(llamas.fused).load_method("forward")
+    native_lib.reset_state()
+    for tokens, pos in ((PROMPT[:6], 0), ([PROMPT[6]], 6), ([PROMPT[7]], 7)):
+        inputs = [torch.tensor([tokens]), torch.tensor([pos])]
+        ours = native.execute(inputs)[0].clone()   # ExecuTorch reuses its output memory
+        (theirs,) = python.execute(inputs)
+        assert rel_err(ours, theirs) <= 1e-5, pos
+        assert native_lib.last_graph_call()["dispatches"] == python.graph_report()[0]["dispatches"], pos
