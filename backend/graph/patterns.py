@@ -29,8 +29,9 @@ from executorch_wgpu.backend.q4gsw_pattern import constant_value, op_name
 
 MUL, ADD, SUB = "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor"
 PERMUTE, UPDATE_CACHE = "aten.permute_copy.default", "llama.update_cache.default"
-# Ops the graph lowering turns into views: the result shares its input's buffer, in the same element order,
-# and no step runs (ops.py registers its alias rule for exactly these).
+# Ops the graph lowering always turns into views: the result shares its input's buffer, in the same element
+# order, and no step runs (ops.py gives exactly these its alias rule; a clone gets it only where its dim order
+# is contiguous, so it is not listed).
 VIEW_OPS = ("aten.view_copy.default", "aten.squeeze_copy.dims", "aten.squeeze_copy.dim", "aten.squeeze_copy.default",
             "aten.unsqueeze_copy.default", "aten.alias_copy.default")
 
@@ -313,11 +314,12 @@ class RopeCache:
 
 def match_rope_cache(anchor: Node) -> Optional[RopeCache]:
     """anchor = the later of update_cache(rope(k), k_cache, start) and update_cache(v, v_cache, start), with
-    start one node, each cache a distinct buffer of the program (a placeholder), the rotated k read by its update alone
-    (through views), and a rope of q by the same cos and sin nodes before the anchor. The fused step runs at
-    the anchor, so what it moves there must not be observed in between: nothing reads the rotated q before the
-    anchor (but views), and nothing between the earlier update and the anchor reads that update's cache. q's
-    rope is the nearest one before the anchor that qualifies. Shapes and layouts are the lowering's to check."""
+    start one node, each cache a distinct buffer of the program (a placeholder), the rotated k read by its
+    update alone (through views), and a rope of q by the same cos and sin nodes before the anchor. The fused
+    step runs at the anchor, so what it moves there must not be observed in between: nothing reads the rotated
+    q before the anchor (but views), and nothing between the earlier update and the anchor reads that update's
+    cache. q's rope is the nearest one before the anchor that qualifies. Shapes and layouts are the lowering's
+    to check."""
     if not _is(anchor, UPDATE_CACHE) or len(_args(anchor)) < 3:
         return None
     start = _args(anchor)[2]
