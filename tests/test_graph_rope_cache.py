@@ -79,8 +79,9 @@ class RopeCacheAttention(torch.nn.Module):
     """ExecuTorch's attention core with its LLM ops, on q, k, v given as inputs: rope of q and k, update_cache of
     the rotated k and of v, custom_sdpa. `k_read_early` also returns the rotated k (another reader of it than
     its cache write); `q_read_early` returns the rotated q doubled, computed before the cache writes (a step
-    reading it before the fused step would run); `k_angles_shift` rotates k by other positions' cos / sin
-    than q (not one cos / sin)."""
+    reading it before the fused step would run); `k_cache_read_between` returns the k cache's new rows read
+    between the two cache writes (the earlier write observed before the later one); `k_angles_shift` rotates k
+    by other positions' cos / sin than q (not one cos / sin)."""
 
     freqs_cos: torch.Tensor
     freqs_sin: torch.Tensor
@@ -88,7 +89,7 @@ class RopeCacheAttention(torch.nn.Module):
     v_cache: torch.Tensor
 
     def __init__(self, hq: int = 4, hkv: int = 2, d: int = 16, c: int = 24, k_read_early: bool = False,
-                 q_read_early: bool = False, k_angles_shift: int = 0):
+                 q_read_early: bool = False, k_cache_read_between: bool = False, k_angles_shift: int = 0):
         super().__init__()
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::update_cache, ...)
         from executorch.examples.models.llama.rope import precompute_freqs_cis
@@ -100,6 +101,7 @@ class RopeCacheAttention(torch.nn.Module):
         self.register_buffer("v_cache", torch.zeros(1, c, hkv, d))
         self.c, self.k_angles_shift = c, k_angles_shift
         self.k_read_early, self.q_read_early = k_read_early, q_read_early
+        self.k_cache_read_between = k_cache_read_between
 
     def forward(self, q, k, v, input_pos):
         from executorch.examples.models.llama.rope import apply_rotary_emb
@@ -118,6 +120,7 @@ class RopeCacheAttention(torch.nn.Module):
             k = k_same
         extra = [q * 2.0] if self.q_read_early else []
         torch.ops.llama.update_cache(k, self.k_cache, start)
+        extra += [self.k_cache.narrow(1, start, seq) * 3.0] if self.k_cache_read_between else []
         torch.ops.llama.update_cache(v, self.v_cache, start)
         out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0, True)
         extra += [k * 2.0] if self.k_read_early else []
@@ -171,9 +174,10 @@ def test_a_layers_ropes_and_cache_writes_lower_to_one_rope_qk_cache_step():
     outputs_match_eager(module, method)
 
 
-@pytest.mark.parametrize("variant", [dict(k_read_early=True), dict(q_read_early=True), dict(k_angles_shift=3)],
+@pytest.mark.parametrize("variant", [dict(k_read_early=True), dict(q_read_early=True), dict(k_cache_read_between=True),
+                                     dict(k_angles_shift=3)],
                          ids=["rotated-k-read-elsewhere", "rotated-q-read-before-the-cache-writes",
-                              "k-rotated-by-other-angles"])
+                              "k-cache-read-between-the-writes", "k-rotated-by-other-angles"])
 def test_without_the_pattern_the_layer_keeps_its_rope_and_update_cache_steps(variant):
     module = RopeCacheAttention(**variant)
     method, steps = lowered(module)
