@@ -124,6 +124,14 @@ REDUCE_ROWS_LAYOUT = ROWS_LAYOUT + (Binding("b", "read-only-storage"), Binding("
 ROPE_LAYOUT = (Binding("params", "uniform"), Binding("x", "read-only-storage"),
                Binding("cos_t", "read-only-storage"), Binding("sin_t", "read-only-storage"),
                Binding("out", "storage"))
+# rope_qk_cache: an attention layer's two RoPEs (q, k; one cos / sin) and its two cache writes (rotated k,
+# v at start_pos) in one dispatch. Eight storage bindings: WebGPU's default maxStorageBuffersPerShaderStage.
+ROPE_QK_CACHE_LAYOUT = (Binding("params", "uniform"), Binding("q", "read-only-storage"),
+                        Binding("k", "read-only-storage"), Binding("v", "read-only-storage"),
+                        Binding("cos_t", "read-only-storage"), Binding("sin_t", "read-only-storage"),
+                        Binding("q_out", "storage"), Binding("k_cache", "storage"), Binding("v_cache", "storage"))
+# The storage buffers one shader stage may bind on any WebGPU device (the spec's default limit).
+MAX_STORAGE_BINDINGS = 8
 SDPA_LAYOUT = (Binding("params", "uniform"), Binding("q", "read-only-storage"), Binding("k", "read-only-storage"),
                Binding("v", "read-only-storage"), Binding("out", "storage"))
 
@@ -248,9 +256,18 @@ KERNELS: Tuple[Kernel, ...] = (
            params=("rows", "n", "op", "eps_bits", "has_w", "_pad0", "_pad1", "_pad2")),
     Kernel("rope", "rope.wgsl", layout=ROPE_LAYOUT,
            types={"params": "Params", "x": F32, "cos_t": F32, "sin_t": F32, "out": F32},
-           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "rope_prelude.wgsl"),
            params=("n_pairs", "d0", "d1", "d2", "d3", "c0", "c1", "c2", "c3", "s0", "s1", "s2", "s3",
                    "_pad0", "_pad1", "_pad2")),
+    # rope_qk_cache (backend/graph/ops.py _lower_rope_qk_cache): q [B, S, Hq, D] -> q_out, rotated; k [B, S, Hkv,
+    # D] rotated and v into the caches [B, C, Hkv, D] at start_pos. half = D / 2; c0..c3 / s0..s3: cos / sin
+    # strides over [B, S, head, half]. One invocation per pair of the B x S x (Hq + Hkv) head rows.
+    Kernel("rope_qk_cache", "rope_qk_cache.wgsl", layout=ROPE_QK_CACHE_LAYOUT,
+           types={"params": "Params", "q": F32, "k": F32, "v": F32, "cos_t": F32, "sin_t": F32, "q_out": F32,
+                  "k_cache": F32, "v_cache": F32},
+           workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl", "rope_prelude.wgsl"),
+           params=("n_pairs", "S", "Hq", "Hkv", "half", "C", "start_pos", "_pad0", "c0", "c1", "c2", "c3",
+                   "s0", "s1", "s2", "s3")),
     Kernel("embedding", "embedding.wgsl", layout=ROWS_LAYOUT,
            types={"params": "Params", "a": U32, "w": F32, "out": F32},
            workgroup_size=(256, 1, 1), prelude=("graph_prelude.wgsl",),
@@ -452,6 +469,9 @@ def _check_registry() -> None:
         unknown = set(k.types) - {b.name for b in k.layout}
         require(not unknown, f"{k.name}: types for bindings not in its layout: {sorted(unknown)}")
         require(k.route_id is None or k.decode or k.prefill, f"{k.name}: a routable kernel must run some M")
+        storage = [b for b in k.layout if b.kind != "uniform"]
+        require(len(storage) <= MAX_STORAGE_BINDINGS,
+                f"{k.name}: {len(storage)} storage bindings, above the {MAX_STORAGE_BINDINGS} every device allows")
         for f in (*k.prelude, k.wgsl):
             require((SHADER_DIR / f).is_file(), f"{k.name}: no shaders/{f}")
 

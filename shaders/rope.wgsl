@@ -1,6 +1,4 @@
-// Rotary position embedding on interleaved pairs, as ExecuTorch's apply_rotary_emb computes it:
-//   out[..., 2i]     = x[..., 2i] * cos[..., i] - x[..., 2i + 1] * sin[..., i]
-//   out[..., 2i + 1] = x[..., 2i] * sin[..., i] + x[..., 2i + 1] * cos[..., i]
+// Rotary position embedding on interleaved pairs (rope_prelude.wgsl: rotate_pair, rope_angle).
 // One invocation per pair p over the shape d0 x d1 x d2 x d3 (d3 = D / 2 pairs per row); x and
 // out are contiguous, cos and sin are read through their own strides (broadcast dims stride 0).
 
@@ -16,12 +14,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let r1 = r2 / params.d2;
     let i1 = r1 % params.d1;
     let i0 = r1 / params.d1;
-    let ic = i0 * params.c0 + i1 * params.c1 + i2 * params.c2 + i3 * params.c3;
-    let is = i0 * params.s0 + i1 * params.s1 + i2 * params.s2 + i3 * params.s3;
-    let c = cos_t[ic];
-    let s = sin_t[is];
-    let xr = x[2u * p];
-    let xi = x[2u * p + 1u];
-    out[2u * p] = xr * c - xi * s;
-    out[2u * p + 1u] = xr * s + xi * c;
+    let rotated = rotate_pair(vec2<f32>(x[2u * p], x[2u * p + 1u]), rope_angle(i0, i1, i2, i3));
+    out[2u * p] = rotated.x;
+    out[2u * p + 1u] = rotated.y;
 }

@@ -182,9 +182,10 @@ class Lowerer:
         self.steps.append(_Step(kernel, dict(bindings), dict(params), groups, node=label))
 
     def supersede(self, node: Node) -> None:
-        """Drop the steps emitted so far for `node`: a fused step emitted later computes its value (into the
-        same buffer). The caller makes sure nothing between them reads that value but steps that die."""
-        self.steps = [st for st in self.steps if st.node != node.name]
+        """Drop the steps emitted so far for `node` (its own, and a pattern's "pattern@node"): a fused step
+        emitted later computes its value (into the same buffer). The caller makes sure nothing between them
+        reads that value but steps that die."""
+        self.steps = [st for st in self.steps if st.node != node.name and not st.node.endswith("@" + node.name)]
 
     def linear(self, node: Node, blob: bytes, x: TensorRef, y: TensorRef, m: IntExpr) -> None:
         self.steps.append(_Step(linear=_LinearStep(self.add_named_data(blob), x.buffer, (y.buffer,), m),

@@ -231,8 +231,7 @@ def _check_clone(node: Node) -> Optional[str]:
     return _fp32_output(node)
 
 
-rule("aten.view_copy.default", "aten.squeeze_copy.dims", "aten.squeeze_copy.dim", "aten.squeeze_copy.default",
-     "aten.unsqueeze_copy.default", "aten.alias_copy.default")(_alias)
+rule(*patterns.VIEW_OPS)(_alias)
 rule("aten.clone.default", check=_check_clone)(_alias)   # dim_order_ops._clone_dim_order: ops_transformer.py
 
 
@@ -240,16 +239,14 @@ rule("aten.clone.default", check=_check_clone)(_alias)   # dim_order_ops._clone_
 
 @rule("aten.permute_copy.default")
 def lower_permute(lw: Lowerer, node: Node) -> None:
-    dims = [_dim(d, len(args_of(node)[1])) for d in args_of(node)[1]]
-    inner = args_of(node)[0]
     # permute(permute(x)) that restores x's order is x itself (the LLM transforms write such pairs).
-    if isinstance(inner, Node) and target_name(inner) == "aten.permute_copy.default":
-        inner_dims = [_dim(d, len(args_of(inner)[1])) for d in args_of(inner)[1]]
-        if [inner_dims[d] for d in dims] == list(range(len(dims))):
-            src = lw.tensor(args_of(inner)[0])
-            lw.values[node] = TensorRef(src.buffer, _meta_shape(node), src.dtype)
-            return
-    src = lw.tensor(inner)
+    restored = patterns.undone_permute(node)
+    if restored is not None:
+        src = lw.tensor(restored)
+        lw.values[node] = TensorRef(src.buffer, _meta_shape(node), src.dtype)
+        return
+    dims = [_dim(d, len(args_of(node)[1])) for d in args_of(node)[1]]
+    src = lw.tensor(args_of(node)[0])
     strides = src.strides()
     lw.values[node] = copy_strided(lw, node, src, 0, [strides[d] for d in dims], _meta_shape(node))
 
@@ -534,12 +531,82 @@ def _check_update_cache(node: Node) -> Optional[str]:
 
 @rule("llama.update_cache.default", check=_check_update_cache)
 def lower_update_cache(lw: Lowerer, node: Node) -> None:
+    if _lower_rope_qk_cache(lw, node):
+        return
     value, cache = lw.tensor(args_of(node)[0]), lw.tensor(args_of(node)[1])
     start = sym(lw.value(args_of(node)[2]) if isinstance(args_of(node)[2], Node) else args_of(node)[2])
     strides = cache.strides()
     elementwise(lw, node, "OP_COPY", cache, value.shape, (value, 0, value.strides()), out_off=start * strides[1],
                 out_strides=strides)
     lw.values[node] = None   # update_cache returns a placeholder tensor nothing reads
+
+
+def _same_shape(a: Sequence[IntExpr], b: Sequence[IntExpr]) -> bool:
+    return len(a) == len(b) and all(sympy.sympify(x) == sympy.sympify(y) for x, y in zip(a, b))
+
+
+def _shared_strides(t: TensorRef, shapes: Sequence[Sequence[IntExpr]]) -> Optional[List[IntExpr]]:
+    """Strides that read `t` broadcast to each of `shapes` alike (a dim of size 1 in a shape is never stepped,
+    so any stride serves it), or None where two shapes need different ones (cos with a head dim of its own
+    read over q's and k's different head counts)."""
+    merged: List[Optional[IntExpr]] = [None] * len(shapes[0])
+    for shape in shapes:
+        for i, (d, st) in enumerate(zip(shape, broadcast_strides(t, shape))):
+            if sympy.sympify(d) == 1:
+                continue
+            if merged[i] is not None and sympy.sympify(merged[i]) != sympy.sympify(st):
+                return None
+            merged[i] = st
+    return [0 if st is None else st for st in merged]
+
+
+def _lower_rope_qk_cache(lw: Lowerer, node: Node) -> bool:
+    """node = the later update_cache of an attention layer (patterns.match_rope_cache): one rope_qk_cache step
+    rotates q into its rope's tensor, and k and v into their caches at start_pos; the ropes' and the earlier
+    update's steps go. False (nothing emitted) where the layer's tensors are not the kernel's layout."""
+    m = patterns.match_rope_cache(node)
+    if m is None:
+        return False
+    q, k, v = lw.tensor(m.q.x), lw.tensor(m.k.x), lw.tensor(m.v)
+    cos, sin = lw.tensor(m.k.cos), lw.tensor(m.k.sin)
+    q_out, k_value = lw.tensor(m.q_rope), lw.tensor(args_of(m.k_update)[0])
+    k_cache, v_cache = lw.tensor(args_of(m.k_update)[1]), lw.tensor(args_of(m.v_update)[1])
+    if len(q.shape) != 4 or len(k_cache.shape) != 4:
+        return False
+    b, s, hq, d = q.shape
+    c, hkv = k_cache.shape[1], k_cache.shape[2]
+    if not all(isinstance(x, int) for x in (b, hq, hkv, d, c)) or d % 2:
+        return False
+    # [B, S, H, D] values and [B, C, H, D] caches, each contiguous (every TensorRef is); the update reads the
+    # rope's own tensor (views keep its element order); v and the caches are separate from what the step writes
+    if not (_same_shape(k.shape, (b, s, hkv, d)) and _same_shape(v.shape, k.shape)
+            and _same_shape(k_value.shape, k.shape) and _same_shape(v_cache.shape, k_cache.shape)
+            and k_value.buffer == lw.tensor(m.k_rope).buffer
+            and len({q_out.buffer, k_cache.buffer, v_cache.buffer, v.buffer}) == 4):
+        return False
+    # The ropes' and the earlier update's work moves to this step: their inputs must still hold those values
+    # here, which only state (written in place) could break.
+    if any(lw.vbuffers[t.buffer].kind == "state" for t in (q, k, v, cos, sin)):
+        return False
+    half = d // 2
+    angles = [[b, s, h, half] for h in (hq, hkv)]
+    c_strides, s_strides = _shared_strides(cos, angles), _shared_strides(sin, angles)
+    if c_strides is None or s_strides is None:
+        return False
+    start = sym(lw.value(args_of(node)[2]) if isinstance(args_of(node)[2], Node) else args_of(node)[2])
+    n_pairs = b * s * (hq + hkv) * half
+    params: Dict[str, IntExpr] = {"n_pairs": n_pairs, "S": s, "Hq": hq, "Hkv": hkv, "half": half, "C": c,
+                                  "start_pos": start}
+    for i in range(4):
+        params[f"c{i}"], params[f"s{i}"] = c_strides[i], s_strides[i]
+    for superseded in (m.q_rope, m.k_rope, m.first):
+        lw.supersede(superseded)
+    lw.dispatch(node, "rope_qk_cache", {"q": q.buffer, "k": k.buffer, "v": v.buffer, "cos_t": cos.buffer,
+                                        "sin_t": sin.buffer, "q_out": q_out.buffer, "k_cache": k_cache.buffer,
+                                        "v_cache": v_cache.buffer},
+                params, _grid_1d(n_pairs, registry.kernel("rope_qk_cache").workgroup_size[0]), pattern="rope_qk_cache")
+    lw.values[node] = None   # update_cache returns a placeholder tensor nothing reads
+    return True
 
 
 def _check_sdpa(node: Node) -> Optional[str]:

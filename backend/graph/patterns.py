@@ -11,12 +11,15 @@ used only inside the chain, so nothing else still needs an intermediate.
   * RoPE (ExecuTorch's apply_rotary_emb): the interleaved pair rotation
     view(x, [..., D/2, 2]) -> slices -> x_r cos - x_i sin, x_r sin + x_i cos -> cat -> view
   * SiLU-gated product (SwiGLU): g * sigmoid(g) * u
+  * an attention layer's RoPE of q and of k (one cos / sin) and the llama::update_cache writes of the
+    rotated k and of v at one start_pos (ExecuTorch's Llama with its LLM transforms): recognised at the
+    later update_cache, whose step then replaces both ropes' and the earlier update_cache's steps
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.export import ExportedProgram
@@ -25,6 +28,12 @@ from torch.fx import Node
 from executorch_wgpu.backend.q4gsw_pattern import constant_value, op_name
 
 MUL, ADD, SUB = "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor"
+PERMUTE, UPDATE_CACHE = "aten.permute_copy.default", "llama.update_cache.default"
+# Ops the graph lowering always turns into views: the result shares its input's buffer, in the same element
+# order, and no step runs (ops.py gives exactly these its alias rule; a clone gets it only where its dim order
+# is contiguous, so it is not listed).
+VIEW_OPS = ("aten.view_copy.default", "aten.squeeze_copy.dims", "aten.squeeze_copy.dim", "aten.squeeze_copy.default",
+            "aten.unsqueeze_copy.default", "aten.alias_copy.default")
 
 
 def _args(node: Any) -> List[Any]:
@@ -215,3 +224,141 @@ def match_rope(anchor: Node) -> Optional[Rope]:
     if not (isinstance(xv, torch.Tensor) and isinstance(cv, torch.Tensor)):
         return None
     return Rope(x, cos, sin)
+
+
+def _dims(node: Node) -> List[int]:
+    dims = list(_args(node)[1])
+    return [d + len(dims) if d < 0 else d for d in dims]
+
+
+def undone_permute(node: Any) -> Optional[Node]:
+    """x when node = permute(permute(x, p), p') and p' undoes p (ExecuTorch's LLM transforms write such pairs
+    around their custom ops): the lowering makes node a view of x, and the inner permute's copy goes unread
+    unless something else reads the inner permute."""
+    if not _is(node, PERMUTE):
+        return None
+    inner = _args(node)[0]
+    if not _is(inner, PERMUTE):
+        return None
+    dims, inner_dims = _dims(node), _dims(inner)
+    if [inner_dims[d] for d in dims] != list(range(len(dims))):
+        return None
+    source = _args(inner)[0]
+    return source if isinstance(source, Node) else None
+
+
+def _view_source(node: Any, reader: Node) -> Optional[Node]:
+    """The node whose buffer `node` is, seen from `reader`, through views and undone permute pairs -- each node
+    on the way (the source included) read by the next one only, so nothing else reads the source's value."""
+    while isinstance(node, Node) and _only_user(node, reader):
+        if op_name(node) in VIEW_OPS:
+            reader, node = node, _args(node)[0]
+            continue
+        source = undone_permute(node)
+        if source is None:
+            return node
+        inner = _args(node)[0]
+        if not _only_user(inner, node):
+            return None
+        reader, node = inner, source
+    return None
+
+
+def _unread_before(node: Node, anchor: Node, order: Dict[Node, int]) -> bool:
+    """No step that reads node's value runs before the anchor's: every reader of node before the anchor in the
+    graph is a view of it (no step) whose own readers pass this test, or a permute that only permutes undoing
+    it read (so its copy goes unread, and they are views of node)."""
+    for u in node.users:
+        if order[u] > order[anchor]:
+            continue
+        if op_name(u) in VIEW_OPS and _args(u)[0] is node:
+            if not _unread_before(u, anchor, order):
+                return False
+        elif _is(u, PERMUTE) and u.users and all(undone_permute(w) is node for w in u.users):
+            if not all(_unread_before(w, anchor, order) for w in u.users):
+                return False
+        else:
+            return False
+    return True
+
+
+def _touched_between(node: Node, start: Node, end: Node, order: Dict[Node, int]) -> bool:
+    """Whether a node strictly between start and end in the graph reads node's value, directly or through
+    others (the search stops at end: what comes later depends on nothing earlier)."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        u = todo.pop()
+        if u in seen or order[u] >= order[end]:
+            continue
+        seen.add(u)
+        if order[u] > order[start]:
+            return True
+        todo.extend(u.users)
+    return False
+
+
+@dataclass
+class RopeCache:
+    """One attention layer's q = rope(q_x), and update_cache(rope(k_x), k_cache, start) and update_cache(v,
+    v_cache, start): one fused step, at the later update_cache, computes all of it."""
+
+    q: Rope               # q's rope (q.x: [B, S, Hq, D])
+    q_rope: Node          # its anchor (the cat), whose value the fused step writes
+    k: Rope               # k's rope, with the same cos and sin nodes
+    k_rope: Node
+    k_update: Node        # update_cache(view of k_rope, k_cache, start)
+    v_update: Node        # update_cache(v, v_cache, start)
+    v: Node
+    first: Node           # the earlier of the two updates (the other is the anchor)
+
+
+def match_rope_cache(anchor: Node) -> Optional[RopeCache]:
+    """anchor = the later of update_cache(rope(k), k_cache, start) and update_cache(v, v_cache, start), with
+    start one node, each cache a distinct buffer of the program (a placeholder), the rotated k read by its
+    update alone (through views), and a rope of q by the same cos and sin nodes before the anchor. The fused
+    step runs at the anchor, so what it moves there must not be observed in between: nothing reads the rotated
+    q before the anchor (but views), and nothing between the earlier update and the anchor reads that update's
+    cache. q's rope is the nearest one before the anchor that qualifies. Shapes and layouts are the lowering's
+    to check."""
+    if not _is(anchor, UPDATE_CACHE) or len(_args(anchor)) < 3:
+        return None
+    start = _args(anchor)[2]
+    if not isinstance(start, Node):
+        return None
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    # The updates at this start, in graph order, pair up as (0, 1), (2, 3), ...: each is in one pair at most,
+    # and the earlier of a pair is never an anchor itself (its step is the one this pair's step replaces).
+    updates = sorted((u for u in start.users if _is(u, UPDATE_CACHE) and len(_args(u)) >= 3 and _args(u)[2] is start),
+                     key=order.__getitem__)
+    at = updates.index(anchor)
+    if at % 2 == 0:
+        return None
+    first = updates[at - 1]
+    caches = [_args(u)[1] for u in (anchor, first)]
+    if not all(isinstance(c, Node) and c.op == "placeholder" for c in caches) or caches[0] is caches[1]:
+        return None
+    if _touched_between(caches[1], first, anchor, order):
+        return None
+    for k_update, v_update in ((anchor, first), (first, anchor)):
+        found = _match_layer(k_update, v_update, first, anchor, order)
+        if found is not None:
+            return found
+    return None
+
+
+def _match_layer(k_update: Node, v_update: Node, first: Node, anchor: Node,
+                 order: Dict[Node, int]) -> Optional[RopeCache]:
+    k_rope = _view_source(_args(k_update)[0], k_update)
+    k = match_rope(k_rope) if k_rope is not None else None
+    v = _args(v_update)[0]
+    if k_rope is None or k is None or not isinstance(v, Node):
+        return None
+    for q_rope in reversed([n for n in anchor.graph.nodes if order[n] < order[anchor]]):
+        if q_rope is k_rope or not _is(q_rope, "aten.cat.default"):
+            continue
+        q = match_rope(q_rope)
+        if q is None or q.cos is not k.cos or q.sin is not k.sin:
+            continue
+        if _unread_before(q_rope, anchor, order):
+            return RopeCache(q, q_rope, k, k_rope, k_update, v_update, v, first)
+    return None
