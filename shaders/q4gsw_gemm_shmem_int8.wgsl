@@ -1,7 +1,7 @@
 // q4gsw shared-memory tiled GEMM with int8 dot products: y[M, N] = x[M, K] @ dequant(W)^T + bias, from the
-// row's activations quantized to int8 per block of TK = 32 k (q4gsw_quantize_int8.wgsl, dispatched before it
-// in the same call), each 32-k product sum an integer sum of dot4I8Packed (4 int8 multiply-adds per
-// instruction). The registry's `shmem_int8`, run for prefill calls where a blob asks for int8 prefill
+// row's activations quantized to int8 per block of INT8_BLOCK = 32 k (q4gsw_quantize_int8.wgsl, dispatched
+// before it in the same call), each block's product sum an integer sum of dot4I8Packed (4 int8 multiply-adds
+// per instruction). The registry's `shmem_int8`, run for prefill calls where a blob asks for int8 prefill
 // (Precision INT8): it stands in for q4gsw_gemm_shmem.wgsl.
 //
 // Why: a long prefill spends most of its time in the fp32 GEMM's FMAs and workgroup-memory reads. Here a
@@ -18,59 +18,65 @@
 //
 // Tiling: a 16 x 16 workgroup computes a 128 x 64 output tile (TM x TN), thread (tx, ty) the rows 4*ty..+3
 // and 64+4*ty..+3 of column quad tx: 8 vec4<i32> block sums and 8 vec4<f32> accumulators (a 128 x 128 tile
-// would need twice as many registers and halve the workgroups that fit). Per K tile (one block) the workgroup
-//   1. stages the codes of 128 rows x 32 k into xq[slot][row quad] (slot = k quad: 4 k in one u32), each
-//      thread one slot of a row quad, and the rows' block scales into xsc (threads 0..127);
-//   2. converts W [32 k x 64 columns]: threads 128..191 one (column quad, word) each: the 8 nibbles of a
+// would need twice as many registers and halve the workgroups that fit). A K tile is TK = 64 k, two blocks
+// (one block a tile measured 5 % slower: twice the barriers per product). Per K tile the workgroup
+//   1. stages the codes of 128 rows x 64 k into xq[slot][row quad] (slot = k quad: 4 k in one u32), each
+//      thread slot t % 8 of row quad t / 8 in both blocks, and block t / 128's scale of row t % 128 into xsc;
+//   2. converts W [64 k x 64 columns]: threads 128..255 one (column quad, word) each: the 8 nibbles of a
 //      column's word become two u32 of 4 signed bytes (slots 2 * word and 2 * word + 1), into wq; the
-//      quad's scales into wsc;
-// then every thread does 8 slots x 32 dot4I8Packed and scales its 32 block sums into its accumulators.
-// The next tile's global loads are issued before the current tile's math, as in the fp32 kernel.
+//      quad's scales of each block into wsc;
+// then per block every thread does 8 slots x 32 dot4I8Packed and scales its 32 block sums into its
+// accumulators. The next tile's global loads are issued before the current tile's math, as in the fp32 kernel.
 //
 // Split K as the fp32 kernel's: workgroup z sums k in [z * k_chunk, min(K, (z + 1) * k_chunk)) and, with
 // k_splits > 1, writes f32 partial sums that q4gsw_splitk_reduce.wgsl adds in a fixed order.
-// Preconditions: k_chunk % TK == 0, K % TK == 0 (K is a multiple of the group size, itself of 32),
-// k_splits = ceil(K / k_chunk), TK == INT8_BLOCK. Partial tiles: rows >= M stage zero codes and scales,
-// columns >= n_stride zero weights; neither is stored. Dispatch: (ceil(n_stride / 64), ceil(M / 128),
-// k_splits). Workgroup memory: 6.75 KiB.
+// Preconditions: k_chunk % TK == 0, K % INT8_BLOCK == 0 (K is a multiple of the group size, itself of 32),
+// k_splits = ceil(K / k_chunk). A tile past k_end (K = 32 mod 64) stages zero codes, scales and weights for
+// its second block, as it does for rows >= M and columns >= n_stride; none is stored.
+// Dispatch: (ceil(n_stride / 64), ceil(M / 128), k_splits). Workgroup memory: 13.5 KiB.
 
-var<workgroup> xq: array<vec4<u32>, 8u * TM / 4u>;   // [slot][row quad]: xq[s * 32 + r4][i] = codes of k 4s..4s+3, row 4 r4 + i
-var<workgroup> wq: array<vec4<u32>, 8u * TN / 4u>;   // [slot][column quad]: wq[s * 16 + c4][i] = codes of k 4s..4s+3, column 4 c4 + i
-var<workgroup> xsc: array<vec4<f32>, TM / 4u>;       // sx of rows 4 r4 ..+3
-var<workgroup> wsc: array<vec4<f32>, TN / 4u>;       // sw of columns 4 c4 ..+3 (this tile's group)
+var<workgroup> xq: array<vec4<u32>, (TK / 4u) * TM / 4u>;   // [slot][row quad]: xq[s * 32 + r4][i] = codes of k 4s..4s+3, row 4 r4 + i
+var<workgroup> wq: array<vec4<u32>, (TK / 4u) * TN / 4u>;   // [slot][column quad]: wq[s * 16 + c4][i] = codes of k 4s..4s+3, column 4 c4 + i
+var<workgroup> xsc: array<vec4<f32>, BLOCKS * TM / 4u>;      // [block][row quad]: sx of rows 4 r4 ..+3
+var<workgroup> wsc: array<vec4<f32>, BLOCKS * TN / 4u>;      // [block][column quad]: sw of columns 4 c4 ..+3
 
-const W_THREADS: u32 = (TN / 4u) * (TK / 8u);   // one (column quad, word) each
+const BLOCKS: u32 = TK / INT8_BLOCK;               // activation blocks per K tile
+const W_THREADS: u32 = (TN / 4u) * (TK / 8u);      // one (column quad, word) each: threads TM ..
 
 // One thread's share of a K tile's global data, in registers between the load and the store to workgroup memory.
 struct Staged {
-    x: vec4<u32>,    // slot t % 8 of rows 4 (t / 8) ..+3
-    xs: f32,         // threads 0..127: the block scale of row t
-    w: vec4<u32>,    // threads 128..191: the words (k8 = (t - 128) / 16) of column quad (t - 128) % 16
+    x0: vec4<u32>,   // slot t % 8 of rows 4 (t / 8) ..+3, block 0
+    x1: vec4<u32>,   // the same in block 1
+    xs: f32,         // the scale of row t % 128, block t / 128
+    w: vec4<u32>,    // threads 128..255: the words (k8 = (t - 128) / 16) of column quad (t - 128) % 16
     s: vec4<f32>,    // and their scales
 }
 
-// Word `slot` of row m's codes in this block (0 past the last row).
-fn x_codes(m: u32, word: u32) -> u32 {
+// Word `word` of row m's codes (0 past the last row or past k_end).
+fn x_codes(m: u32, word: u32, k_end: u32) -> u32 {
     return select(0u, bitcast<u32>(partial[int8_codes_offset() + min(m, params.M - 1u) * (params.K / 4u) + word]),
-                  m < params.M);
+                  m < params.M && 4u * word < k_end);
 }
 
-fn load_tile(k0: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
+fn load_tile(k0: u32, k_end: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
     var st: Staged;
     let word = k0 / 4u + t % 8u;
     let m = tile_m + 4u * (t / 8u);
-    st.x = vec4<u32>(x_codes(m, word), x_codes(m + 1u, word), x_codes(m + 2u, word), x_codes(m + 3u, word));
-    if (t < TM) {
-        let row = tile_m + t;
-        st.xs = select(0.0, partial[int8_scales_offset() + min(row, params.M - 1u) * (params.K / TK) + k0 / TK],
-                       row < params.M);
-    } else if (t < TM + W_THREADS) {
+    st.x0 = vec4<u32>(x_codes(m, word, k_end), x_codes(m + 1u, word, k_end), x_codes(m + 2u, word, k_end),
+                      x_codes(m + 3u, word, k_end));
+    st.x1 = vec4<u32>(x_codes(m, word + 8u, k_end), x_codes(m + 1u, word + 8u, k_end),
+                      x_codes(m + 2u, word + 8u, k_end), x_codes(m + 3u, word + 8u, k_end));
+    let row = tile_m + t % TM;
+    let kb = k0 + INT8_BLOCK * (t / TM);
+    st.xs = select(0.0, partial[int8_scales_offset() + min(row, params.M - 1u) * (params.K / INT8_BLOCK) + min(kb, params.K - 1u) / INT8_BLOCK],
+                   row < params.M && kb < k_end);
+    st.w = vec4<u32>(0x88888888u);     // code 0 in every nibble
+    st.s = vec4<f32>(0.0);
+    if (t >= TM) {
         let u = t - TM;
         let n = tile_n + 4u * (u % 16u);   // 4 adjacent columns of one 16-column block
         let k8 = k0 / 8u + u / 16u;
-        st.w = vec4<u32>(0x88888888u);     // code 0 in every nibble
-        st.s = vec4<f32>(0.0);
-        if (n < params.n_stride) {         // n_stride is a multiple of 16: the quad is wholly in or out
+        if (n < params.n_stride && 8u * k8 < k_end) {   // n_stride is a multiple of 16: the quad is wholly in or out
             st.w = qweight[((n / 16u) * (params.K / 8u) * 16u + k8 * 16u + n % 16u) / 4u];
             st.s = scales[((n / 16u) * (params.K / params.group_size) * 16u + (k8 / (params.group_size / 8u)) * 16u
                            + n % 16u) / 4u];
@@ -90,17 +96,17 @@ fn signed_bytes(w: vec4<u32>, h: u32) -> vec4<u32> {
 }
 
 fn store_tile(st: Staged, t: u32) {
-    xq[(t % 8u) * 32u + t / 8u] = st.x;
-    if (t < TM) {
-        xsc[t / 4u][t % 4u] = st.xs;
-    } else if (t < TM + W_THREADS) {
+    xq[(t % 8u) * 32u + t / 8u] = st.x0;
+    xq[(8u + t % 8u) * 32u + t / 8u] = st.x1;
+    xsc[(t / TM) * 32u + (t % TM) / 4u][t % 4u] = st.xs;
+    if (t >= TM) {
         let u = t - TM;
         let c4 = u % 16u;
         let k8 = u / 16u;
         wq[(2u * k8) * 16u + c4] = signed_bytes(st.w, 0u);
         wq[(2u * k8 + 1u) * 16u + c4] = signed_bytes(st.w, 1u);
-        if (k8 == 0u) {
-            wsc[c4] = st.s;
+        if (k8 % 4u == 0u) {
+            wsc[(k8 / 4u) * 16u + c4] = st.s;
         }
     }
 }
@@ -129,29 +135,31 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>,
     var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
     var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
 
-    var st = load_tile(k_begin, tile_m, tile_n, t);
+    var st = load_tile(k_begin, k_end, tile_m, tile_n, t);
     for (var k0 = k_begin; k0 < k_end; k0 += TK) {
         store_tile(st, t);
         workgroupBarrier();
         if (k0 + TK < k_end) {
-            st = load_tile(k0 + TK, tile_m, tile_n, t);
+            st = load_tile(k0 + TK, k_end, tile_m, tile_n, t);
         }
-        var d0 = vec4<i32>(0); var d1 = vec4<i32>(0); var d2 = vec4<i32>(0); var d3 = vec4<i32>(0);
-        var d4 = vec4<i32>(0); var d5 = vec4<i32>(0); var d6 = vec4<i32>(0); var d7 = vec4<i32>(0);
-        for (var s = 0u; s < 8u; s++) {
-            let a0 = xq[s * 32u + ty];
-            let a1 = xq[s * 32u + 16u + ty];
-            let b = wq[s * 16u + tx];
-            d0 += dot_row(a0.x, b); d1 += dot_row(a0.y, b); d2 += dot_row(a0.z, b); d3 += dot_row(a0.w, b);
-            d4 += dot_row(a1.x, b); d5 += dot_row(a1.y, b); d6 += dot_row(a1.z, b); d7 += dot_row(a1.w, b);
+        for (var blk = 0u; blk < BLOCKS; blk++) {
+            var d0 = vec4<i32>(0); var d1 = vec4<i32>(0); var d2 = vec4<i32>(0); var d3 = vec4<i32>(0);
+            var d4 = vec4<i32>(0); var d5 = vec4<i32>(0); var d6 = vec4<i32>(0); var d7 = vec4<i32>(0);
+            for (var s = 8u * blk; s < 8u * blk + 8u; s++) {
+                let a0 = xq[s * 32u + ty];
+                let a1 = xq[s * 32u + 16u + ty];
+                let b = wq[s * 16u + tx];
+                d0 += dot_row(a0.x, b); d1 += dot_row(a0.y, b); d2 += dot_row(a0.z, b); d3 += dot_row(a0.w, b);
+                d4 += dot_row(a1.x, b); d5 += dot_row(a1.y, b); d6 += dot_row(a1.z, b); d7 += dot_row(a1.w, b);
+            }
+            let sw = wsc[blk * 16u + tx];
+            let sx0 = xsc[blk * 32u + ty];
+            let sx1 = xsc[blk * 32u + 16u + ty];
+            c0 = fma(block_f32(d0), sx0.x * sw, c0); c1 = fma(block_f32(d1), sx0.y * sw, c1);
+            c2 = fma(block_f32(d2), sx0.z * sw, c2); c3 = fma(block_f32(d3), sx0.w * sw, c3);
+            c4 = fma(block_f32(d4), sx1.x * sw, c4); c5 = fma(block_f32(d5), sx1.y * sw, c5);
+            c6 = fma(block_f32(d6), sx1.z * sw, c6); c7 = fma(block_f32(d7), sx1.w * sw, c7);
         }
-        let sw = wsc[tx];
-        let sx0 = xsc[ty];
-        let sx1 = xsc[16u + ty];
-        c0 = fma(block_f32(d0), sx0.x * sw, c0); c1 = fma(block_f32(d1), sx0.y * sw, c1);
-        c2 = fma(block_f32(d2), sx0.z * sw, c2); c3 = fma(block_f32(d3), sx0.w * sw, c3);
-        c4 = fma(block_f32(d4), sx1.x * sw, c4); c5 = fma(block_f32(d5), sx1.y * sw, c5);
-        c6 = fma(block_f32(d6), sx1.z * sw, c6); c7 = fma(block_f32(d7), sx1.w * sw, c7);
         workgroupBarrier();
     }
 

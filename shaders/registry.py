@@ -225,12 +225,12 @@ KERNELS: Tuple[Kernel, ...] = (
         plan=_SHMEM_PLAN),
     # shmem's int8 variant (q4gsw_gemm_shmem_int8.wgsl): x quantized to int8 per 32 k by its prepass
     # (quantize_int8, into the scratch buffer after the split-K sums), 32-k sums of dot4I8Packed in i32, scaled
-    # into f32. 128 x 64 tiles: 32 integer and 32 float accumulators per thread; TK is one activation block.
+    # into f32. 128 x 64 tiles: 32 integer and 32 float accumulators per thread; a K tile is two blocks.
     _q4("shmem_int8", "q4gsw_gemm_shmem_int8.wgsl", variant_of="shmem", precision="int8", prepass="quantize_int8",
         types={"params": "Params", "qweight": VEC4_U32, "scales": VEC4_F32,
                "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
-        constants={"TM": 128, "TN": 64, "TK": 32},
+        constants={"TM": 128, "TN": 64, "TK": 64, "INT8_BLOCK": 32},
         prelude=("q4gsw_prelude.wgsl", "q4gsw_shmem_prelude.wgsl", "q4gsw_int8_prelude.wgsl"),
         plan=_SHMEM_PLAN),
     _q4("quantize_int8", "q4gsw_quantize_int8.wgsl",
@@ -415,11 +415,12 @@ def _check_registry() -> None:
             "tiles are written for TM = TN = 128, TK = 32 and a 16 x 16 workgroup")
     shmem_int8, quantize_int8 = BY_NAME["shmem_int8"], BY_NAME["quantize_int8"]
     require((shmem_int8.constants["TM"], shmem_int8.constants["TN"], shmem_int8.constants["TK"],
-             shmem_int8.workgroup_size) == (128, 64, quantize_int8.constants["INT8_BLOCK"], (16, 16, 1))
-            and quantize_int8.constants["INT8_BLOCK"] == 32 and shmem_int8.prepass == quantize_int8.name,
-            "shmem_int8: its staging (a slot of a row quad per thread, a column quad's word per thread of 128..191), "
-            "8 x 4 register tiles and one activation block (quantize_int8's INT8_BLOCK, 32: 8 slots) per K tile are "
-            "written for TM = 128, TN = 64, TK = 32 and a 16 x 16 workgroup")
+             shmem_int8.constants["INT8_BLOCK"], shmem_int8.workgroup_size) == (128, 64, 64, 32, (16, 16, 1))
+            and quantize_int8.constants["INT8_BLOCK"] == shmem_int8.constants["INT8_BLOCK"]
+            and shmem_int8.prepass == quantize_int8.name,
+            "shmem_int8: its staging (a slot of a row quad per thread in each of two blocks, a column quad's word "
+            "per thread of 128..255) and 8 x 4 register tiles are written for TM = 128, TN = 64, TK = 64: two "
+            "activation blocks of quantize_int8's INT8_BLOCK, 32 (8 slots), and a 16 x 16 workgroup")
     for k in KERNELS:
         require(k.precision in PRECISIONS, f"{k.name}: precision {k.precision!r} is not one of {PRECISIONS}")
         if k.variant_of is not None:

@@ -51,7 +51,7 @@ def assert_int8_result(y, weights, x):
     (2, 256, 30, 64, False),      # N not a multiple of 4: padded columns; two 32-k blocks per group of 64
     (129, 512, 64, 128, True),    # one row past a 128-row tile; one group scale over four blocks
     (128, 128, 200, 32, False),   # exact M tile, a partial 64-column tile, no split
-    (3, 1056, 8, 32, True),       # K split into chunks that do not divide it
+    (3, 1056, 8, 32, True),       # K split into chunks that do not divide it; K = 33 blocks: a last tile of one
     (257, 2080, 272, 32, True),   # K = 65 blocks, 3 row tiles, 5 column tiles (the last partial)
 ])
 def test_shmem_int8_matches_its_emulation_and_the_fp64_golden_within_the_int8_bound(m, k, n, gs, bias):

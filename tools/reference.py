@@ -114,8 +114,8 @@ INT8_EMULATION_TOLERANCE = 1e-3
 # The error bar of a kernel computing in each precision (registry Kernel.precision), against the fp64 golden.
 TOLERANCES = {"fp32": 1e-4, "f16": F16_TOLERANCE, "int8": INT8_TOLERANCE}
 
-# The int8 prefill kernels' block of k per activation scale (shmem_int8 quantizes one K tile at a time).
-INT8_BLOCK = registry.kernel("shmem_int8").constants["TK"]
+# The int8 prefill's block of k per activation scale (quantize_int8).
+INT8_BLOCK = registry.kernel("quantize_int8").constants["INT8_BLOCK"]
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
