@@ -7,10 +7,14 @@ layer; ops._lower_rope_qk_cache emits it and supersedes the four), in prefill an
 
   * the kernel writes rotated q, and rotated k and v into the caches at start_pos, within 1e-5 of fp64
     (odd shapes: B > 1, S > 1 and S == 1, start_pos > 0, Hq != Hkv), and nothing else of the caches;
-  * the small Llama's layers each take three dispatches fewer per decode step and per prefill, and its
-    greedy tokens still equal eager torch's in both runtimes;
-  * where the pattern does not hold (the rotated k read by something else first), the layer keeps its
-    rope and update_cache steps and the outputs still equal eager torch's.
+  * an attention core of those ops (q, k, v as inputs) lowers to one rope_qk_cache step and no cache copy,
+    with eager torch's outputs over a prefill and decode steps;
+  * where the pattern does not hold -- the rotated k read by something else, the rotated q read before the
+    cache writes, the k cache read between the two writes, k rotated by other angles than q -- the layer
+    keeps its rope and update_cache steps and the outputs still equal eager torch's;
+  * the small Llama's layers each take three dispatches fewer per decode step and per prefill (against the
+    same model lowered without the pattern) with the same logits, its greedy tokens equal eager torch's, and
+    the native runtime runs it with the Python runtime's logits and dispatch count.
 """
 
 from __future__ import annotations
