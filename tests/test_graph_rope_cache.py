@@ -7,10 +7,14 @@ layer; ops._lower_rope_qk_cache emits it and supersedes the four), in prefill an
 
   * the kernel writes rotated q, and rotated k and v into the caches at start_pos, within 1e-5 of fp64
     (odd shapes: B > 1, S > 1 and S == 1, start_pos > 0, Hq != Hkv), and nothing else of the caches;
-  * the small Llama's layers each take three dispatches fewer per decode step and per prefill, and its
-    greedy tokens still equal eager torch's in both runtimes;
-  * where the pattern does not hold (the rotated k read by something else first), the layer keeps its
-    rope and update_cache steps and the outputs still equal eager torch's.
+  * an attention core of those ops (q, k, v as inputs) lowers to one rope_qk_cache step and no cache copy,
+    with eager torch's outputs over a prefill and decode steps;
+  * where the pattern does not hold -- the rotated k read by something else, the rotated q read before the
+    cache writes, the k cache read between the two writes, k rotated by other angles than q -- the layer
+    keeps its rope and update_cache steps and the outputs still equal eager torch's;
+  * the small Llama's layers each take three dispatches fewer per decode step and per prefill (against the
+    same model lowered without the pattern) with the same logits, its greedy tokens equal eager torch's, and
+    the native runtime runs it with the Python runtime's logits and dispatch count.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class RopeCacheAttention(torch.nn.Module):
         self.register_buffer("freqs_sin", sin)
         self.register_buffer("k_cache", torch.zeros(1, c, hkv, d))
         self.register_buffer("v_cache", torch.zeros(1, c, hkv, d))
-        self.c, self.k_angles_shift = c, k_angles_shift
+        self.hq, self.c, self.k_angles_shift = hq, c, k_angles_shift
         self.k_read_early, self.q_read_early = k_read_early, q_read_early
         self.k_cache_read_between = k_cache_read_between
 
@@ -138,7 +142,7 @@ def lowered(module: RopeCacheAttention, max_tokens: int = 6):
     """The module lowered in graph mode and loaded: (method, its graph delegate's steps as (kernel, node))."""
     from executorch.exir import ExecutorchBackendConfig
 
-    hq, hkv, d = 4, module.k_cache.shape[2], module.k_cache.shape[3]
+    hq, hkv, d = module.hq, module.k_cache.shape[2], module.k_cache.shape[3]
     example = (torch.randn(1, 3, hq, d), torch.randn(1, 3, hkv, d), torch.randn(1, 3, hkv, d),
                torch.tensor([0], dtype=torch.long))
     tokens = torch.export.Dim("tokens", min=1, max=max_tokens)
@@ -149,14 +153,16 @@ def lowered(module: RopeCacheAttention, max_tokens: int = 6):
 
 
 def outputs_match_eager(module: RopeCacheAttention, method) -> None:
-    """A prefill of 4 positions from 0, then decode steps at 4 and 5: each call's outputs against eager torch's
-    (ExecuTorch's CPU kernels of the same ops) on the same inputs, the caches carried along in both."""
+    """A prefill of 4 positions from 0, a decode step at 4, a chunk of 3 at 5, a decode step at 8: each call's
+    outputs against eager torch's (ExecuTorch's CPU kernels of the same ops) on the same inputs, the caches
+    carried along in both."""
     g = torch.Generator().manual_seed(3)
     module.k_cache.zero_()
     module.v_cache.zero_()
     method.reset_state()
-    for start, seq in ((0, 4), (4, 1), (5, 1)):
-        q, k, v = (torch.randn(1, seq, h, 16, generator=g) for h in (4, 2, 2))
+    for start, seq in ((0, 4), (4, 1), (5, 3), (8, 1)):
+        hkv, d = module.k_cache.shape[2], module.k_cache.shape[3]
+        q, k, v = (torch.randn(1, seq, h, d, generator=g) for h in (module.hq, hkv, hkv))
         pos = torch.tensor([start], dtype=torch.long)
         with torch.no_grad():
             eager = module(q, k, v, pos)
@@ -165,8 +171,9 @@ def outputs_match_eager(module: RopeCacheAttention, method) -> None:
             assert rel_err(got, want) < 1e-5, (start, seq)
 
 
-def test_a_layers_ropes_and_cache_writes_lower_to_one_rope_qk_cache_step():
-    module = RopeCacheAttention()
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (6, 1, 8), (2, 2, 32)])   # GQA, one kv head (MQA), MHA
+def test_a_layers_ropes_and_cache_writes_lower_to_one_rope_qk_cache_step(hq, hkv, d):
+    module = RopeCacheAttention(hq, hkv, d)
     method, steps = lowered(module)
     kernels = [kernel for kernel, _ in steps]
     assert kernels.count("rope_qk_cache") == 1 and "rope" not in kernels
