@@ -1,4 +1,6 @@
-"""Opt-in f16 prefill (WebGPUPartitioner(precision="f16")): the shmem_f16 kernel, the blob field, both runtimes.
+"""Opt-in f16 prefill (WebGPUPartitioner(precision="f16")): the shmem_f16 kernel, and both runtimes on a device
+without shader-f16. What every prefill precision shares (blob, lowering, a model, the native runtime):
+test_prefill_precisions.py.
 
 f16 results are judged by reference.F16_TOLERANCE (2e-3, max |y - golden| / max |golden|; why that bar: its
 comment), fp32 ones by the project's 1e-4. An f16 result must also show more than FP32_CEILING of error, so a
@@ -7,31 +9,22 @@ layer that silently ran the fp32 kernel fails.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
-from typing import Any, Dict
-
 import numpy as np
 import pytest
 import torch
 import wgpu
 
-import executorch_wgpu.backend.serialization.blob as blob_module
 import executorch_wgpu.runtime_py.q4_linear as q4_linear_module
-from executorch_wgpu import WebGPUPartitioner
 from executorch_wgpu.backend.routing import RouteOptions
-from executorch_wgpu.backend.serialization.blob import deserialize_q4linear, serialize_q4linear
-from executorch_wgpu.errors import BlobFormatError
-from executorch_wgpu.runtime import Runtime as PyRuntime
 from executorch_wgpu.runtime_py.gpu import GPUContext, gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU, plan_call
 from executorch_wgpu.runtime_py.split_linear import Q4Linear
 from executorch_wgpu.shaders import registry
-from executorch_wgpu.tools import models
 from executorch_wgpu.tools.models import quantize_q4
 from executorch_wgpu.tools.reference import F16_TOLERANCE, golden_linear, random_q4_layer, rel_err
 
@@ -188,129 +181,6 @@ def test_both_runtimes_without_shader_f16_run_an_f16_program_in_fp32_and_say_so_
         assert rel_err(torch.tensor(y), golden) <= FP32_TOLERANCE, runtime
     assert out["native"][1][0]["reason"] == out["python"][1][0]["reason"]
     assert done.stderr.count("lacks shader-f16: its layers' prefill runs in fp32") == 2   # once per runtime
-
-
-# ---- the blob and the lowering ------------------------------------------------------------------
-
-
-def test_the_blob_records_the_precision_and_fp32_blobs_are_unchanged():
-    weights = random_q4_layer(64, 32, seed=1)
-    fp32 = weights.record("probe", RouteOptions(prefill_route="shmem"))
-    f16 = dataclasses.replace(fp32, prefill_precision="f16")
-    assert deserialize_q4linear(serialize_q4linear(f16)).prefill_precision == "f16"
-    assert deserialize_q4linear(serialize_q4linear(fp32)).prefill_precision == "fp32"
-    # fp32 writes no field (absent means fp32): its bytes are what a writer before the field wrote.
-    assert len(serialize_q4linear(f16)) > len(serialize_q4linear(fp32))
-
-
-def test_an_unknown_precision_value_is_a_corrupted_blob(monkeypatch):
-    rec = dataclasses.replace(random_q4_layer(64, 32, seed=1).record(), prefill_precision="bf16")
-    with monkeypatch.context() as patch:   # a writer that knows a third precision
-        patch.setattr(registry, "PRECISIONS", (*registry.PRECISIONS, "bf16"))
-        blob = serialize_q4linear(rec)
-    with pytest.raises(BlobFormatError, match=f"unknown prefill precision enum value {len(registry.PRECISIONS)}"):
-        deserialize_q4linear(blob)
-
-
-def test_the_partitioner_validates_and_carries_the_precision():
-    with pytest.raises(ValueError, match="precision must be one of"):
-        WebGPUPartitioner(precision="fp8")
-    specs = WebGPUPartitioner(precision="f16").delegation_spec.compile_specs
-    assert RouteOptions.from_compile_specs([s for s in specs if s.key != "graph"]).prefill_precision == "f16"
-    assert all(s.key != "prefill_precision" for s in WebGPUPartitioner().delegation_spec.compile_specs)
-
-
-# ---- a model ------------------------------------------------------------------------------------
-
-LLAMA_PROMPT = [1, 57, 300, 7, 1200, 99, 4000, 12, 8, 33, 1021, 5, 77, 2048, 3000, 11]   # M = 16 at prefill
-LLAMA_NEW_TOKENS = 12
-
-
-def llama_tokens(model, precision: str) -> tuple:
-    """(greedy tokens, prefill kernels, first logits) of the small Llama in graph mode, its prefill forced onto shmem
-    (on lavapipe the CPU rule would route it to regtiled, which has no f16 variant)."""
-    pte = models.export_llama_pte(model, max_tokens=64, linears_only=False, prefill_route="shmem", precision=precision)
-    method = PyRuntime.get().load_program(pte).load_method("forward")
-    runner = models.method_runner(method)
-    prefill: Dict[str, Any] = {}
-
-    def run(tokens, pos):
-        logits = runner(tokens, pos)
-        prefill.setdefault("logits", logits.clone())
-        return logits
-
-    def on_step(step, _):
-        if step == 0:
-            prefill["kernels"] = {c["kernel"] for c in method.route_report()}
-
-    tokens = models.greedy_generate(run, LLAMA_PROMPT, LLAMA_NEW_TOKENS, on_step)
-    return tokens, prefill["kernels"], prefill["logits"]
-
-
-def test_llama_greedy_tokens_in_f16_prefill_equal_fp32s():
-    needs_shader_f16()
-    model = models.build_llama("small", llm_ops=True, n_layers=2)   # two layers keep lavapipe's shmem runs short
-    tokens32, kernels32, logits32 = llama_tokens(model, "fp32")
-    tokens16, kernels16, logits16 = llama_tokens(model, "f16")
-    # M = 16 runs shmem (forced), lm_head's last position M = 1 the decode kernel (fp32 in both)
-    assert "shmem" in kernels32 and kernels16 == kernels32 - {"shmem"} | {"shmem_f16"}
-    assert FP32_CEILING < rel_err(logits16, logits32) <= F16_TOLERANCE
-    assert tokens16 == tokens32
-
-
-# ---- the native runtime ---------------------------------------------------------------------------
-
-
-@pytest.mark.native
-@pytest.mark.parametrize("linears_only", [False, True], ids=["graph", "linears-only"])
-def test_native_runtime_reads_and_runs_an_f16_program_as_the_python_runtime_does(native_lib, lower, single_linear,
-                                                                                   blobs_in, python_blob_fields,
-                                                                                   linears_only):
-    from executorch.runtime import Runtime as EtRuntime
-
-    model = single_linear(512, 136, bias=True, seed=3)
-    pte = lower(model, torch.randn(5, 512), {0: (1, 300)}, prefill_route="shmem", decode_route="gemv",
-                precision="f16", linears_only=linears_only)
-    if linears_only:   # the WGQ4 blob is the delegate's own (graph mode keeps it in named data)
-        (blob,) = blobs_in(pte)
-        assert native_lib.describe_blob(blob) == python_blob_fields(blob)
-        assert python_blob_fields(blob)["prefill_precision"] == "f16"
-    et = EtRuntime.get().load_program(pte).load_method("forward")
-    py = PyRuntime.get().load_program(pte).load_method("forward")
-    assert et is not None
-    f16 = gpu_context().has_shader_f16
-    for m in (1, 70, 257):
-        x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
-        native_lib.take_calls()
-        (y_native,) = et.execute([x])
-        y_native = y_native.clone()
-        (native_call,) = native_lib.take_calls()
-        (y_py,) = py.execute([x])
-        (py_call,) = py.route_report()
-        kernel = "gemv" if m == 1 else ("shmem_f16" if f16 else "shmem")
-        assert native_call["kernel"] == py_call["kernel"] == kernel
-        assert native_call["reason"] == py_call["reason"]
-        assert torch.equal(y_native, y_py)   # the same kernel, plan and parameters on the same device
-        assert rel_err(y_native, golden_linear(x, model[0])) <= (F16_TOLERANCE if kernel == "shmem_f16"
-                                                                 else FP32_TOLERANCE)
-
-
-@pytest.mark.native
-def test_cpp_and_python_plan_f16_calls_the_same_way(native_lib):
-    for m in (1, 2, 3, 127, 129, 300, 1000, 4096):
-        for k in (256, 1024, 1056, 2080, 8192):
-            for n in (8, 100, 2048, 32000):
-                for max_groups in (65535, 3):
-                    n_stride = blob_module.round_up(n, blob_module.N_ALIGN)
-                    got = native_lib.plan("shmem", m, k, n, n_stride, 32, max_groups, precision="f16")
-                    try:
-                        p = plan_call("shmem", m, k, n, n_stride, 32, max_groups, precision="f16")
-                    except Exception as e:   # a grid beyond max_groups: both refuse
-                        assert "error" in got and "exceeds" in str(e)
-                        continue
-                    assert got == {"kernel": p.kernel, "m": p.m, "k_splits": p.k_splits, "k_chunk": p.k_chunk,
-                                   "partial_bytes": p.partial_bytes,
-                                   "dispatches": [[d.kernel, *d.grid] for d in p.dispatches]}, (m, k, n, max_groups)
 
 
 def test_wgpu_names_shader_f16_as_the_registry_does():
