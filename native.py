@@ -174,6 +174,11 @@ class NativeLibrary:
              precision: str = "fp32") -> dict:
         """The C++ plan of a call (runtime_native/plan.h; precision: what the layer's prefill runs in), or
         {"error": ...}."""
+        spec = registry.kernel(kernel)
+        if spec.variant_of is not None:   # a variant named itself: its kernel's call in its precision
+            if m == 1:   # as runtime_py/q4_linear.py plan_call refuses it
+                return {"error": f"{kernel} runs prefill calls (M > 1) only, not M = 1"}
+            kernel, precision = spec.variant_of, spec.precision
         route_id = registry.kernel(kernel).route_id
         return self._json(self._lib.wgq4_native_plan(-1 if route_id is None else route_id, m, k, n, n_stride,
                                                      group_size, max_groups, registry.PRECISIONS.index(precision)))

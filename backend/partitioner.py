@@ -78,7 +78,9 @@ class WebGPUPartitioner(Partitioner):
             and 32-term sums, f32 accumulation and output; max relative error about 1e-3 against fp64, where
             fp32 keeps 1e-6) on devices with shader-f16, fp32 elsewhere (the route report says so); or
             shmem_int8 on any device (activations quantized to int8 per 32 k, exact integer dot products
-            against the int4 codes; max relative error 5-7e-3 from the activations' rounding). Decode
+            against the int4 codes; max relative error 5-7e-3 from the activations' rounding; where the
+            driver has no integer dot product instruction, naga emulates it: correct, but possibly slower
+            than fp32 -- measure with llama-bench). Decode
             (M == 1) and the other kernels stay fp32. Routes are chosen as for fp32.
     """
 

@@ -355,7 +355,8 @@ Status GraphDelegate::load(const NamedDataMap* named_data) {
   return Status{};
 }
 
-// (Re)builds the linears' bind groups around a split-K scratch buffer of at least scratch_bytes.
+// (Re)builds the linears' bind groups around a scratch buffer (split-K sums, int8 activations) of at least
+// scratch_bytes.
 std::string GraphDelegate::build_linear_bind_groups(uint64_t scratch_bytes) {
   if (linears_.empty()) return "";
   WGPUDevice dev = gpu_->device;
@@ -370,7 +371,7 @@ std::string GraphDelegate::build_linear_bind_groups(uint64_t scratch_bytes) {
   WGPUBuffer scratch = nullptr;
   std::vector<WGPUBindGroup> groups(linears_.size(), nullptr);
   std::string problem = gpu_->checked([&] {
-    scratch = make_buffer(dev, "split-K partial sums", size, WGPUBufferUsage_Storage);
+    scratch = make_buffer(dev, "linear scratch", size, WGPUBufferUsage_Storage);
     if (!scratch) return;
     for (size_t l = 0; l < linears_.size(); ++l) {
       const Linear& lin = linears_[l];
@@ -656,8 +657,10 @@ Status GraphDelegate::execute(Span<EValue*> args) {
   }
   if (need_scratch > scratch_size_) {
     if (need_scratch > limits_.max_binding_bytes)
-      return fail(Error::InvalidArgument, "split-K scratch of " + std::to_string(need_scratch) +
-                                              " bytes for these inputs exceeds the binding limit");
+      return fail(Error::InvalidArgument, "the linears' scratch (split-K sums, int8 activations) of " +
+                                              std::to_string(need_scratch) + " bytes for these inputs exceeds this "
+                                              "adapter's " + std::to_string(limits_.max_binding_bytes) +
+                                              "-byte binding limit: call with fewer tokens");
     std::string problem = build_linear_bind_groups(need_scratch);
     if (!problem.empty()) return fail(Error::Internal, problem);
   }

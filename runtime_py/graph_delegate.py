@@ -217,9 +217,10 @@ class GraphDelegate:
         return data
 
     def _linear_bind_groups(self, scratch_bytes: int) -> GPUBuffer:
-        """(Re)build the linears' bind groups around a new split-K scratch buffer of at least scratch_bytes."""
+        """(Re)build the linears' bind groups around a new scratch buffer (split-K sums, int8 activations) of at
+        least scratch_bytes."""
         dev = self.ctx.device
-        scratch = dev.create_buffer(label="split-K partial sums", size=max(16, scratch_bytes),
+        scratch = dev.create_buffer(label="linear scratch", size=max(16, scratch_bytes),
                                     usage=wgpu.BufferUsage.STORAGE)
         layout = self.ctx.bind_group_layout("gemv")   # the layout every q4gsw linear kernel shares
         unused = self.ctx.unused_part_buffers()
@@ -312,6 +313,11 @@ class GraphDelegate:
         if params.min(initial=0) < 0 or params.max(initial=0) > 0xFFFFFFFF:
             raise WebGPUDelegateError("graph delegate: a kernel parameter does not fit in 32 bits for these inputs")
         if need_scratch > self.scratch.size:
+            limit = self.ctx.plan_limits().max_binding_bytes
+            if need_scratch > limit:   # runtime_native/graph_delegate.cpp says the same
+                raise InputError(f"the linears' scratch (split-K sums, int8 activations) of {need_scratch} bytes for "
+                                 f"these inputs exceeds this adapter's {limit}-byte binding limit: call with fewer "
+                                 "tokens")
             self.scratch = self._linear_bind_groups(need_scratch)
             self._dispatch_lists.clear()   # they hold the linears' old bind groups
         groups = value_array[self._group_index] if len(self._kernel_steps) else np.zeros((0, 3), dtype=np.int64)
@@ -350,7 +356,7 @@ class GraphDelegate:
         return outputs
 
     def _linear_block(self, ms: Tuple[int, ...]) -> tuple:
-        """(plans, Params rows, split-K scratch bytes) of the linears at these M, built once per distinct M."""
+        """(plans, Params rows, scratch bytes) of the linears at these M, built once per distinct M."""
         block = self._linear_blocks.get(ms)
         if block is None:
             plans = [lin.plan(int(m)) for lin, m in zip(self.linears, ms)]

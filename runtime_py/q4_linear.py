@@ -134,6 +134,8 @@ def plan_call(kernel: str, m: int, k: int, n: int, n_stride: int, group_size: in
     """
     spec = registry.BY_NAME.get(kernel)
     if spec is not None and spec.variant_of is not None:   # a variant named itself (bench times each kernel)
+        if m == 1:
+            raise WebGPUDelegateError(f"{kernel} runs prefill calls (M > 1) only, not M = 1")
         kernel, precision = spec.variant_of, spec.precision
     if m > 1:
         kernel = registry.variant(kernel, precision)

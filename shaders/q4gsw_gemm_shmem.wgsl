@@ -72,6 +72,11 @@ fn store_tile(st: Staged, t: u32) {
     }
 }
 
+// A split-K partial sum (q4gsw_shmem_prelude.wgsl store_tile_row).
+fn store_partial(i: u32, v: f32) {
+    partial[i] = v;
+}
+
 @compute @workgroup_size(WORKGROUP_X, WORKGROUP_Y, WORKGROUP_Z)
 fn main(@builtin(workgroup_id) wg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>,

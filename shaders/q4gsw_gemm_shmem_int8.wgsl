@@ -35,8 +35,9 @@
 // its second block, as it does for rows >= M and columns >= n_stride; none is stored.
 // Dispatch: (ceil(n_stride / 64), ceil(M / 128), k_splits). Workgroup memory: 13.5 KiB.
 
-var<workgroup> xq: array<vec4<u32>, (TK / 4u) * TM / 4u>;   // [slot][row quad]: xq[s * 32 + r4][i] = codes of k 4s..4s+3, row 4 r4 + i
-var<workgroup> wq: array<vec4<u32>, (TK / 4u) * TN / 4u>;   // [slot][column quad]: wq[s * 16 + c4][i] = codes of k 4s..4s+3, column 4 c4 + i
+// xq[s * 32 + r4][i]: the codes of k 4s..4s+3 of row 4 r4 + i; wq[s * 16 + c4][i]: those of column 4 c4 + i.
+var<workgroup> xq: array<vec4<u32>, (TK / 4u) * TM / 4u>;   // [slot][row quad]
+var<workgroup> wq: array<vec4<u32>, (TK / 4u) * TN / 4u>;   // [slot][column quad]
 var<workgroup> xsc: array<vec4<f32>, BLOCKS * TM / 4u>;      // [block][row quad]: sx of rows 4 r4 ..+3
 var<workgroup> wsc: array<vec4<f32>, BLOCKS * TN / 4u>;      // [block][column quad]: sw of columns 4 c4 ..+3
 
@@ -52,9 +53,11 @@ struct Staged {
     s: vec4<f32>,    // and their scales
 }
 
-// Word `word` of row m's codes (0 past the last row or past k_end).
+// Word `word` of row m's codes (0 past the last row or past k_end; the load, which select makes either way,
+// stays within the codes).
 fn x_codes(m: u32, word: u32, k_end: u32) -> u32 {
-    return select(0u, bitcast<u32>(partial[int8_codes_offset() + min(m, params.M - 1u) * (params.K / 4u) + word]),
+    let row = min(m, params.M - 1u) * (params.K / 4u);
+    return select(0u, partial[int8_codes_offset() + row + min(word, params.K / 4u - 1u)],
                   m < params.M && 4u * word < k_end);
 }
 
@@ -68,8 +71,9 @@ fn load_tile(k0: u32, k_end: u32, tile_m: u32, tile_n: u32, t: u32) -> Staged {
                       x_codes(m + 2u, word + 8u, k_end), x_codes(m + 3u, word + 8u, k_end));
     let row = tile_m + t % TM;
     let kb = k0 + INT8_BLOCK * (t / TM);
-    st.xs = select(0.0, partial[int8_scales_offset() + min(row, params.M - 1u) * (params.K / INT8_BLOCK) + min(kb, params.K - 1u) / INT8_BLOCK],
-                   row < params.M && kb < k_end);
+    let scale = int8_scales_offset() + min(row, params.M - 1u) * (params.K / INT8_BLOCK)
+                + min(kb, params.K - 1u) / INT8_BLOCK;
+    st.xs = select(0.0, bitcast<f32>(partial[scale]), row < params.M && kb < k_end);
     st.w = vec4<u32>(0x88888888u);     // code 0 in every nibble
     st.s = vec4<f32>(0.0);
     if (t >= TM) {
@@ -109,6 +113,12 @@ fn store_tile(st: Staged, t: u32) {
             wsc[(k8 / 4u) * 16u + c4] = st.s;
         }
     }
+}
+
+// A split-K partial sum (q4gsw_shmem_prelude.wgsl store_tile_row): the f32's bits, as this kernel binds the
+// scratch buffer as u32 words (its codes must not pass through an f32 load).
+fn store_partial(i: u32, v: f32) {
+    partial[i] = bitcast<u32>(v);
 }
 
 // The 4 block sums of one row's codes (a) against the 4 columns' codes (b), one slot.

@@ -1,6 +1,7 @@
-// What the shared-memory GEMMs (q4gsw_gemm_shmem.wgsl and its f16 variant) share after their math:
-// storing a finished 4-column row of their 128 x 128 output tile. Needs q4gsw_prelude.wgsl (store_row)
-// and the `partial` binding (split K).
+// What the shared-memory GEMMs (q4gsw_gemm_shmem.wgsl and its f16 and int8 variants) share after their math:
+// storing a finished 4-column row of their output tile. Needs q4gsw_prelude.wgsl (store_row), the `partial`
+// binding (split K) and the kernel's store_partial(i, v), which writes v to partial[i] as the binding's element
+// type holds it (f32, or its bits where the int8 kernel binds partial as u32 words).
 
 // Row m of quad n4: finished (bias added, into y) without split K; into this split's partial sums with it.
 fn store_tile_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
@@ -14,7 +15,7 @@ fn store_tile_row(z: u32, m: u32, n4: u32, v: vec4<f32>) {
         for (var c = 0u; c < 4u; c++) {
             let n = 4u * n4 + c;
             if (n < params.N) {
-                partial[base + n] = v[c];
+                store_partial(base + n, v[c]);
             }
         }
     }

@@ -228,7 +228,7 @@ KERNELS: Tuple[Kernel, ...] = (
     # into f32. 128 x 64 tiles: 32 integer and 32 float accumulators per thread; a K tile is two blocks.
     _q4("shmem_int8", "q4gsw_gemm_shmem_int8.wgsl", variant_of="shmem", precision="int8", prepass="quantize_int8",
         types={"params": "Params", "qweight": VEC4_U32, "scales": VEC4_F32,
-               "bias": VEC4_F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
+               "bias": VEC4_F32, "y": F32, "partial": U32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
         constants={"TM": 128, "TN": 64, "TK": 64, "INT8_BLOCK": 32},
         prelude=("q4gsw_prelude.wgsl", "q4gsw_shmem_prelude.wgsl", "q4gsw_int8_prelude.wgsl"),

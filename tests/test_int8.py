@@ -16,6 +16,7 @@ import torch
 
 from executorch_wgpu.backend.routing import RouteOptions
 from executorch_wgpu.backend.serialization.blob import N_ALIGN, round_up
+from executorch_wgpu.errors import WebGPUDelegateError
 from executorch_wgpu.runtime_py.gpu import gpu_context
 from executorch_wgpu.runtime_py.q4_linear import Q4LinearGPU, plan_call
 from executorch_wgpu.runtime_py.split_linear import Q4Linear
@@ -48,6 +49,7 @@ def assert_int8_result(y, weights, x):
     (128, 128, 200, 32, False),   # exact M tile, a partial 64-column tile, no split
     (3, 1056, 8, 32, True),       # K split into chunks that do not divide it; K = 33 blocks: a last tile of one
     (257, 2080, 272, 32, True),   # K = 65 blocks, 3 row tiles, 5 column tiles (the last partial)
+    (2, 96, 40, 32, False),       # K = 3 blocks, no split: a half K tile read from the scratch buffer's start
 ])
 def test_shmem_int8_matches_its_emulation_and_the_fp64_golden_within_the_int8_bound(m, k, n, gs, bias):
     layer, weights = int8_layer(k, n, gs, bias, decode_route="gemv", prefill_route="shmem")
@@ -55,6 +57,21 @@ def test_shmem_int8_matches_its_emulation_and_the_fp64_golden_within_the_int8_bo
     y, call = layer(x)
     assert call.kernel == "shmem_int8" and call.M == m and y.shape == (m, n)
     assert_int8_result(y, weights, x)
+
+
+def test_a_nan_or_inf_activation_makes_its_rows_outputs_nan_not_a_finite_guess():
+    """WGSL's max and clamp drop a NaN operand: without quantize_int8's check a NaN would become a finite code and
+    its row a plausible wrong answer. The other rows are untouched."""
+    layer, weights = int8_layer(256, 64, 32, True, prefill_route="shmem")
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(3))
+    x[1, 40] = float("nan")
+    x[4, 200] = float("inf")
+    y, call = layer(x)
+    assert call.kernel == "shmem_int8"
+    assert bool(torch.isnan(y[[1, 4]]).all())
+    finite = [0, 2, 3, 5]
+    assert bool(torch.isfinite(y[finite]).all())
+    assert rel_err(y[finite], weights.golden(int8_activations(x[finite]))) <= INT8_EMULATION_TOLERANCE
 
 
 def test_shmem_int8_scales_each_block_by_its_own_maximum():
@@ -90,6 +107,8 @@ def test_an_int8_call_quantizes_x_then_splits_k_in_chunks_of_its_own_k_tile():
         assert p.partial_bytes == (p.k_splits * m * n * 4 if p.k_splits > 1 else 0) + m * k + m * (k // 32) * 4
     assert plan_call("shmem", 1, 1024, 64, 64, 32, precision="int8").kernel == "shmem"   # decode stays fp32
     assert plan_call("skinny", 40, 1024, 64, 64, 32, precision="int8").kernel == "skinny"   # no int8 variant
+    with pytest.raises(WebGPUDelegateError, match="runs prefill calls"):   # named itself (bench), at M = 1
+        plan_call("shmem_int8", 1, 1024, 64, 64, 32)
 
 
 def test_int8_prefill_runs_only_where_the_route_gives_shmem():
