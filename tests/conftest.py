@@ -175,6 +175,21 @@ class Lowered(NamedTuple):
 
 
 @pytest.fixture(scope="session")
+def small_llama_graph_pte() -> types.SimpleNamespace:
+    """The small Llama (seed 0, ExecuTorch's LLM transforms, a KV cache of max_tokens) lowered in graph mode once
+    per session, for the tests that run it (test_graph, test_native_graph, test_native_llama_runner; its export
+    is the slow part): pte (bytes), max_tokens, declines (what the partitioner declined). Each test builds its
+    own eager model with the same build_llama call: the same weights, and a cache no other test has run."""
+    from executorch_wgpu.tools import models
+
+    max_tokens = 64
+    model = models.build_llama("small", seed=0, llm_ops=True)
+    with models.recording_declines() as declines:
+        pte = models.export_llama_pte(model, max_tokens=max_tokens, linears_only=False)
+    return types.SimpleNamespace(pte=pte, max_tokens=max_tokens, declines=declines)
+
+
+@pytest.fixture(scope="session")
 def linear_program() -> Lowered:
     """q4 Linear(128, 24) with bias on [1, M, 128] inputs, M in [1, 16] (test_bad_input, test_resources), lowered
     linears-only: one WGQ4 delegate, whose input checks and route report those tests pin."""

@@ -27,11 +27,10 @@ MAX_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def llama():
-    model = models.build_llama("small", seed=0, llm_ops=True)
-    with models.recording_declines() as declines:
-        pte = models.export_llama_pte(model, max_tokens=MAX_TOKENS, linears_only=False)
-    return types.SimpleNamespace(model=model, pte=pte, declines=declines)
+def llama(small_llama_graph_pte):
+    assert small_llama_graph_pte.max_tokens == MAX_TOKENS
+    model = models.build_llama("small", seed=0, llm_ops=True)   # the weights the shared program was lowered from
+    return types.SimpleNamespace(model=model, pte=small_llama_graph_pte.pte, declines=small_llama_graph_pte.declines)
 
 
 def load(pte: bytes):

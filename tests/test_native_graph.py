@@ -49,12 +49,12 @@ pytestmark = pytest.mark.native
 
 
 @pytest.fixture(scope="module")
-def llama():
+def llama(small_llama_graph_pte):
     from executorch_wgpu.tools import models
 
-    model = models.build_llama("small", seed=0, llm_ops=True)
-    pte = models.export_llama_pte(model, max_tokens=MAX_TOKENS, linears_only=False)
-    return types.SimpleNamespace(model=model, pte=pte)
+    assert small_llama_graph_pte.max_tokens == MAX_TOKENS
+    model = models.build_llama("small", seed=0, llm_ops=True)   # the weights the shared program was lowered from
+    return types.SimpleNamespace(model=model, pte=small_llama_graph_pte.pte)
 
 
 def et_method(pte: bytes):

@@ -42,9 +42,12 @@ def export(path: Path, linears_only: bool, **overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def graph_pte(tmp_path_factory) -> Path:
-    """Llama small in graph mode: one delegate, the KV cache on the GPU."""
-    return export(tmp_path_factory.mktemp("llama") / "graph.pte", linears_only=False)
+def graph_pte(tmp_path_factory, small_llama_graph_pte) -> Path:
+    """Llama small in graph mode: one delegate, the KV cache on the GPU (the session's shared program)."""
+    assert small_llama_graph_pte.max_tokens == MAX_TOKENS
+    path = tmp_path_factory.mktemp("llama") / "graph.pte"
+    path.write_bytes(small_llama_graph_pte.pte)
+    return path
 
 
 @pytest.fixture(scope="module")
