@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import wgpu
 from wgpu.backends.wgpu_native import lib as wgpu_native
@@ -81,10 +81,10 @@ class GPUContext:
     _pipelines: Dict[str, GPUComputePipeline] = field(default_factory=dict)
     _unused_parts: Tuple[GPUBuffer, ...] = ()
 
-    @property
-    def features(self) -> frozenset:
-        """The optional wgpu features kernels may need (Kernel.features) that this device has."""
-        return frozenset([registry.SHADER_F16] if self.has_shader_f16 else [])
+    def missing_features(self, kernel: str) -> List[str]:
+        """The wgpu features a registry kernel needs (Kernel.features) that this device lacks, sorted."""
+        has = {registry.SHADER_F16} if self.has_shader_f16 else set()
+        return sorted(set(registry.kernel(kernel).features) - has)
 
     @property
     def adapter_name(self) -> str:

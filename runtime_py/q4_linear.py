@@ -208,8 +208,7 @@ def prefill_precision_on(ctx: GPUContext, rec: Q4LinearRecord, route: Route) -> 
     if not variants:
         return "fp32", (f"; {precision} prefill asked, but its prefill kernels ({', '.join(kernels)}) have no "
                         f"{precision} variant: fp32")
-    missing = sorted({f for k in variants for f in registry.kernel(registry.variant(k, precision)).features}
-                     - ctx.features)
+    missing = sorted({f for k in variants for f in ctx.missing_features(registry.variant(k, precision))})
     if missing:
         if precision not in _logged_fallbacks:
             _logged_fallbacks.add(precision)

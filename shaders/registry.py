@@ -186,6 +186,9 @@ SHADER_F16 = "shader-f16"   # the wgpu feature f16 kernels need; both runtimes r
 SHADER_F16_ENV = "EXECUTORCH_WGPU_SHADER_F16"
 _WGSL_ENABLES = {SHADER_F16: "f16"}   # a feature -> the WGSL `enable` directive it allows
 
+# The int8 prefill's k per activation scale: quantize_int8 writes blocks of it, shmem_int8 reads them.
+_INT8_BLOCK = {"INT8_BLOCK": 32}
+
 # The shared-memory GEMMs' split-K knobs (planner-only), one set for the fp32 kernel and its variants.
 _SHMEM_PLAN = {"SPLITK_TARGET_WORKGROUPS": 256, "SPLITK_MIN_CHUNK": 256, "MAX_K_SPLITS": 8}
 
@@ -230,13 +233,13 @@ KERNELS: Tuple[Kernel, ...] = (
         types={"params": "Params", "qweight": VEC4_U32, "scales": VEC4_F32,
                "bias": VEC4_F32, "y": F32, "partial": U32, "y1": F32, "y2": F32},
         workgroup_size=(16, 16, 1),
-        constants={"TM": 128, "TN": 64, "TK": 64, "INT8_BLOCK": 32},
+        constants={"TM": 128, "TN": 64, "TK": 64, **_INT8_BLOCK},
         prelude=("q4gsw_prelude.wgsl", "q4gsw_shmem_prelude.wgsl", "q4gsw_int8_prelude.wgsl"),
         plan=_SHMEM_PLAN),
     _q4("quantize_int8", "q4gsw_quantize_int8.wgsl",
         types={"params": "Params", "x": VEC4_F32, "partial": U32},
         workgroup_size=(256, 1, 1),
-        constants={"INT8_BLOCK": 32},
+        constants=_INT8_BLOCK,
         prelude=("q4gsw_int8_prelude.wgsl",)),
     _q4("splitk_reduce", "q4gsw_splitk_reduce.wgsl",
         types={"params": "Params", "bias": F32, "y": F32, "partial": F32, "y1": F32, "y2": F32},
@@ -416,7 +419,6 @@ def _check_registry() -> None:
     shmem_int8, quantize_int8 = BY_NAME["shmem_int8"], BY_NAME["quantize_int8"]
     require((shmem_int8.constants["TM"], shmem_int8.constants["TN"], shmem_int8.constants["TK"],
              shmem_int8.constants["INT8_BLOCK"], shmem_int8.workgroup_size) == (128, 64, 64, 32, (16, 16, 1))
-            and quantize_int8.constants["INT8_BLOCK"] == shmem_int8.constants["INT8_BLOCK"]
             and shmem_int8.prepass == quantize_int8.name,
             "shmem_int8: its staging (a slot of a row quad per thread in each of two blocks, a column quad's word "
             "per thread of 128..255) and 8 x 4 register tiles are written for TM = 128, TN = 64, TK = 64: two "

@@ -8,6 +8,7 @@ import json
 
 from executorch_wgpu.tools import bench, bench_model
 from executorch_wgpu.tools.models import LLAMA_CONFIGS
+from executorch_wgpu.tools.reference import TOLERANCES
 
 
 def test_model_linears_are_every_projection_of_every_layer_then_lm_head():
@@ -25,7 +26,7 @@ def test_model_bench_times_each_step_in_one_submit_and_checks_each_shape(tmp_pat
     assert result["layers"] == len(bench_model.model_linears("small"))
     assert [r["M"] for r in result["rows"]] == [1, 5]
     for row in result["rows"]:
-        assert row["ok"] and row["max_rel_err"] < bench_model.TOLERANCE
+        assert row["ok"] and row["max_rel_err"] < TOLERANCES["fp32"] == 1e-4
         assert row["step_us"] >= row["passes_us"] * 0.999 > 0   # the step spans every pass
         assert row["weight_bytes"] == sum(v["bytes"] for v in row["by_kind"].values())
         assert sum(v["layers"] for v in row["by_kind"].values()) == result["layers"]

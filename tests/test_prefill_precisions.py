@@ -33,7 +33,7 @@ FP32_CEILING = 1e-5    # the fp32 kernels measure ~4e-7 here: a variant's result
 def shmem_runs(precision: str) -> str:
     """The kernel a prefill call routed to shmem runs in this precision on this device."""
     variant = registry.variant("shmem", precision)
-    return variant if set(registry.kernel(variant).features) <= gpu_context().features else "shmem"
+    return "shmem" if gpu_context().missing_features(variant) else variant
 
 
 def tolerance(kernel: str) -> float:

@@ -69,7 +69,6 @@ QUICK_SHAPES = {"q": (256, 256), "kv": (256, 64), "gate": (256, 1024), "down": (
 QUICK_M = (1, 16, 64)
 KERNELS_FOR_M = {True: registry.DECODE_KERNELS, False: registry.PREFILL_KERNELS}   # keyed by M == 1
 GOLDEN_ROWS = 4
-TOLERANCE = 1e-4   # fp32 kernels; f16 and int8 ones (--precision) by reference.TOLERANCES (tolerance())
 
 
 @dataclass
@@ -378,10 +377,10 @@ def bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) ->
     probe = StreamProbe(ctx, cfg.flush_bytes)
     variants = [v for (precision, _), v in registry.VARIANTS.items() if precision in cfg.precisions]
     for v in variants:
-        if set(registry.kernel(v).features) - ctx.features:
+        if ctx.missing_features(v):
             log.warning("bench: adapter %s lacks %s: %s is not timed", ctx.adapter_name,
-                        ", ".join(sorted(set(registry.kernel(v).features) - ctx.features)), v)
-    variants = [v for v in variants if not set(registry.kernel(v).features) - ctx.features]
+                        ", ".join(ctx.missing_features(v)), v)
+    variants = [v for v in variants if not ctx.missing_features(v)]
     rows_out = []
     for name, (k, n) in cfg.shapes.items():
         layer = make_layer(ctx, name, k, n, cfg.group_size, cfg.seed)

@@ -38,7 +38,6 @@ from executorch_wgpu.runtime_py.q4_linear import Plan, Q4LinearGPU
 from executorch_wgpu.tools.models import LLAMA_CONFIGS
 from executorch_wgpu.tools.reference import TOLERANCES, RandomQ4Layer, random_q4_layer, rel_err
 
-TOLERANCE = 1e-4
 
 
 def model_linears(config: str) -> List[Tuple[str, int, int]]:
